@@ -1,0 +1,197 @@
+"""The `agentd` command line: thin click commands that parse, call one library function, format."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import json
+import sys
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, TypeVar
+
+import click
+
+from agentd.errors import EXIT_CONFIG, EXIT_USAGE, AgentdError, ConfigError
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+@dataclass
+class Context:
+    """Global options, resolved lazily so `--help` and `config schema` need no config file."""
+
+    config_option: str | None
+    state_dir_option: str | None
+
+    def config(self) -> Any:
+        """Load and validate the configuration (exit 78 on any problem)."""
+        from agentd.config import load_config, resolve_config_path
+
+        return load_config(resolve_config_path(self.config_option))
+
+    def state_dir(self, config: Any | None) -> Path:
+        """The state directory, by the design's resolution order."""
+        from agentd.config import resolve_state_dir
+
+        return resolve_state_dir(self.state_dir_option, config)
+
+
+def _fail(message: str, code: int) -> None:
+    click.echo(f"agentd: {message}", err=True)
+    sys.exit(code)
+
+
+def handle_errors(func: F) -> F:
+    """Turn agentd's errors into a one-line message and the design's exit code: never a traceback."""
+
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return func(*args, **kwargs)
+        except ConfigError as exc:
+            _fail(f"invalid configuration: {exc}", EXIT_CONFIG)
+        except AgentdError as exc:
+            _fail(str(exc), exc.exit_code)
+        except KeyboardInterrupt:
+            _fail("interrupted", 130)
+
+    return wrapper  # type: ignore[return-value]
+
+
+@click.group(context_settings={"help_option_names": ["-h", "--help"]})
+@click.option("--config", "config_path", metavar="PATH", help="Config file (default: $AGENTD_CONFIG, ./config/agent-model-config.yaml, /etc/agentd/agent-model-config.yaml).")
+@click.option("--state-dir", metavar="DIR", help="State directory for the ledger (default: $AGENTD_STATE_DIR, $STATE_DIRECTORY, state_dir:, ./state).")
+@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.version_option(package_name="agentd")
+@click.pass_context
+def main(ctx: click.Context, config_path: str | None, state_dir: str | None, log_level: str) -> None:
+    """Run LLM agent loops on schedules, on the cheapest tier, inside a hard budget."""
+    from agentd.logs import configure_logging
+
+    configure_logging(log_level)
+    ctx.obj = Context(config_path, state_dir)
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def check(obj: Context) -> None:
+    """Validate the config; print loops, chains, budgets and next fire times."""
+    from agentd.views import describe_config
+
+    config = obj.config()
+    text, warnings = describe_config(config, obj.state_dir(config))
+    click.echo(text)
+    for warning in warnings:
+        click.echo(f"warning: {warning}", err=True)
+
+
+@main.command()
+@click.argument("loop")
+@click.option("--simulate", is_flag=True, help="Use the built-in offline model (no key, no network).")
+@click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.pass_obj
+@handle_errors
+def once(obj: Context, loop: str, simulate: bool, as_json: bool) -> None:
+    """Run LOOP once now; print its reply and cost."""
+    from agentd.runner import run_once
+    from agentd.views import once_result_json, once_result_text
+
+    config = obj.config()
+    if loop not in config.loops:
+        _fail(f"no loop named {loop!r} (loops: {', '.join(sorted(config.loops))})", EXIT_USAGE)
+    result = asyncio.run(run_once(config, obj.state_dir(config), loop, simulate=simulate))
+    click.echo(once_result_json(result) if as_json else once_result_text(result))
+    sys.exit(result.exit_code)
+
+
+def _format(as_json: bool, as_csv: bool) -> str:
+    if as_json and as_csv:
+        raise click.UsageError("choose one of --json and --csv")
+    return "json" if as_json else "csv" if as_csv else "table"
+
+
+@main.group(invoke_without_command=True)
+@click.option("--since", default="24h", show_default=True, help="A span (24h, 7d) or a date.")
+@click.option("--by", "group_by", default="loop", show_default=True, type=click.Choice(["loop", "tier", "model", "provider", "day"]))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@click.option("--simulated", is_flag=True, help="Report simulated calls instead of real ones.")
+@click.pass_context
+@handle_errors
+def ledger(ctx: click.Context, since: str, group_by: str, as_json: bool, as_csv: bool, simulated: bool) -> None:
+    """Spend summary from the ledger, grouped by loop, tier, model, provider or day."""
+    if ctx.invoked_subcommand is not None:
+        return
+    from agentd.views import summary_report
+
+    obj: Context = ctx.obj
+    fmt = _format(as_json, as_csv)
+    try:
+        since_at = _since(since)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint="--since") from exc
+    click.echo(summary_report(_state_dir_for_reading(obj), since_at, group_by, simulated, fmt))
+
+
+@ledger.command("calls")
+@click.option("--loop", "loop_name", default=None, help="Only this loop's calls.")
+@click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@click.option("--simulated", is_flag=True, help="Show simulated calls instead of real ones.")
+@click.pass_obj
+@handle_errors
+def ledger_calls(obj: Context, loop_name: str | None, limit: int, as_json: bool, as_csv: bool, simulated: bool) -> None:
+    """The most recent attempts, newest first."""
+    from agentd.views import calls_report
+
+    fmt = _format(as_json, as_csv)
+    click.echo(calls_report(_state_dir_for_reading(obj), loop_name, limit, simulated, fmt))
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--simulated", is_flag=True, help="Show simulated spend against the windows.")
+@click.pass_obj
+@handle_errors
+def budget(obj: Context, as_json: bool, simulated: bool) -> None:
+    """Every budget window: limit, spent, reserved, remaining, resets at."""
+    from agentd.views import budget_report
+
+    config = obj.config()
+    click.echo(budget_report(config, obj.state_dir(config), simulated, "json" if as_json else "table"))
+
+
+@main.group("config")
+def config_group() -> None:
+    """Configuration helpers."""
+
+
+@config_group.command("schema")
+def config_schema() -> None:
+    """Print the config file's JSON Schema (for editor completion and checks)."""
+    from agentd.config import config_json_schema
+
+    click.echo(json.dumps(config_json_schema(), indent=2, sort_keys=True))
+
+
+def _since(value: str) -> datetime:
+    from agentd.reports import parse_since
+
+    return parse_since(value, datetime.now(tz=UTC))
+
+
+def _state_dir_for_reading(obj: Context) -> Path:
+    """Reports need the state dir; the config is optional for them (it may be elsewhere)."""
+    try:
+        config = obj.config()
+    except ConfigError:
+        if obj.state_dir_option is None:
+            raise
+        config = None
+    return obj.state_dir(config)
+

@@ -1,0 +1,553 @@
+"""The configuration: pydantic models of the YAML, load_config(), path resolution, API keys.
+
+This module is the only reader of `AGENTD_*` environment variables. Everything downstream gets
+typed objects and never re-reads YAML or the environment.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from decimal import Decimal
+from pathlib import Path
+from typing import Annotated, Any, Literal
+from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
+
+from agentd.errors import ConfigError, MissingKeyError
+from agentd.pricing import Price, lookup_price, override_price
+from agentd.yamlload import (
+    ConfigProblem,
+    YamlDocument,
+    YamlProblem,
+    first_problem,
+    format_key_path,
+    read_document,
+    show_value,
+)
+
+ENV_CONFIG = "AGENTD_CONFIG"
+ENV_STATE_DIR = "AGENTD_STATE_DIR"
+ENV_SYSTEMD_STATE = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
+ENV_CREDENTIALS = "CREDENTIALS_DIRECTORY"  # set by systemd's LoadCredential=
+CONFIG_FILENAME = "agent-model-config.yaml"
+LOCAL_CONFIG_PATH = Path("config") / CONFIG_FILENAME
+SYSTEM_CONFIG_PATH = Path("/etc/agentd") / CONFIG_FILENAME
+SCHEMA_FILENAME = "agent-model-config.schema.json"
+
+KeyPath = tuple[str | int, ...]
+PERIODS = ("hour", "day", "week", "month")
+_SIMULATE_HINT = "use --simulate to run without a key"
+_LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration like `45s`, `30m`, `2h`, `1d` or `1h30m`; ValueError if malformed."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {text!r})")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"must be longer than zero (got {text!r})")
+    return total
+
+
+def _defined(names: Mapping[str, Any] | list[str]) -> str:
+    """`(defined: a, b, c)` for error messages that name an undefined reference."""
+    return f"(defined: {', '.join(sorted(names)) or 'none'})"
+
+
+class ProviderConfig(BaseModel):
+    """An API endpoint and how to authenticate to it."""
+
+    model_config = _STRICT
+    type: Literal["anthropic", "openai"] = Field(
+        description="Wire protocol: anthropic (Messages) or openai (Chat Completions, any "
+        "OpenAI-compatible server)"
+    )
+    api_key_env: str | None = Field(None, min_length=1, description="Env var holding the key")
+    api_key_file: str | None = Field(
+        None,
+        min_length=1,
+        description="File holding the key; relative to $CREDENTIALS_DIRECTORY if set, else to "
+        "the config file's directory",
+    )
+    base_url: str | None = Field(None, description="Override the API base URL")
+    timeout_s: float = Field(60, gt=0, description="Per-request timeout in seconds")
+    max_retries: int = Field(2, ge=0, description="Retries of one model on transient errors")
+    retry_max_wait_s: float = Field(30, ge=0, description="Total backoff wait per model")
+    max_concurrency: int = Field(4, ge=1, description="Concurrent calls to this provider")
+
+    @model_validator(mode="after")
+    def _one_key_source(self) -> ProviderConfig:
+        if self.api_key_env is not None and self.api_key_file is not None:
+            raise ConfigProblem(("api_key_file",), "give api_key_env or api_key_file, not both")
+        return self
+
+
+_Usd = Annotated[Decimal, Field(ge=0)]
+
+
+class PriceConfig(BaseModel):
+    """A price override in USD per million tokens (wins over the built-in table)."""
+
+    model_config = _STRICT
+    input: _Usd = Field(description="USD per million input tokens")
+    output: _Usd = Field(description="USD per million output tokens")
+    cache_read: _Usd | None = Field(None, description="Cache reads; default: the input price")
+    cache_write: _Usd | None = Field(None, description="Cache writes; default: the input price")
+    cache_write_1h: _Usd | None = Field(None, description="1-hour cache writes")
+
+
+class ModelConfig(BaseModel):
+    """A model alias: which provider serves it under which model id, and maybe its price."""
+
+    model_config = _STRICT
+    provider: str = Field(description="A key of providers")
+    model: str = Field(min_length=1, description="The provider's model id")
+    price: PriceConfig | None = None
+    context_window: int | None = Field(None, gt=0, description="Context window in tokens")
+
+
+_Limit = Annotated[Decimal, Field(gt=0)]
+
+
+class BudgetConfig(BaseModel):
+    """Spend limits in USD per calendar window (in the config's timezone)."""
+
+    model_config = _STRICT
+    per_hour_usd: _Limit | None = None
+    per_day_usd: _Limit | None = None
+    per_week_usd: _Limit | None = None
+    per_month_usd: _Limit | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> BudgetConfig:
+        if not self.limits():
+            raise ConfigProblem(
+                (), "give at least one of per_hour_usd, per_day_usd, per_week_usd, per_month_usd"
+            )
+        return self
+
+    def limits(self) -> dict[str, Decimal]:
+        """Period name (hour, day, week, month) → limit, for the periods that are set."""
+        values = (self.per_hour_usd, self.per_day_usd, self.per_week_usd, self.per_month_usd)
+        return {p: v for p, v in zip(PERIODS, values, strict=True) if v is not None}
+
+
+class CircuitBreakerConfig(BaseModel):
+    """When a failing model is skipped, and for how long."""
+
+    model_config = _STRICT
+    failures: int = Field(3, ge=1, description="Consecutive failures that open a circuit")
+    cooldowns_s: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [30.0, 60.0, 300.0],
+        min_length=1,
+        description="Cooldown of the n-th consecutive trip; the last value repeats",
+    )
+    auth_cooldown_s: float = Field(900, gt=0, description="Cooldown after a 401/403")
+    billing_cooldown_s: float = Field(3600, gt=0, description="Cooldown after billing errors")
+
+
+class LoopConfig(BaseModel):
+    """One scheduled agent loop."""
+
+    model_config = _STRICT
+    every: str | None = Field(None, description="Interval like 30m, 2h, 45s, 1d, 1h30m")
+    cron: str | None = Field(None, description='5-field crontab, e.g. "0 7 * * *"')
+    tier: str | None = Field(None, description="A key of tiers")
+    model: str | None = Field(None, description="A model alias (instead of tier)")
+    max_tokens: int = Field(gt=0, description="Output token limit of a call")
+    min_tokens: int | None = Field(
+        None, gt=0, description="Smallest max_tokens a budget downgrade may use"
+    )
+    prompt: str = Field(description="Prompt template; relative to the config file's directory")
+    system: str | None = Field(None, description="System prompt")
+    budget: BudgetConfig | None = None
+    when_over_budget: Literal["skip", "downgrade", "pause"] = "skip"
+    route: Literal["static"] = Field("static", description="Routing strategy")
+    fallback_tiers: list[str] = Field(
+        default_factory=list, description="Tiers tried after the loop's own chain"
+    )
+    quiet_token: str | None = Field(None, description="A reply containing it is not delivered")
+    description: str | None = None
+    enabled: bool = True
+
+    @field_validator("every", mode="before")
+    @classmethod
+    def _check_every(cls, value: Any) -> Any:
+        if isinstance(value, int | Decimal) and not isinstance(value, bool):
+            raise ValueError(f"needs a unit, e.g. {value}s or {value}m (got {value})")
+        if isinstance(value, str):
+            parse_duration(value)
+            return value.strip()
+        return value
+
+    @model_validator(mode="after")
+    def _check_choices(self) -> LoopConfig:
+        if self.every is None and self.cron is None:
+            raise ConfigProblem((), "give a schedule: every (e.g. 30m) or cron (e.g. '0 7 * * *')")
+        if self.every is not None and self.cron is not None:
+            raise ConfigProblem(("cron",), "give every or cron, not both")
+        if self.tier is None and self.model is None:
+            raise ConfigProblem((), "give tier (a key of tiers) or model (a model alias)")
+        if self.tier is not None and self.model is not None:
+            raise ConfigProblem(("model",), "give tier or model, not both")
+        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ConfigProblem(
+                ("min_tokens",),
+                f"must not exceed max_tokens ({self.max_tokens}) (got {self.min_tokens})",
+            )
+        return self
+
+    @property
+    def every_seconds(self) -> int | None:
+        """The interval of an `every:` loop in seconds, None for a cron loop."""
+        return None if self.every is None else parse_duration(self.every)
+
+
+@dataclass(frozen=True)
+class ChainEntry:
+    """One model a loop's call may use, in chain order, with the tier it came from."""
+
+    tier: str | None
+    alias: str
+    model: ModelConfig
+    provider_name: str
+    provider: ProviderConfig
+
+
+class Config(BaseModel):
+    """The whole configuration file."""
+
+    model_config = _STRICT
+    timezone: str = Field("UTC", description="IANA zone for cron schedules and budget windows")
+    state_dir: str | None = Field(None, description="Ledger and socket directory")
+    providers: dict[str, ProviderConfig]
+    models: dict[str, ModelConfig] = Field(description="Model aliases")
+    # Not required: a config whose loops all name `model:` needs no tiers.
+    tiers: dict[str, list[str]] = Field(
+        default_factory=dict, description="Ordered chains of model aliases: primary first"
+    )
+    budgets: BudgetConfig | None = Field(None, description="Global caps over all loops")
+    circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    loops: dict[str, LoopConfig] = Field(min_length=1)
+
+    # Set by load_config (validation context "path"); programmatic configs live in the cwd.
+    _path: Path = PrivateAttr(default_factory=lambda: Path.cwd() / CONFIG_FILENAME)
+
+    @field_validator("timezone")
+    @classmethod
+    def _check_timezone(cls, value: str) -> str:
+        try:
+            ZoneInfo(value)
+        except (ZoneInfoNotFoundError, ValueError, OSError):
+            raise ValueError(
+                f"unknown time zone {value!r} (use an IANA name like UTC or Europe/Berlin)"
+            ) from None
+        return value
+
+    @model_validator(mode="after")
+    def _check_references(self, info: ValidationInfo) -> Config:
+        context = info.context if isinstance(info.context, Mapping) else {}
+        if context.get("path") is not None:
+            self._path = Path(context["path"]).absolute()
+        for alias, model in self.models.items():
+            if model.provider not in self.providers:
+                raise ConfigProblem(
+                    ("models", alias, "provider"),
+                    f"undefined provider {model.provider!r} {_defined(self.providers)}",
+                )
+        for tier, chain in self.tiers.items():
+            if not chain:
+                raise ConfigProblem(("tiers", tier), "empty chain: list at least one model alias")
+            for index, alias in enumerate(chain):
+                if alias not in self.models:
+                    raise ConfigProblem(
+                        ("tiers", tier, index), f"undefined model {alias!r} {_defined(self.models)}"
+                    )
+                if alias in chain[:index]:
+                    raise ConfigProblem(("tiers", tier, index), f"{alias!r} is listed twice")
+        for name, loop in self.loops.items():
+            self._check_loop(name, loop, check_prompt=context.get("path") is not None)
+        return self
+
+    def _check_loop(self, name: str, loop: LoopConfig, check_prompt: bool) -> None:
+        """Cross-references of one loop: names, cron, prompt file, prices for budgets."""
+        where: KeyPath = ("loops", name)
+        if not _LOOP_NAME.match(name):
+            raise ConfigProblem(where, "loop names use letters, digits, '-' and '_' only")
+        if loop.tier is not None and loop.tier not in self.tiers:
+            raise ConfigProblem(
+                (*where, "tier"), f"undefined tier {loop.tier!r} {_defined(self.tiers)}"
+            )
+        if loop.model is not None and loop.model not in self.models:
+            raise ConfigProblem(
+                (*where, "model"), f"undefined model {loop.model!r} {_defined(self.models)}"
+            )
+        for index, tier in enumerate(loop.fallback_tiers):
+            if tier not in self.tiers:
+                raise ConfigProblem(
+                    (*where, "fallback_tiers", index),
+                    f"undefined tier {tier!r} {_defined(self.tiers)}",
+                )
+        if loop.cron is not None:
+            from apscheduler.triggers.cron import CronTrigger
+
+            try:
+                CronTrigger.from_crontab(loop.cron, timezone=self.tz)
+            except ValueError as exc:
+                raise ConfigProblem(
+                    (*where, "cron"),
+                    f"not a 5-field crontab like '0 7 * * *' (got {loop.cron!r}): {exc}",
+                ) from None
+        if check_prompt:
+            path = self.prompt_path(name)
+            try:
+                with path.open("rb"):
+                    pass
+            except OSError as exc:
+                raise ConfigProblem(
+                    (*where, "prompt"),
+                    f"cannot read prompt file {path}: {exc.strerror or exc} (relative paths "
+                    "resolve against the config file's directory)",
+                ) from None
+        if loop.budget is None and self.budgets is None:
+            return
+        for entry in self.chain(name):
+            if self.price(entry.alias) is None:
+                whose = "this loop's budget" if loop.budget is not None else "the global budgets"
+                raise ConfigProblem(
+                    where,
+                    f"model {entry.alias!r} ({entry.model.model} on provider "
+                    f"{entry.provider_name!r}) has no known price, so {whose} cannot be "
+                    f"enforced: add models.{entry.alias}.price with input and output "
+                    "in USD per million tokens",
+                )
+
+    @property
+    def path(self) -> Path:
+        """The absolute path of the configuration file."""
+        return self._path
+
+    @property
+    def dir(self) -> Path:
+        """The directory of the configuration file: relative paths in it resolve against this."""
+        return self._path.parent
+
+    @property
+    def tz(self) -> ZoneInfo:
+        """The configured time zone."""
+        return ZoneInfo(self.timezone)
+
+    def _entry(self, tier: str | None, alias: str) -> ChainEntry:
+        model = self.models[alias]
+        return ChainEntry(tier, alias, model, model.provider, self.providers[model.provider])
+
+    def tier_chain(self, tier: str) -> list[ChainEntry]:
+        """The models of one tier, primary first. KeyError for an undefined tier."""
+        return [self._entry(tier, alias) for alias in self.tiers[tier]]
+
+    def chain(self, loop_name: str) -> list[ChainEntry]:
+        """Every model a loop's call may use, in order: its tier (or model), then fallback tiers."""
+        loop = self.loops[loop_name]
+        if loop.tier is not None:
+            entries = self.tier_chain(loop.tier)
+        else:
+            assert loop.model is not None  # the validator guarantees tier xor model
+            home = next((t for t, chain in self.tiers.items() if loop.model in chain), None)
+            entries = [self._entry(home, loop.model)]
+        for tier in loop.fallback_tiers:
+            entries.extend(self.tier_chain(tier))
+        seen: set[str] = set()
+        unique = []
+        for entry in entries:
+            if entry.alias not in seen:
+                seen.add(entry.alias)
+                unique.append(entry)
+        return unique
+
+    def price(self, alias: str) -> Price | None:
+        """A model's price: the config override if given, else the built-in table, else None."""
+        model = self.models[alias]
+        if model.price is not None:
+            p = model.price
+            return override_price(p.input, p.output, p.cache_read, p.cache_write, p.cache_write_1h)
+        return lookup_price(self.providers[model.provider].type, model.model)
+
+    def prompt_path(self, loop_name: str) -> Path:
+        """The absolute path of a loop's prompt template (relative to the config's directory)."""
+        return (self.dir / Path(self.loops[loop_name].prompt).expanduser()).resolve()
+
+    def api_key(self, provider_name: str, env: Mapping[str, str] | None = None) -> str | None:
+        """The provider's API key (None when keyless); relative key files resolve against dir."""
+        return read_api_key(provider_name, self.providers[provider_name], env, base_dir=self.dir)
+
+
+# ---------------------------------------------------------------------------- loading
+
+
+def load_config(path: Path | str) -> Config:
+    """Read and validate a config file; every problem raises one ConfigError, never a traceback."""
+    try:
+        document = read_document(Path(path), f"give --config PATH or set {ENV_CONFIG}")
+    except YamlProblem as exc:
+        raise _config_error(str(path), exc) from None
+    return _validate(document, Path(path), str(path))
+
+
+def parse_config(data: Any, path: Path | str) -> Config:
+    """Validate already-parsed data as if it were read from path (for tests and tools)."""
+    return _validate(YamlDocument(data=data, root=None), Path(path), str(path))
+
+
+def _config_error(file: str, problem: YamlProblem) -> ConfigError:
+    return ConfigError(file, problem.problem, format_key_path(problem.key_path), problem.line)
+
+
+def _validate(document: YamlDocument, path: Path, file: str) -> Config:
+    """Build the Config from parsed YAML, translating pydantic errors into one ConfigError."""
+    if document.data is None:
+        raise ConfigError(file, "the file is empty (expected providers, models, tiers and loops)")
+    if not isinstance(document.data, dict):
+        got = show_value(document.data)
+        raise ConfigError(file, f"the top level must be a mapping of settings (got {got})", line=1)
+    try:
+        return Config.model_validate(document.data, context={"path": path})
+    except ValidationError as exc:
+        raise _config_error(file, first_problem(exc, document, Config)) from None
+    except RecursionError:
+        raise ConfigError(file, "a YAML alias refers to its own anchor") from None
+
+
+# ---------------------------------------------------------------------------- paths and keys
+
+
+def resolve_config_path(
+    cli_value: str | None,
+    env: Mapping[str, str] | None = None,
+    cwd: Path | None = None,
+    *,
+    system_path: Path = SYSTEM_CONFIG_PATH,
+) -> Path:
+    """`--config` > `$AGENTD_CONFIG` > `./config/…` > `/etc/agentd/…`: first given or existing."""
+    env = os.environ if env is None else env
+    if cli_value:
+        return Path(cli_value).expanduser()
+    if env.get(ENV_CONFIG):
+        return Path(env[ENV_CONFIG]).expanduser()
+    local = LOCAL_CONFIG_PATH if cwd is None else cwd / LOCAL_CONFIG_PATH
+    if local.exists() or not system_path.exists():
+        return local  # when neither exists, the error names the local path
+    return system_path
+
+
+def resolve_state_dir(
+    cli_value: str | None, config: Config | None, env: Mapping[str, str] | None = None
+) -> Path:
+    """`--state-dir` > `$AGENTD_STATE_DIR` > `$STATE_DIRECTORY` > `state_dir:` > `./state`."""
+    env = os.environ if env is None else env
+    # systemd passes one path per StateDirectory= entry, colon-separated: agentd's is the first.
+    systemd = env.get(ENV_SYSTEMD_STATE, "").split(":")[0]
+    for candidate in (cli_value, env.get(ENV_STATE_DIR), systemd):
+        if candidate:
+            return Path(candidate).expanduser().absolute()
+    if config is not None and config.state_dir:
+        return (config.dir / Path(config.state_dir).expanduser()).absolute()
+    return Path("state").absolute()
+
+
+def api_key_file_path(
+    provider: ProviderConfig, env: Mapping[str, str] | None = None, base_dir: Path | None = None
+) -> Path | None:
+    """Where a provider's api_key_file is: relative to $CREDENTIALS_DIRECTORY, else base_dir."""
+    if provider.api_key_file is None:
+        return None
+    env = os.environ if env is None else env
+    path = Path(provider.api_key_file).expanduser()
+    base = env.get(ENV_CREDENTIALS) or base_dir
+    return path if base is None else Path(base) / path
+
+
+def read_api_key(
+    provider_name: str,
+    provider: ProviderConfig,
+    env: Mapping[str, str] | None = None,
+    base_dir: Path | None = None,
+) -> str | None:
+    """The provider's API key, stripped; None if keyless; MissingKeyError (no value) if unset.
+
+    A relative `api_key_file` resolves against `$CREDENTIALS_DIRECTORY` when set (systemd
+    credentials), else against base_dir (pass the config's directory; `Config.api_key` does).
+    """
+    env = os.environ if env is None else env
+    who = f"provider {provider_name!r}"
+    if provider.api_key_env is not None:
+        value = env.get(provider.api_key_env, "").strip()
+        if not value:
+            raise MissingKeyError(
+                f"{who}: environment variable {provider.api_key_env} is not set ({_SIMULATE_HINT})"
+            )
+        return value
+    path = api_key_file_path(provider, env, base_dir)
+    if path is None:
+        return None
+    try:
+        value = path.read_text(encoding="utf-8").strip()
+    except OSError as exc:
+        problem = f"cannot read api_key_file {path}: {exc.strerror or type(exc).__name__}"
+        raise MissingKeyError(f"{who}: {problem} ({_SIMULATE_HINT})") from None
+    except UnicodeDecodeError:
+        raise MissingKeyError(f"{who}: api_key_file {path} is not UTF-8 text") from None
+    if not value:
+        raise MissingKeyError(f"{who}: api_key_file {path} is empty ({_SIMULATE_HINT})")
+    return value
+
+
+def missing_api_keys(config: Config, env: Mapping[str, str] | None = None) -> list[str]:
+    """One warning line per provider whose API key is not available (for `agentd check`)."""
+    warnings = []
+    for name in config.providers:
+        try:
+            config.api_key(name, env)
+        except MissingKeyError as exc:
+            warnings.append(str(exc))
+    return warnings
+
+
+# ---------------------------------------------------------------------------- JSON schema
+
+
+def config_json_schema() -> dict[str, Any]:
+    """The JSON Schema of the config file (from the pydantic models), for editors."""
+    schema = Config.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["$id"] = f"urn:agentd:{SCHEMA_FILENAME}"
+    schema["title"] = "agentd configuration (agent-model-config.yaml)"
+    schema["description"] = (
+        "Providers, model aliases, tier chains, budgets and scheduled loops of agentd. "
+        "Generated by `agentd config schema`; do not edit by hand."
+    )
+    return schema
+
+
+def config_json_schema_text() -> str:
+    """config_json_schema() as pretty, key-sorted JSON plus newline: the shipped schema file."""
+    return json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n"

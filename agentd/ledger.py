@@ -1,0 +1,597 @@
+"""The SQLite spend ledger: opening it safely, runs and their calls, and the report queries."""
+
+from __future__ import annotations
+
+import asyncio
+import fcntl
+import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterator
+from contextlib import contextmanager
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Literal
+
+import structlog
+
+from agentd import migrations
+from agentd.errors import LedgerError
+from agentd.owner import current_owner, owner_alive
+
+DB_NAME = "ledger.db"
+LOCK_NAME = "ledger.lock"
+BUSY_TIMEOUT_MS = 30_000
+
+RUN_TRIGGERS = frozenset({"schedule", "manual", "catchup", "on_reply"})
+RUN_STATUSES = frozenset(
+    {
+        "running",
+        "ok",
+        "failed",
+        "skipped_budget",
+        "skipped_noop",
+        "skipped_inactive",
+        "skipped_paused",
+        "aborted",
+    }
+)
+UNSETTLED = ("pending", "submitted")
+ABANDONED_ERROR = "owner process gone; settled at reservation"
+
+# What a calls row counts for, in budgets and in a run's cost: an unsettled row holds its
+# reservation; a settled row its cost (aborted rows are settled at the reservation by
+# reconciliation; a missing cost is never read as free).
+EFFECTIVE_COST_SQL = (
+    "CASE WHEN status IN ('pending', 'submitted') THEN reserved_micro_usd "
+    "ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END"
+)
+
+SummaryKey = Literal["loop", "tier", "model", "provider", "day"]
+_SUMMARY_KEYS: dict[str, str] = {
+    "loop": "loop",
+    "tier": "tier",
+    "model": "model",
+    "provider": "provider",
+    "day": "substr(started_at, 1, 10)",  # the UTC day
+}
+_ERROR_MAX = 500
+
+log = structlog.get_logger()
+
+
+def utc_iso(dt: datetime) -> str:
+    """An aware datetime as the ledger's fixed-width UTC text, `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
+    if dt.tzinfo is None or dt.utcoffset() is None:
+        raise ValueError(f"naive datetime {dt!r}: the ledger needs an aware datetime")
+    u = dt.astimezone(UTC)
+    # Built by hand: strftime's %Y does not zero-pad years below 1000 on every platform, and
+    # text comparison of timestamps (the window queries) needs one fixed width.
+    return (
+        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T"
+        f"{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
+    )
+
+
+def now_iso() -> str:
+    """The current time as ledger text."""
+    return utc_iso(datetime.now(UTC))
+
+
+def parse_iso(text: str) -> datetime:
+    """Ledger text (or any ISO-8601 string) to an aware UTC datetime; naive input is UTC."""
+    dt = datetime.fromisoformat(text)
+    if dt.tzinfo is None:
+        dt = dt.replace(tzinfo=UTC)
+    return dt.astimezone(UTC)
+
+
+def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
+    names = [d[0] for d in cursor.description]
+    return [dict(zip(names, row, strict=True)) for row in cursor.fetchall()]
+
+
+def _short(text: str | None) -> str | None:
+    return None if text is None else text[:_ERROR_MAX]
+
+
+def _current_task() -> object | None:
+    try:
+        return asyncio.current_task()
+    except RuntimeError:
+        return None
+
+
+def _adopt_owner(fd: int, reference: Path) -> None:
+    """Running as root, give a file we create to the owner of `reference` (the service user).
+
+    Otherwise `sudo agentd once` on a fresh state directory would leave a root-owned 0600 file
+    that the daemon, running as its own user, cannot open.
+    """
+    if os.geteuid() != 0:
+        return
+    st = reference.stat()
+    if st.st_uid != 0:
+        os.fchown(fd, st.st_uid, st.st_gid)
+
+
+def _create_private(path: Path, reference: Path) -> None:
+    """Create `path` mode 0600 if missing (umask can only narrow it), owned like `reference`."""
+    try:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
+    except FileExistsError:
+        return
+    try:
+        _adopt_owner(fd, reference)
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def _setup_lock(state_dir: Path, db_path: Path) -> Iterator[None]:
+    """Serialize first-open setup across processes with flock on `<state_dir>/ledger.lock`.
+
+    Switching to WAL cannot run inside a transaction and needs an exclusive lock that SQLite may
+    refuse with SQLITE_BUSY instead of waiting; taking this lock first means one opener switches
+    the journal mode and migrates (under BEGIN IMMEDIATE) while the others wait, then find the
+    work done.
+    """
+    lock_path = state_dir / LOCK_NAME
+    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        _adopt_owner(fd, db_path)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # closing releases the flock
+
+
+def _connect(path: Path, *, read_only: bool, immutable: bool) -> sqlite3.Connection:
+    if read_only:
+        uri = f"{path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
+        conn = sqlite3.connect(
+            uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
+        )
+    else:
+        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
+    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
+    conn.execute("PRAGMA foreign_keys = ON")
+    conn.execute("PRAGMA synchronous = NORMAL")
+    return conn
+
+
+def _needs_setup(conn: sqlite3.Connection) -> bool:
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    return str(mode).lower() != "wal" or bool(migrations.pending(conn))
+
+
+def _setup(conn: sqlite3.Connection, path: Path) -> None:
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise LedgerError(f"{path}: cannot switch the ledger to WAL mode (still {mode})")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ran = migrations.migrate(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    if ran:
+        log.info("ledger.migrated", path=str(path), steps=ran)
+
+
+class Ledger:
+    """One connection to `<state_dir>/ledger.db` with agentd's settings and write discipline.
+
+    Every use of the connection goes through `write()` or `read()`, which hold a re-entrant lock:
+    threads sharing the connection never interleave statements or transactions. Never `await`
+    inside them (a second task on the same thread would join the transaction; it is refused).
+    The calls block (up to the 30 s busy timeout under contention): from async code, run them
+    in a worker thread.
+    """
+
+    def __init__(self, conn: sqlite3.Connection, path: Path, *, read_only: bool) -> None:
+        self._conn = conn
+        self._path = path
+        self._read_only = read_only
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._writing = False
+        self._task: object | None = None
+
+    @classmethod
+    def open(cls, state_dir: Path, *, create: bool = True, reconcile: bool = True) -> Ledger:
+        """Open (and with `create`, create and migrate) the ledger of a state directory.
+
+        With `create=False` nothing is created: a missing database is a `LedgerError`. When this
+        process is not the database file's owner (an operator reading the daemon's ledger as
+        another user) the file is opened read-only (`mode=ro`), unmigrated and unreconciled. SQLite
+        creates the `-wal`/`-shm` files if missing, even for a read-only connection; as root it
+        gives them to the database's owner, but as any other user they would belong to us and
+        lock the daemon out. So a non-root non-owner whose `-wal`/`-shm` are absent (the database
+        is fully checkpointed: no connection is open) opens it `immutable=1`, which creates
+        nothing; the report is then a snapshot that ignores a writer starting meanwhile.
+
+        A writable open reconciles abandoned rows (`reconcile_abandoned`) unless `reconcile=False`,
+        so every process start settles what dead processes left pending.
+        """
+        state_dir = Path(state_dir)
+        path = state_dir / DB_NAME
+        conn: sqlite3.Connection | None = None
+        try:
+            if create:
+                # mkdir's mode is narrowed by the umask, never widened: at most 0700.
+                state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+                # Created 0600 before SQLite sees it; SQLite gives -wal/-shm the same mode.
+                _create_private(path, state_dir)
+            elif not path.exists():
+                raise LedgerError(f"{path}: no ledger here (nothing has been recorded yet)")
+            st = path.stat()
+            read_only = not create and (st.st_uid != os.geteuid() or not os.access(path, os.W_OK))
+            immutable = (
+                read_only
+                and os.geteuid() != 0
+                and not (
+                    path.with_name(DB_NAME + "-wal").exists()
+                    and path.with_name(DB_NAME + "-shm").exists()
+                )
+            )
+            conn = _connect(path, read_only=read_only, immutable=immutable)
+            if read_only:
+                missing = migrations.pending(conn)
+                if missing:
+                    raise LedgerError(
+                        f"{path}: the ledger needs migrations {missing}; open it once as its "
+                        "owner (e.g. sudo -u agentd agentd ledger)"
+                    )
+            elif _needs_setup(conn):
+                with _setup_lock(state_dir, path):
+                    _setup(conn, path)
+        except LedgerError:
+            if conn is not None:
+                conn.close()
+            raise
+        except (sqlite3.Error, OSError) as exc:
+            if conn is not None:
+                conn.close()
+            raise LedgerError(f"{path}: cannot open the ledger: {exc}") from exc
+        ledger = cls(conn, path, read_only=read_only)
+        if reconcile and not read_only:
+            try:
+                ledger.reconcile_abandoned()
+            except BaseException:
+                ledger.close()
+                raise
+        return ledger
+
+    @property
+    def path(self) -> Path:
+        """The database file."""
+        return self._path
+
+    @property
+    def read_only(self) -> bool:
+        """True when opened read-only (not the file's owner); `write()` then fails."""
+        return self._read_only
+
+    @property
+    def conn(self) -> sqlite3.Connection:
+        """The raw connection; use it only inside `write()` or `read()`."""
+        return self._conn
+
+    def close(self) -> None:
+        """Close the connection."""
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> Ledger:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    @contextmanager
+    def write(self) -> Iterator[sqlite3.Connection]:
+        """A `BEGIN IMMEDIATE` … `COMMIT` transaction (ROLLBACK on any exception).
+
+        IMMEDIATE takes the write lock up front, so the reads inside (budget sums) and the write
+        that depends on them are atomic across processes; a deferred transaction would fail with
+        SQLITE_BUSY when upgrading under concurrent writers. Nested use joins the outer write.
+        """
+        if self._read_only:
+            raise LedgerError(f"{self._path}: opened read-only; cannot write")
+        with self._transaction("BEGIN IMMEDIATE", writing=True) as conn:
+            yield conn
+
+    @contextmanager
+    def read(self) -> Iterator[sqlite3.Connection]:
+        """A read transaction: one consistent snapshot for several queries."""
+        with self._transaction("BEGIN", writing=False) as conn:
+            yield conn
+
+    @contextmanager
+    def _transaction(self, begin: str, *, writing: bool) -> Iterator[sqlite3.Connection]:
+        with self._lock:
+            if self._depth:
+                if _current_task() is not self._task:
+                    raise LedgerError("ledger transaction re-entered from another task")
+                if writing and not self._writing:
+                    raise LedgerError("cannot write inside a ledger read transaction")
+                self._depth += 1
+                try:
+                    yield self._conn
+                finally:
+                    self._depth -= 1
+                return
+            try:
+                self._conn.execute(begin)
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
+            self._depth, self._writing, self._task = 1, writing, _current_task()
+            try:
+                yield self._conn
+                self._conn.execute("COMMIT")
+            except sqlite3.Error as exc:
+                self._rollback()
+                raise LedgerError(f"{self._path}: {exc}") from exc
+            except BaseException:
+                self._rollback()
+                raise
+            finally:
+                self._depth, self._writing, self._task = 0, False, None
+
+    def _rollback(self) -> None:
+        # Some errors (SQLITE_FULL, IOERR) already rolled the transaction back.
+        if self._conn.in_transaction:
+            self._conn.execute("ROLLBACK")
+
+    # -- runs -------------------------------------------------------------------------------
+
+    def start_run(
+        self, *, loop: str, trigger: str, simulated: bool, slot: str | None = None
+    ) -> int:
+        """Record a run as `running`, owned by this process; return its id."""
+        if trigger not in RUN_TRIGGERS:
+            raise ValueError(f"unknown run trigger {trigger!r}")
+        with self.write() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (loop, trigger, slot, started_at, status, fallback, simulated,"
+                " owner) VALUES (?, ?, ?, ?, 'running', 0, ?, ?)",
+                (loop, trigger, slot, now_iso(), int(simulated), current_owner()),
+            )
+            return _rowid(cur)
+
+    def finish_run(
+        self,
+        run_id: int,
+        *,
+        status: str,
+        route: dict[str, Any] | None = None,
+        model: str | None = None,
+        fallback: bool = False,
+        reply: str | None = None,
+        error: str | None = None,
+    ) -> None:
+        """Finish a run; its cost is the sum of its calls' effective cost, in one transaction."""
+        if status not in RUN_STATUSES or status == "running":
+            raise ValueError(f"not a finished run status: {status!r}")
+        with self.write() as conn:
+            cur = conn.execute(
+                "UPDATE runs SET status = ?, finished_at = ?, route = ?, model = ?, fallback = ?,"
+                " reply = ?, error = ?, cost_micro_usd = (SELECT COALESCE(SUM("
+                + EFFECTIVE_COST_SQL
+                + "), 0) FROM calls WHERE calls.run_id = runs.id) WHERE id = ?",
+                (
+                    status,
+                    now_iso(),
+                    _json(route),
+                    model,
+                    int(fallback),
+                    reply,
+                    _short(error),
+                    run_id,
+                ),
+            )
+            if cur.rowcount == 0:
+                raise LedgerError(f"no run {run_id} in the ledger")
+
+    def record_skipped_run(
+        self,
+        *,
+        loop: str,
+        trigger: str,
+        simulated: bool,
+        status: str,
+        route: dict[str, Any] | None = None,
+        error: str | None = None,
+        slot: str | None = None,
+    ) -> int:
+        """Record a run that finished before any call (e.g. `skipped_budget`); return its id."""
+        if trigger not in RUN_TRIGGERS:
+            raise ValueError(f"unknown run trigger {trigger!r}")
+        if status not in RUN_STATUSES or status == "running":
+            raise ValueError(f"not a finished run status: {status!r}")
+        now = now_iso()
+        with self.write() as conn:
+            cur = conn.execute(
+                "INSERT INTO runs (loop, trigger, slot, started_at, finished_at, status, route,"
+                " fallback, cost_micro_usd, simulated, error, owner)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, 0, 0, ?, ?, ?)",
+                (
+                    loop,
+                    trigger,
+                    slot,
+                    now,
+                    now,
+                    status,
+                    _json(route),
+                    int(simulated),
+                    _short(error),
+                    current_owner(),
+                ),
+            )
+            return _rowid(cur)
+
+    # -- queries ----------------------------------------------------------------------------
+
+    def get_run(self, run_id: int) -> dict[str, Any] | None:
+        """A run as a dict (route parsed from JSON, flags as bool), or None."""
+        with self.read() as conn:
+            rows = _rows(conn.execute("SELECT * FROM runs WHERE id = ?", (run_id,)))
+        return _run_dict(rows[0]) if rows else None
+
+    def calls_for_run(self, run_id: int) -> list[dict[str, Any]]:
+        """A run's attempts in order."""
+        with self.read() as conn:
+            rows = _rows(
+                conn.execute("SELECT * FROM calls WHERE run_id = ? ORDER BY id", (run_id,))
+            )
+        return [_call_dict(r) for r in rows]
+
+    def recent_calls(
+        self, *, loop: str | None = None, limit: int = 20, simulated: bool | None = None
+    ) -> list[dict[str, Any]]:
+        """The latest attempts, newest first; `simulated=None` means both kinds."""
+        where, params = _filters(loop=loop, simulated=simulated)
+        with self.read() as conn:
+            rows = _rows(
+                conn.execute(
+                    f"SELECT * FROM calls {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+                )
+            )
+        return [_call_dict(r) for r in rows]
+
+    def summary(
+        self, *, since: str | None, by: SummaryKey, simulated: bool = False
+    ) -> list[dict[str, Any]]:
+        """Calls grouped by `by`, summed in SQL: one dict per group, the key under the name `by`.
+
+        `cost_micro_usd` is settled spend (aborted rows at their reservation); reservations of
+        calls still in flight are in `reserved_micro_usd`. `day` is the UTC day.
+        """
+        key = _SUMMARY_KEYS.get(by)
+        if key is None:
+            raise ValueError(f"cannot group by {by!r}")
+        where, params = _filters(simulated=simulated)
+        if since is not None:
+            # Normalize to the ledger's fixed-width text so the comparison orders correctly.
+            where += " AND started_at >= ?"
+            params.append(utc_iso(parse_iso(since)))
+        order = "group_key" if by == "day" else "cost_micro_usd DESC, group_key"
+        sql = f"""
+            SELECT {key} AS group_key,
+                   COUNT(*) AS calls,
+                   SUM(CASE WHEN status IN ('error', 'aborted') THEN 1 ELSE 0 END) AS failed,
+                   COALESCE(SUM(input_tokens), 0) AS input_tokens,
+                   COALESCE(SUM(output_tokens), 0) AS output_tokens,
+                   COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
+                   COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
+                   COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens,
+                   COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted') THEN 0
+                       ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END), 0)
+                       AS cost_micro_usd,
+                   COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted')
+                       THEN reserved_micro_usd ELSE 0 END), 0) AS reserved_micro_usd,
+                   COUNT(DISTINCT run_id) AS runs
+            FROM calls {where}
+            GROUP BY group_key
+            ORDER BY {order}
+        """
+        with self.read() as conn:
+            rows = _rows(conn.execute(sql, params))
+        return [{by: r.pop("group_key"), **r} for r in rows]
+
+    # -- reconciliation ---------------------------------------------------------------------
+
+    def reconcile_abandoned(self) -> int:
+        """Abort rows and runs whose owner process is gone; return the number of calls settled.
+
+        Unsettled calls are charged their reservation (the provider may have billed them).
+        `submitted` batch calls belong to a provider batch that outlives processes: left alone.
+        A live owner's rows are never touched.
+        """
+        with self.write() as conn:
+            owners = {
+                str(row[0])
+                for row in conn.execute(
+                    "SELECT DISTINCT owner FROM calls WHERE status IN ('pending', 'submitted')"
+                    " AND NOT (status = 'submitted' AND batch = 1) AND owner IS NOT NULL"
+                    " UNION SELECT DISTINCT owner FROM runs"
+                    " WHERE status = 'running' AND owner IS NOT NULL"
+                )
+            }
+            gone = sorted(o for o in owners if not owner_alive(o))
+            if not gone:
+                return 0
+            marks = ", ".join("?" for _ in gone)
+            now = now_iso()
+            calls = conn.execute(
+                "UPDATE calls SET status = 'aborted', cost_micro_usd = reserved_micro_usd,"
+                " error_type = 'abandoned', error = ?, finished_at = ?"
+                " WHERE status IN ('pending', 'submitted') AND NOT (status = 'submitted'"
+                f" AND batch = 1) AND owner IN ({marks})",
+                (ABANDONED_ERROR, now, *gone),
+            ).rowcount
+            runs = conn.execute(
+                "UPDATE runs SET status = 'aborted', finished_at = ?,"
+                " error = COALESCE(error, 'owner process gone'),"
+                " cost_micro_usd = (SELECT COALESCE(SUM("
+                + EFFECTIVE_COST_SQL
+                + f"), 0) FROM calls WHERE calls.run_id = runs.id)"
+                f" WHERE status = 'running' AND owner IN ({marks})",
+                (now, *gone),
+            ).rowcount
+        if calls or runs:
+            log.warning(
+                "ledger.reconciled",
+                calls=calls,
+                runs=runs,
+                owners=gone,
+                note="abandoned calls charged at their reservation",
+            )
+        return int(calls)
+
+
+def _rowid(cur: sqlite3.Cursor) -> int:
+    if cur.lastrowid is None:
+        raise LedgerError("insert returned no row id")
+    return int(cur.lastrowid)
+
+
+def _json(value: dict[str, Any] | None) -> str | None:
+    # default=str: a Decimal or datetime in a route must not lose the run's record.
+    return None if value is None else json.dumps(value, default=str, sort_keys=True)
+
+
+def _filters(*, loop: str | None = None, simulated: bool | None = None) -> tuple[str, list[Any]]:
+    clauses: list[str] = ["1 = 1"]
+    params: list[Any] = []
+    if loop is not None:
+        clauses.append("loop = ?")
+        params.append(loop)
+    if simulated is not None:
+        clauses.append("simulated = ?")
+        params.append(int(simulated))
+    return "WHERE " + " AND ".join(clauses), params
+
+
+def _run_dict(row: dict[str, Any]) -> dict[str, Any]:
+    route = row.get("route")
+    row["route"] = json.loads(route) if route else None
+    row["fallback"] = bool(row["fallback"])
+    row["simulated"] = bool(row["simulated"])
+    return row
+
+
+def _call_dict(row: dict[str, Any]) -> dict[str, Any]:
+    for flag in ("priced", "simulated", "batch"):
+        row[flag] = bool(row[flag])
+    return row

@@ -1,0 +1,193 @@
+"""The ledger schema, and only here: named, append-only migration steps applied in order.
+
+Each step is `(name, function)`; the names of applied steps are recorded in `_agentd_migrations`.
+A released step is never edited or reordered: a feature that needs a column adds a new step.
+`migrate` runs inside the caller's write transaction (`BEGIN IMMEDIATE`), so a step either
+applies with its record or not at all, and two processes never apply the same step twice.
+
+Money columns are INTEGER micro-USD; timestamps are `YYYY-MM-DDTHH:MM:SS.ffffffZ` text.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+
+from sqlite_utils import Database
+
+Migration = Callable[[Database], None]
+
+MIGRATIONS_TABLE = "_agentd_migrations"
+
+MIGRATIONS: list[tuple[str, Migration]] = []
+
+
+def migration(step: Migration) -> Migration:
+    """Register a step under its function name, in definition order."""
+    MIGRATIONS.append((step.__name__, step))
+    return step
+
+
+@migration
+def m001_runs(db: Database) -> None:
+    """One row per run of a loop, including runs skipped before any call."""
+    db.table("runs").create(
+        {
+            "id": int,
+            "loop": str,
+            "trigger": str,  # schedule | manual | catchup | on_reply
+            "slot": str,  # the scheduled fire time, if any
+            "started_at": str,
+            "finished_at": str,
+            "status": str,  # running | ok | failed | skipped_* | aborted
+            "route": str,  # JSON
+            "model": str,
+            "fallback": int,
+            "reply": str,
+            "cost_micro_usd": int,
+            "simulated": int,
+            "error": str,
+            "owner": str,  # host:pid:starttime:bootid of the process running it
+        },
+        pk="id",
+        not_null={"loop", "trigger", "started_at", "status", "fallback", "simulated"},
+        defaults={"fallback": 0, "simulated": 0},
+    )
+
+
+@migration
+def m002_calls(db: Database) -> None:
+    """One row per attempt: a reservation (`pending`) that settles to its real cost."""
+    db.table("calls").create(
+        {
+            "id": int,
+            "run_id": int,
+            "loop": str,
+            "purpose": str,  # work | classify | draft | review | escalate
+            "tier": str,
+            "alias": str,
+            "provider": str,
+            "model": str,  # the provider's model id, not the alias
+            "attempt": int,
+            "status": str,  # pending | submitted | ok | error | aborted
+            "error_type": str,
+            "http_status": int,
+            "error": str,
+            "input_tokens": int,  # all input, cache reads and writes included
+            "output_tokens": int,  # reasoning included
+            "cache_read_tokens": int,
+            "cache_write_tokens": int,
+            "reasoning_tokens": int,
+            "reserved_micro_usd": int,
+            "cost_micro_usd": int,  # NULL until settled
+            "priced": int,
+            "simulated": int,
+            "batch": int,
+            "owner": str,
+            "started_at": str,  # reservation time: decides the budget window
+            "finished_at": str,
+            "latency_ms": int,
+            "request_id": str,
+        },
+        pk="id",
+        not_null={
+            "loop",
+            "purpose",
+            "provider",
+            "model",
+            "attempt",
+            "status",
+            "reserved_micro_usd",
+            "priced",
+            "simulated",
+            "batch",
+            "started_at",
+        },
+        defaults={"priced": 0, "simulated": 0, "batch": 0},
+        foreign_keys=[("run_id", "runs", "id")],
+    )
+
+
+@migration
+def m003_loop_state(db: Database) -> None:
+    """Per-loop state that survives restarts: pause, last slot and run, failure streak."""
+    db.table("loop_state").create(
+        {
+            "loop": str,
+            "paused": int,
+            "paused_reason": str,
+            "paused_until": str,
+            "last_slot": str,
+            "last_run_id": int,
+            "consecutive_failures": int,
+        },
+        pk="loop",
+        not_null={"paused", "consecutive_failures"},
+        defaults={"paused": 0, "consecutive_failures": 0},
+    )
+
+
+@migration
+def m004_indexes(db: Database) -> None:
+    """Indexes for the budget window sums, reconciliation and the reports."""
+    db.table("calls").create_index(["started_at"], index_name="calls_started_at")
+    db.table("calls").create_index(["loop", "started_at"], index_name="calls_loop_started_at")
+    db.table("calls").create_index(["run_id"], index_name="calls_run_id")
+    db.table("runs").create_index(["loop", "started_at"], index_name="runs_loop_started_at")
+    # Partial indexes: reconciliation scans only unsettled rows, which are few at any time.
+    db.execute(
+        "CREATE INDEX calls_unsettled ON calls (owner) WHERE status IN ('pending', 'submitted')"
+    )
+    db.execute("CREATE INDEX runs_running ON runs (owner) WHERE status = 'running'")
+
+
+def _now() -> str:
+    # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+def applied(conn: sqlite3.Connection) -> list[str]:
+    """Names of the steps already applied to this database, in the order they were applied."""
+    exists = conn.execute(
+        "SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = ?", (MIGRATIONS_TABLE,)
+    ).fetchone()
+    if exists is None:
+        return []
+    rows = conn.execute(f"SELECT name FROM {MIGRATIONS_TABLE} ORDER BY rowid").fetchall()
+    return [str(row[0]) for row in rows]
+
+
+def pending(
+    conn: sqlite3.Connection, steps: Sequence[tuple[str, Migration]] = MIGRATIONS
+) -> list[str]:
+    """Names of the steps this database still needs."""
+    done = set(applied(conn))
+    return [name for name, _ in steps if name not in done]
+
+
+def migrate(
+    conn: sqlite3.Connection, steps: Sequence[tuple[str, Migration]] = MIGRATIONS
+) -> list[str]:
+    """Apply the missing steps inside the caller's open write transaction; return their names."""
+    if not conn.in_transaction:
+        # Outside a transaction sqlite-utils would autocommit step by step, and a concurrent
+        # opener could apply the same step: refuse rather than half-migrate.
+        raise RuntimeError("migrate() must run inside a BEGIN IMMEDIATE transaction")
+    conn.execute(
+        f"CREATE TABLE IF NOT EXISTS {MIGRATIONS_TABLE} "
+        "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
+    )
+    # recursive_triggers/plugins would change the connection's settings: leave them alone.
+    db = Database(conn, recursive_triggers=False, execute_plugins=False)
+    done = set(applied(conn))
+    ran: list[str] = []
+    for name, step in steps:
+        if name in done:
+            continue
+        step(db)
+        conn.execute(
+            f"INSERT INTO {MIGRATIONS_TABLE} (name, applied_at) VALUES (?, ?)", (name, _now())
+        )
+        ran.append(name)
+    return ran

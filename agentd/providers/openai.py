@@ -1,0 +1,145 @@
+"""The OpenAI Chat Completions provider, also for any OpenAI-compatible server (Ollama, vLLM)."""
+
+from __future__ import annotations
+
+import asyncio
+from typing import TYPE_CHECKING, Any
+from urllib.parse import urlsplit
+
+from agentd.errors import MalformedResponse
+from agentd.providers.base import Reply, Request, Usage
+from agentd.providers.errormap import CallContext, SdkErrors, map_exception
+
+if TYPE_CHECKING:
+    from openai import AsyncOpenAI
+
+DEFAULT_BASE_URL = "https://api.openai.com/v1"
+# Keyless local servers ignore the key, but the SDK refuses to start without one and would
+# otherwise read OPENAI_API_KEY from the environment (and send it to the local server).
+NO_KEY = "agentd-no-key"
+
+
+class OpenAIProvider:
+    """Calls `chat.completions.create` once per request; no SDK retries (the executor owns them)."""
+
+    def __init__(
+        self,
+        name: str,
+        *,
+        api_key: str | None,
+        base_url: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        self.name = name
+        self._api_key = api_key
+        # Pinned rather than left to the SDK, which would read OPENAI_BASE_URL and send the key
+        # wherever the environment points: the config is the only source of endpoints.
+        self._base_url = base_url or DEFAULT_BASE_URL
+        # OpenAI itself wants `max_completion_tokens` (reasoning models reject `max_tokens`).
+        # Many compatible servers (Ollama, LM Studio, older vLLM/llama.cpp) only read the
+        # deprecated `max_tokens` and would silently generate without a cap, so they get both.
+        self._send_max_tokens = urlsplit(self._base_url).hostname != "api.openai.com"
+        self._timeout_s = timeout_s
+        self._client: AsyncOpenAI | None = None
+        self._errors: SdkErrors | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def _sdk(self) -> tuple[AsyncOpenAI, SdkErrors]:
+        """The client, created on first use (importing the SDK takes seconds) and per event loop.
+
+        An async HTTP client is bound to the loop it first ran in; a caller that makes calls
+        from successive `asyncio.run()`s gets a fresh client instead of "Event loop is closed".
+        """
+        loop = _running_loop()
+        if self._client is None or self._errors is None or self._loop is not loop:
+            self._loop = loop
+            import openai
+
+            self._client = openai.AsyncOpenAI(
+                api_key=self._api_key or NO_KEY,
+                base_url=self._base_url,
+                timeout=self._timeout_s,
+                max_retries=0,
+            )
+            self._errors = SdkErrors(
+                status=openai.APIStatusError,
+                timeout=openai.APITimeoutError,
+                connection=openai.APIConnectionError,
+                validation=openai.APIResponseValidationError,
+                base=openai.OpenAIError,
+            )
+        return self._client, self._errors
+
+    async def complete(self, request: Request) -> Reply:
+        """Make one Chat Completions call and return its text, usage and request id."""
+        client, errors = self._sdk()
+        ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
+        messages: list[Any] = []
+        if request.system:
+            messages.append({"role": "system", "content": request.system})
+        messages.extend({"role": m.role, "content": m.content} for m in request.messages)
+        extra: dict[str, Any] = {"max_tokens": request.max_tokens} if self._send_max_tokens else {}
+        request_id: str | None = None
+        status: int | None = None
+        try:
+            # The raw response keeps the request id even when the body turns out unusable.
+            raw = await client.chat.completions.with_raw_response.create(
+                model=request.model,
+                messages=messages,
+                max_completion_tokens=request.max_tokens,
+                timeout=request.timeout_s,
+                **extra,
+            )
+            request_id, status = raw.request_id, raw.status_code
+            completion = raw.parse()
+        except Exception as exc:
+            mapped = map_exception(exc, errors, ctx)
+            if mapped is None:
+                raise
+            # A body that fails to parse still came with a status and a request id.
+            mapped.request_id = mapped.request_id or request_id
+            mapped.http_status = mapped.http_status or status
+            raise mapped from exc
+        usage = getattr(completion, "usage", None)
+        if usage is None or not isinstance(getattr(usage, "prompt_tokens", None), int):
+            raise MalformedResponse(
+                ctx.say("200 response without usage"),
+                http_status=200,
+                request_id=request_id,
+                may_have_billed=True,
+            )
+        prompt_details = usage.prompt_tokens_details
+        completion_details = usage.completion_tokens_details
+        choices = getattr(completion, "choices", None) or []
+        first = choices[0] if choices else None
+        return Reply(
+            text=str(getattr(getattr(first, "message", None), "content", None) or ""),
+            usage=Usage(
+                # prompt_tokens already includes cached tokens; completion_tokens includes
+                # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
+                input_tokens=usage.prompt_tokens,
+                output_tokens=usage.completion_tokens or 0,
+                cache_read_tokens=(prompt_details.cached_tokens if prompt_details else None) or 0,
+                cache_write_tokens=0,
+                reasoning_tokens=(
+                    completion_details.reasoning_tokens if completion_details else None
+                )
+                or 0,
+            ),
+            model=getattr(completion, "model", None) or request.model,
+            request_id=request_id,
+            stop_reason=getattr(first, "finish_reason", None),
+        )
+
+    async def aclose(self) -> None:
+        """Close the HTTP client, if one was created (in this event loop)."""
+        client, self._client = self._client, None
+        if client is not None and self._loop is _running_loop():
+            await client.close()
+
+
+def _running_loop() -> asyncio.AbstractEventLoop | None:
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None

@@ -1,0 +1,100 @@
+"""Report rendering: rows computed once, shown as an aligned table, JSON or CSV."""
+
+from __future__ import annotations
+
+import csv
+import io
+import json
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+from agentd.pricing import format_usd
+
+_SPAN = re.compile(r"^(\d+)([smhdw])$")
+_SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+@dataclass(frozen=True)
+class Column:
+    """A report column: the row key, its header, and whether it holds micro-USD."""
+
+    key: str
+    header: str
+    money: bool = False
+
+
+def parse_since(value: str, now: datetime | None = None) -> datetime:
+    """`24h`, `7d`, `30m`, `2w` back from now, or an ISO date/datetime (UTC if naive)."""
+    now = now or datetime.now(tz=UTC)
+    match = _SPAN.match(value.strip())
+    if match:
+        return now - timedelta(seconds=int(match.group(1)) * _SPAN_SECONDS[match.group(2)])
+    try:
+        parsed = datetime.fromisoformat(value.strip())
+    except ValueError as exc:
+        raise ValueError(
+            f"cannot read {value!r}: use a span like 24h, 7d, 30m or a date like 2026-11-01"
+        ) from exc
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+
+
+def _cell(row: Mapping[str, Any], column: Column) -> Any:
+    value = row.get(column.key)
+    if column.money:
+        return None if value is None else format_usd(int(value))
+    return value
+
+
+def to_json(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """Rows as a JSON array; money as decimal strings, never floats."""
+    return json.dumps([{c.key: _cell(r, c) for c in columns} for r in rows], indent=2)
+
+
+def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """Rows as CSV with a header line; money as decimal strings."""
+    out = io.StringIO()
+    writer = csv.writer(out, lineterminator="\n")
+    writer.writerow([c.key for c in columns])
+    for row in rows:
+        writer.writerow(["" if (v := _cell(row, c)) is None else v for c in columns])
+    return out.getvalue()
+
+
+def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
+    """Rows as an aligned plain-text table (numbers and money right-aligned)."""
+    cells = [[c.header for c in columns]]
+    for row in rows:
+        cells.append(["" if (v := _cell(row, c)) is None else str(v) for c in columns])
+    widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
+    numeric = [
+        all(_is_number(line[i]) for line in cells[1:]) and len(cells) > 1
+        for i in range(len(columns))
+    ]
+    lines = []
+    for n, line in enumerate(cells):
+        parts = [
+            text.rjust(w) if numeric[i] and n > 0 else text.ljust(w)
+            for i, (text, w) in enumerate(zip(line, widths, strict=True))
+        ]
+        lines.append("  ".join(parts).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def _is_number(text: str) -> bool:
+    return text == "" or re.fullmatch(r"-?\d+(\.\d+)?", text) is not None
+
+
+def render(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], fmt: str) -> str:
+    """Render rows as `table`, `json` or `csv`."""
+    if fmt == "json":
+        return to_json(rows, columns)
+    if fmt == "csv":
+        return to_csv(rows, columns).rstrip("\n")
+    if not rows:
+        return "(no rows)"
+    return to_table(rows, columns)

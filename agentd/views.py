@@ -1,0 +1,235 @@
+"""What the CLI shows: the config check, a run's result, ledger summaries and budget windows."""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+from agentd import budgets
+from agentd.config import Config, missing_api_keys
+from agentd.errors import LedgerError
+from agentd.ledger import Ledger, utc_iso
+from agentd.pricing import format_usd
+from agentd.reports import Column, render
+from agentd.runner import RunResult
+from agentd.scheduling import next_fire_times
+
+
+def _usd(amount: Any) -> str:
+    return f"${amount}"
+
+
+def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
+    """`agentd check`: a readable summary of a valid config, and warnings worth a look."""
+    tz = config.tz
+    lines = [f"config: {config.path}", f"state dir: {state_dir}", f"timezone: {config.timezone}"]
+    if config.budgets:
+        caps = ", ".join(f"{_usd(v)}/{p}" for p, v in config.budgets.limits().items())
+        lines.append(f"global budget: {caps}")
+    warnings = list(missing_api_keys(config))
+    now = datetime.now(tz=UTC)
+    for name, loop in config.loops.items():
+        schedule = f"every {loop.every}" if loop.every else f"cron {loop.cron!r}"
+        target = f"tier {loop.tier}" if loop.tier else f"model {loop.model}"
+        lines.append("")
+        lines.append(f"loop {name}: {schedule}, {target}, max_tokens {loop.max_tokens}"
+                     + ("" if loop.enabled else " (disabled)"))
+        chain = config.chain(name)
+        lines.append("  chain: " + " -> ".join(
+            f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain
+        ))
+        for entry in chain:
+            if config.price(entry.alias) is None:
+                warnings.append(f"loop {name}: model {entry.alias} ({entry.model.model}) has "
+                                "no known price; its calls are recorded unpriced")
+        if loop.budget:
+            caps = ", ".join(f"{_usd(v)}/{p}" for p, v in loop.budget.limits().items())
+            lines.append(f"  budget: {caps}, when over budget: {loop.when_over_budget}")
+        else:
+            lines.append("  budget: none (global caps only)" if config.budgets else "  budget: none")
+        fires = next_fire_times(loop, tz, 3, now)
+        lines.append("  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes")
+                                            for f in fires))
+    return "\n".join(lines), warnings
+
+
+def _attempt_dict(attempt: Any) -> dict[str, Any]:
+    return {
+        "attempt": attempt.attempt,
+        "purpose": attempt.purpose,
+        "tier": attempt.tier,
+        "alias": attempt.alias,
+        "provider": attempt.provider,
+        "model": attempt.model,
+        "status": attempt.status,
+        "error_type": attempt.error_type,
+        "http_status": attempt.http_status,
+        "error": attempt.error,
+        "cost_usd": format_usd(attempt.cost_micro_usd),
+        "reserved_usd": format_usd(attempt.reserved_micro_usd),
+        "latency_ms": attempt.latency_ms,
+        "request_id": attempt.request_id,
+    }
+
+
+def once_result_json(result: RunResult) -> str:
+    """`agentd once --json`: the run, its cost as a decimal string, and every attempt."""
+    return json.dumps(
+        {
+            "run_id": result.run_id,
+            "loop": result.loop,
+            "status": result.status,
+            "tier": result.tier,
+            "model": result.model,
+            "alias": result.alias,
+            "provider": result.provider,
+            "reply": result.reply,
+            "cost_usd": format_usd(result.cost_micro_usd),
+            "fallback": result.fallback,
+            "simulated": result.simulated,
+            "error": result.error,
+            "route": result.route,
+            "attempts": [_attempt_dict(a) for a in result.attempts],
+        },
+        indent=2,
+    )
+
+
+def once_result_text(result: RunResult) -> str:
+    """`agentd once`: the reply, then one line with status, model and cost."""
+    parts = []
+    if result.reply is not None:
+        parts.append(result.reply.rstrip())
+    who = f"{result.alias} ({result.model})" if result.model else "no model"
+    sim = " [simulated]" if result.simulated else ""
+    line = (f"-- {result.loop}: {result.status}, {who}, cost ${format_usd(result.cost_micro_usd)}, "
+            f"{len(result.attempts)} attempt(s), run {result.run_id}{sim}")
+    if result.fallback:
+        line += ", fallback used"
+    parts.append(line)
+    if result.error:
+        parts.append(f"-- {result.error}")
+    return "\n".join(parts)
+
+
+def _open_for_reading(state_dir: Path) -> Ledger | None:
+    try:
+        return Ledger.open(state_dir, create=False)
+    except LedgerError:
+        if not (state_dir / "ledger.db").exists():
+            return None
+        raise
+
+
+SUMMARY_COLUMNS = [
+    Column("runs", "runs"),
+    Column("calls", "calls"),
+    Column("failed", "failed"),
+    Column("input_tokens", "input"),
+    Column("cache_read_tokens", "cache read"),
+    Column("cache_write_tokens", "cache write"),
+    Column("output_tokens", "output"),
+    Column("reasoning_tokens", "reasoning"),
+    Column("cost_micro_usd", "cost_usd", money=True),
+]
+
+
+def summary_report(
+    state_dir: Path, since: datetime, by: str, simulated: bool, fmt: str
+) -> str:
+    """`agentd ledger`: spend grouped by loop, tier, model, provider or day."""
+    columns = [Column(by, by), *SUMMARY_COLUMNS]
+    ledger = _open_for_reading(state_dir)
+    if ledger is None:
+        rows: list[dict[str, Any]] = []
+    else:
+        with ledger:
+            rows = ledger.summary(since=utc_iso(since), by=by, simulated=simulated)  # type: ignore[arg-type]
+    return render(rows, columns, fmt)
+
+
+CALL_COLUMNS = [
+    Column("id", "id"),
+    Column("run_id", "run"),
+    Column("started_at", "started_at"),
+    Column("loop", "loop"),
+    Column("purpose", "purpose"),
+    Column("attempt", "attempt"),
+    Column("alias", "alias"),
+    Column("model", "model"),
+    Column("status", "status"),
+    Column("error_type", "error_type"),
+    Column("http_status", "http"),
+    Column("input_tokens", "input"),
+    Column("output_tokens", "output"),
+    Column("cost_micro_usd", "cost_usd", money=True),
+    Column("latency_ms", "ms"),
+]
+
+
+def calls_report(
+    state_dir: Path, loop: str | None, limit: int, simulated: bool, fmt: str
+) -> str:
+    """`agentd ledger calls`: the most recent attempts."""
+    ledger = _open_for_reading(state_dir)
+    if ledger is None:
+        rows: list[dict[str, Any]] = []
+    else:
+        with ledger:
+            rows = ledger.recent_calls(loop=loop, limit=limit, simulated=simulated)
+    columns = CALL_COLUMNS
+    if fmt == "json":
+        columns = [*CALL_COLUMNS, Column("reserved_micro_usd", "reserved_usd", money=True),
+                   Column("cache_read_tokens", "cache_read_tokens"),
+                   Column("cache_write_tokens", "cache_write_tokens"),
+                   Column("reasoning_tokens", "reasoning_tokens"), Column("provider", "provider"),
+                   Column("tier", "tier"), Column("request_id", "request_id"),
+                   Column("simulated", "simulated")]
+    return render(rows, columns, fmt)
+
+
+BUDGET_COLUMNS = [
+    Column("scope", "scope"),
+    Column("period", "period"),
+    Column("limit", "limit_usd", money=True),
+    Column("spent", "spent_usd", money=True),
+    Column("reserved", "reserved_usd", money=True),
+    Column("remaining", "remaining_usd", money=True),
+    Column("resets_at", "resets_at"),
+]
+
+
+def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) -> str:
+    """`agentd budget`: every window with its limit, spend, reservations and reset time."""
+    windows: list[budgets.Window] = []
+    if config.budgets:
+        windows += budgets.windows_for("", None, config.budgets.limits())
+    for name, loop in config.loops.items():
+        if loop.budget:
+            windows += budgets.windows_for(name, loop.budget.limits(), None)
+    ledger = _open_for_reading(state_dir)
+    now = datetime.now(tz=UTC)
+    if ledger is None:
+        statuses = [
+            budgets.WindowStatus(w, *budgets.window_bounds(w.period, now, config.tz), 0, 0,
+                                 w.limit_micro_usd)
+            for w in windows
+        ]
+    else:
+        with ledger:
+            statuses = budgets.window_status(ledger, windows, config.tz, now, simulated)
+    rows = [
+        {
+            "scope": "global" if s.window.scope == "global" else f"loop {s.window.scope}",
+            "period": s.window.period,
+            "limit": s.window.limit_micro_usd,
+            "spent": s.spent_micro_usd,
+            "reserved": s.reserved_micro_usd,
+            "remaining": s.remaining_micro_usd,
+            "resets_at": s.end.astimezone(config.tz).isoformat(timespec="minutes"),
+        }
+        for s in statuses
+    ]
+    return render(rows, BUDGET_COLUMNS, fmt)

@@ -1,0 +1,94 @@
+"""Runs end to end: budgets refuse before any request, downgrade, pause, simulate, prompts."""
+
+from __future__ import annotations
+
+from datetime import UTC, datetime
+from pathlib import Path
+
+import pytest
+from fakeserver import FakeServer, ok
+from test_executor import Harness
+
+from agentd.errors import LoopPaused
+from agentd.runner import render_prompt
+
+
+def test_over_budget_is_skipped_without_any_request(tmp_path: Path,
+                                                    fake_server: FakeServer) -> None:
+    # The worst case of one call is ~1,084 micro-USD on haiku; a 500 micro-USD cap refuses it.
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.0005"}}}})
+    result = h.run()
+    assert result.status == "skipped_budget" and result.exit_code == 75
+    assert h.calls() == []
+    assert fake_server.count() == 0
+    assert h.run_row(result.run_id)["status"] == "skipped_budget"
+    assert result.route["budget_refusals"]
+    assert "loop work per day" in (result.error or "")
+
+
+def test_downgrade_moves_to_a_cheaper_tier(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {
+        "tier": "deep", "budget": {"per_day_usd": "0.002"}, "when_over_budget": "downgrade"}}})
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=100, output_tokens=100))
+    result = h.run()
+    assert result.status == "ok"
+    assert result.tier == "fast" and result.model == "claude-haiku-4-5"
+    assert result.route["reason"] == "downgraded to fast"
+    assert [r["model"] for r in h.calls()] == ["claude-haiku-4-5"]
+    assert fake_server.count("claude-opus-4-1") == 0
+
+
+def test_downgrade_reduces_max_tokens_down_to_min_tokens(tmp_path: Path,
+                                                         fake_server: FakeServer) -> None:
+    # 2,000 output tokens on haiku need ~10,084 micro-USD; 4,000 micro-USD fits 500 tokens.
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {
+        "max_tokens": 2000, "min_tokens": 500, "budget": {"per_day_usd": "0.004"},
+        "when_over_budget": "downgrade"}}})
+    result = h.run()
+    assert result.status == "ok"
+    assert result.route["max_tokens"] == 500
+    assert fake_server.requests[-1].body["max_tokens"] == 500
+
+
+def test_pause_when_over_budget(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {
+        "budget": {"per_day_usd": "0.0005"}, "when_over_budget": "pause"}}})
+    first = h.run()
+    assert first.status == "skipped_budget"
+    with pytest.raises(LoopPaused, match="over budget"):
+        h.run()
+    statuses = [r[0] for r in h.ledger.conn.execute("SELECT status FROM runs ORDER BY id")]
+    assert statuses == ["skipped_budget", "skipped_paused"]
+
+
+def test_global_budget_applies_to_every_loop(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"budgets": {"per_hour_usd": "0.0005"}})
+    assert h.run().status == "skipped_budget"
+
+
+def test_simulated_run_is_marked_and_priced(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, env={})
+    h.executor.simulate = True
+    result = h.run()
+    assert result.status == "ok" and result.simulated
+    [call] = h.calls()
+    assert call["simulated"] == 1 and call["priced"] == 1
+    assert call["cost_micro_usd"] > 0
+    assert fake_server.count() == 0
+
+
+def test_simulated_spend_does_not_use_real_budget(tmp_path: Path,
+                                                  fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.002"}}}})
+    h.executor.simulate = True
+    for _ in range(3):
+        h.run()
+    h.executor.simulate = False
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=10, output_tokens=10))
+    assert h.run().status == "ok"
+
+
+def test_render_prompt_fills_placeholders_and_keeps_other_braces() -> None:
+    now = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
+    text = render_prompt('{loop} at {now}: reply {"ok": true} {unknown}', loop="planning", now=now)
+    assert text == 'planning at 2026-11-25T07:00:00+00:00: reply {"ok": true} {unknown}'
