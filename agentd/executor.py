@@ -12,7 +12,7 @@ from typing import Any
 from agentd import budgets, pricing
 from agentd.budgets import CallStart, Window
 from agentd.circuit import CircuitBreakers
-from agentd.config import ChainEntry, Config, read_api_key
+from agentd.config import ChainEntry, Config
 from agentd.errors import (
     BudgetExceeded,
     CircuitOpen,
@@ -121,7 +121,7 @@ class Executor:
 
                 self._providers[name] = SimulatedProvider(name)
             else:
-                key = read_api_key(name, entry.provider, self._env)
+                key = self.config.api_key(name, self._env)
                 self._providers[name] = build_provider(
                     name,
                     entry.provider.type,

@@ -133,10 +133,9 @@ def _create_private(path: Path, reference: Path) -> None:
 def _setup_lock(state_dir: Path, db_path: Path) -> Iterator[None]:
     """Serialize first-open setup across processes with flock on `<state_dir>/ledger.lock`.
 
-    Switching to WAL cannot run inside a transaction and needs an exclusive lock that SQLite may
-    refuse with SQLITE_BUSY instead of waiting; taking this lock first means one opener switches
-    the journal mode and migrates (under BEGIN IMMEDIATE) while the others wait, then find the
-    work done.
+    The switch to WAL cannot run inside a transaction, so it cannot share the migrations'
+    `BEGIN IMMEDIATE`; this lock makes "switch to WAL, then migrate" one critical section across
+    processes. Openers that find the work done (the common case) never take it.
     """
     lock_path = state_dir / LOCK_NAME
     fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)

@@ -48,16 +48,21 @@ def _cell(row: Mapping[str, Any], column: Column) -> Any:
     return value
 
 
+def _name(column: Column) -> str:
+    """The JSON/CSV field name: money columns say `_usd`, since they carry dollars there."""
+    return column.key.replace("_micro_usd", "_usd") if column.money else column.key
+
+
 def to_json(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """Rows as a JSON array; money as decimal strings, never floats."""
-    return json.dumps([{c.key: _cell(r, c) for c in columns} for r in rows], indent=2)
+    return json.dumps([{_name(c): _cell(r, c) for c in columns} for r in rows], indent=2)
 
 
 def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     """Rows as CSV with a header line; money as decimal strings."""
     out = io.StringIO()
     writer = csv.writer(out, lineterminator="\n")
-    writer.writerow([c.key for c in columns])
+    writer.writerow([_name(c) for c in columns])
     for row in rows:
         writer.writerow(["" if (v := _cell(row, c)) is None else v for c in columns])
     return out.getvalue()

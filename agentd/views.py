@@ -193,10 +193,10 @@ def calls_report(
 BUDGET_COLUMNS = [
     Column("scope", "scope"),
     Column("period", "period"),
-    Column("limit", "limit_usd", money=True),
-    Column("spent", "spent_usd", money=True),
-    Column("reserved", "reserved_usd", money=True),
-    Column("remaining", "remaining_usd", money=True),
+    Column("limit_micro_usd", "limit_usd", money=True),
+    Column("spent_micro_usd", "spent_usd", money=True),
+    Column("reserved_micro_usd", "reserved_usd", money=True),
+    Column("remaining_micro_usd", "remaining_usd", money=True),
     Column("resets_at", "resets_at"),
 ]
 
@@ -224,10 +224,10 @@ def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) ->
         {
             "scope": "global" if s.window.scope == "global" else f"loop {s.window.scope}",
             "period": s.window.period,
-            "limit": s.window.limit_micro_usd,
-            "spent": s.spent_micro_usd,
-            "reserved": s.reserved_micro_usd,
-            "remaining": s.remaining_micro_usd,
+            "limit_micro_usd": s.window.limit_micro_usd,
+            "spent_micro_usd": s.spent_micro_usd,
+            "reserved_micro_usd": s.reserved_micro_usd,
+            "remaining_micro_usd": s.remaining_micro_usd,
             "resets_at": s.end.astimezone(config.tz).isoformat(timespec="minutes"),
         }
         for s in statuses

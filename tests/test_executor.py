@@ -21,9 +21,9 @@ class Harness:
     """A config on the fake server, a ledger in tmp_path, and an executor with a recorded sleep."""
 
     def __init__(self, tmp_path: Path, server: FakeServer, patch: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None) -> None:
+                 env: dict[str, str] | None = None, prompt: str = "Say hello.") -> None:
         data = merge(base_config(server.url), patch or {})
-        self.config = load_config(write_config(tmp_path / "conf", data))
+        self.config = load_config(write_config(tmp_path / "conf", data, prompt))
         self.ledger = Ledger.open(tmp_path / "state")
         self.sleeps: list[float] = []
         self.server = server
@@ -57,7 +57,9 @@ def harness(tmp_path: Path, fake_server: FakeServer) -> Harness:
     return Harness(tmp_path, fake_server)
 
 
-def test_one_call_exact_row_and_cost(harness: Harness) -> None:
+def test_one_call_exact_row_and_cost(tmp_path: Path, fake_server: FakeServer) -> None:
+    # A prompt of 4,000 bytes, so that the 1,000 input tokens the server reports are plausible.
+    harness = Harness(tmp_path, fake_server, prompt="Check the queue. " * 235)
     harness.server.script("claude-haiku-4-5", ok(text="all fine", input_tokens=1000, output_tokens=200))
     result = harness.run()
     assert result.status == "ok"
@@ -76,12 +78,15 @@ def test_one_call_exact_row_and_cost(harness: Harness) -> None:
     assert call["cost_micro_usd"] == 2000
     assert call["priced"] == 1 and call["simulated"] == 0
     assert call["request_id"]
+    # The reservation bounded the real cost: every byte of input at the dearest input rate.
     assert call["reserved_micro_usd"] >= 2000
     run = harness.run_row(result.run_id)
     assert (run["status"], run["model"], run["fallback"], run["cost_micro_usd"]) == (
         "ok", "claude-haiku-4-5", 0, 2000)
-    # The key went to the server in the Anthropic header and nowhere into the ledger.
-    assert harness.server.requests[-1].headers["x-api-key"] == TEST_ENV["TEST_ANTHROPIC_KEY"]
+    # The key went to the server (SDK 2.x sends it as a bearer token) and nowhere into the ledger.
+    headers = harness.server.requests[-1].headers
+    sent = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
+    assert sent == TEST_ENV["TEST_ANTHROPIC_KEY"]
     dump = "\n".join(harness.ledger.conn.iterdump())
     assert TEST_ENV["TEST_ANTHROPIC_KEY"] not in dump
 

@@ -17,6 +17,7 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 # A keyless provider (a local Anthropic-compatible proxy) still needs an explicit credential,
 # or the SDK would go looking in ANTHROPIC_API_KEY, profiles and federation settings.
 NO_KEY = "agentd-no-key"
+USAGE_FIELDS = ("input_tokens", "output_tokens")  # without them the call cannot be priced
 
 
 class AnthropicProvider:
@@ -98,9 +99,9 @@ class AnthropicProvider:
             mapped.http_status = mapped.http_status or status
             raise mapped from exc
         usage = getattr(message, "usage", None)
-        if usage is None or not isinstance(getattr(usage, "input_tokens", None), int):
+        if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
             raise MalformedResponse(
-                ctx.say("200 response without usage"),
+                ctx.say("200 response without usage (may have been billed)"),
                 http_status=200,
                 request_id=request_id,
                 may_have_billed=True,
@@ -117,7 +118,7 @@ class AnthropicProvider:
             usage=Usage(
                 # Anthropic's input_tokens excludes cache traffic; the ledger's counts all input.
                 input_tokens=usage.input_tokens + cache_read + cache_write,
-                output_tokens=usage.output_tokens or 0,
+                output_tokens=usage.output_tokens,
                 cache_read_tokens=cache_read,
                 cache_write_tokens=cache_write,
                 # 2.x reports thinking separately; it is already part of output_tokens.

@@ -17,6 +17,7 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Keyless local servers ignore the key, but the SDK refuses to start without one and would
 # otherwise read OPENAI_API_KEY from the environment (and send it to the local server).
 NO_KEY = "agentd-no-key"
+USAGE_FIELDS = ("prompt_tokens", "completion_tokens")  # without them the call cannot be priced
 
 
 class OpenAIProvider:
@@ -101,9 +102,9 @@ class OpenAIProvider:
             mapped.http_status = mapped.http_status or status
             raise mapped from exc
         usage = getattr(completion, "usage", None)
-        if usage is None or not isinstance(getattr(usage, "prompt_tokens", None), int):
+        if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
             raise MalformedResponse(
-                ctx.say("200 response without usage"),
+                ctx.say("200 response without usage (may have been billed)"),
                 http_status=200,
                 request_id=request_id,
                 may_have_billed=True,
@@ -118,7 +119,7 @@ class OpenAIProvider:
                 # prompt_tokens already includes cached tokens; completion_tokens includes
                 # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
                 input_tokens=usage.prompt_tokens,
-                output_tokens=usage.completion_tokens or 0,
+                output_tokens=usage.completion_tokens,
                 cache_read_tokens=(prompt_details.cached_tokens if prompt_details else None) or 0,
                 cache_write_tokens=0,
                 reasoning_tokens=(

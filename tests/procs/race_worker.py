@@ -42,6 +42,7 @@ def main() -> None:
     lock = threading.Lock()
     totals = {"reserved": 0, "refused": 0, "settled": 0, "checks": 0}
     problems: list[str] = []
+    by_window: dict[str, int] = {}
 
     def work(index: int) -> None:
         try:
@@ -80,6 +81,7 @@ def main() -> None:
                         problems.append(f"bad refusal: {exc}")
                 with lock:
                     totals["refused"] += 1
+                    by_window[exc.window] = by_window.get(exc.window, 0) + 1
                 continue
             with lock:
                 totals["reserved"] += 1
@@ -108,7 +110,7 @@ def main() -> None:
         thread.join()
     for ledger in ledgers:
         ledger.close()
-    print(json.dumps({**totals, "problems": problems}), flush=True)
+    print(json.dumps({**totals, "refused_by": by_window, "problems": problems}), flush=True)
 
 
 if __name__ == "__main__":
