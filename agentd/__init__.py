@@ -1,4 +1,4 @@
-"""agentd: scheduled LLM agent loops on the cheapest tier, inside a hard budget, with a spend ledger."""
+"""agentd: scheduled LLM agent loops on the cheapest tier, inside a hard budget."""
 
 from __future__ import annotations
 

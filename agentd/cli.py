@@ -45,7 +45,7 @@ def _fail(message: str, code: int) -> None:
 
 
 def handle_errors(func: F) -> F:
-    """Turn agentd's errors into a one-line message and the design's exit code: never a traceback."""
+    """Turn agentd's errors into one line and the design's exit code: never a traceback."""
 
     @functools.wraps(func)
     def wrapper(*args: Any, **kwargs: Any) -> Any:
@@ -62,12 +62,30 @@ def handle_errors(func: F) -> F:
 
 
 @click.group(context_settings={"help_option_names": ["-h", "--help"]})
-@click.option("--config", "config_path", metavar="PATH", help="Config file (default: $AGENTD_CONFIG, ./config/agent-model-config.yaml, /etc/agentd/agent-model-config.yaml).")
-@click.option("--state-dir", metavar="DIR", help="State directory for the ledger (default: $AGENTD_STATE_DIR, $STATE_DIRECTORY, state_dir:, ./state).")
-@click.option("--log-level", default="info", show_default=True, type=click.Choice(["debug", "info", "warning", "error"]))
+@click.option(
+    "--config",
+    "config_path",
+    metavar="PATH",
+    help="Config file (default: $AGENTD_CONFIG, ./config/agent-model-config.yaml, "
+    "/etc/agentd/agent-model-config.yaml).",
+)
+@click.option(
+    "--state-dir",
+    metavar="DIR",
+    help="State directory for the ledger (default: $AGENTD_STATE_DIR, $STATE_DIRECTORY, "
+    "state_dir:, ./state).",
+)
+@click.option(
+    "--log-level",
+    default="info",
+    show_default=True,
+    type=click.Choice(["debug", "info", "warning", "error"]),
+)
 @click.version_option(package_name="agentd")
 @click.pass_context
-def main(ctx: click.Context, config_path: str | None, state_dir: str | None, log_level: str) -> None:
+def main(
+    ctx: click.Context, config_path: str | None, state_dir: str | None, log_level: str
+) -> None:
     """Run LLM agent loops on schedules, on the cheapest tier, inside a hard budget."""
     from agentd.logs import configure_logging
 
@@ -91,7 +109,9 @@ def check(obj: Context) -> None:
 
 @main.command()
 @click.argument("loop")
-@click.option("--simulate", is_flag=True, help="Use the built-in offline model (no key, no network).")
+@click.option(
+    "--simulate", is_flag=True, help="Use the built-in offline model (no key, no network)."
+)
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
 @click.pass_obj
 @handle_errors
@@ -116,13 +136,21 @@ def _format(as_json: bool, as_csv: bool) -> str:
 
 @main.group(invoke_without_command=True)
 @click.option("--since", default="24h", show_default=True, help="A span (24h, 7d) or a date.")
-@click.option("--by", "group_by", default="loop", show_default=True, type=click.Choice(["loop", "tier", "model", "provider", "day"]))
+@click.option(
+    "--by",
+    "group_by",
+    default="loop",
+    show_default=True,
+    type=click.Choice(["loop", "tier", "model", "provider", "day"]),
+)
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
 @click.option("--simulated", is_flag=True, help="Report simulated calls instead of real ones.")
 @click.pass_context
 @handle_errors
-def ledger(ctx: click.Context, since: str, group_by: str, as_json: bool, as_csv: bool, simulated: bool) -> None:
+def ledger(
+    ctx: click.Context, since: str, group_by: str, as_json: bool, as_csv: bool, simulated: bool
+) -> None:
     """Spend summary from the ledger, grouped by loop, tier, model, provider or day."""
     if ctx.invoked_subcommand is not None:
         return
@@ -145,7 +173,9 @@ def ledger(ctx: click.Context, since: str, group_by: str, as_json: bool, as_csv:
 @click.option("--simulated", is_flag=True, help="Show simulated calls instead of real ones.")
 @click.pass_obj
 @handle_errors
-def ledger_calls(obj: Context, loop_name: str | None, limit: int, as_json: bool, as_csv: bool, simulated: bool) -> None:
+def ledger_calls(
+    obj: Context, loop_name: str | None, limit: int, as_json: bool, as_csv: bool, simulated: bool
+) -> None:
     """The most recent attempts, newest first."""
     from agentd.views import calls_report
 
@@ -163,7 +193,9 @@ def budget(obj: Context, as_json: bool, simulated: bool) -> None:
     from agentd.views import budget_report
 
     config = obj.config()
-    click.echo(budget_report(config, obj.state_dir(config), simulated, "json" if as_json else "table"))
+    click.echo(
+        budget_report(config, obj.state_dir(config), simulated, "json" if as_json else "table")
+    )
 
 
 @main.group("config")
@@ -194,4 +226,3 @@ def _state_dir_for_reading(obj: Context) -> Path:
             raise
         config = None
     return obj.state_dir(config)
-

@@ -1,4 +1,4 @@
-"""The agentd error tree: providers translate SDK errors into it, the executor acts on its classes."""
+"""The agentd error tree: providers translate SDK errors into it; the executor acts on it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ class AgentdError(Exception):
 
 
 class ConfigError(AgentdError):
-    """The configuration is invalid: names the file, the key path, the problem and maybe the line."""
+    """The configuration is invalid: names the file, key path, problem and maybe the line."""
 
     exit_code = EXIT_CONFIG
 

@@ -6,7 +6,7 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 from agentd import budgets, pricing
@@ -197,8 +197,15 @@ class Executor:
             tries.append(model_try)
             try:
                 reply, cost = await self._call_model(
-                    trace, model_try, provider, model_key, purpose, system, messages,
-                    max_tokens, windows,
+                    trace,
+                    model_try,
+                    provider,
+                    model_key,
+                    purpose,
+                    system,
+                    messages,
+                    max_tokens,
+                    windows,
                 )
             except BudgetExceeded as exc:
                 self._skip(trace, entry, f"over budget: {exc}")
@@ -281,10 +288,10 @@ class Executor:
     @staticmethod
     def _backoff(retries: int, retry_after_s: float | None) -> float:
         """Exponential backoff with jitter; the provider's retry-after wins when it says more."""
-        computed = _BACKOFF_BASE_S * (2**retries) * random.uniform(0.5, 1.0)
         if retry_after_s is not None:
             return max(retry_after_s, 0.0)
-        return computed
+        jitter: float = random.uniform(0.5, 1.0)
+        return _BACKOFF_BASE_S * (2.0**retries) * jitter
 
     async def _attempt(
         self,
@@ -333,9 +340,16 @@ class Executor:
             )
             started = time.monotonic()
             settled = False
-            base = dict(
-                call_id=call_id, attempt=number, purpose=purpose, tier=entry.tier,
-                alias=entry.alias, provider=entry.provider_name, model=entry.model.model,
+            pending = Attempt(
+                call_id=call_id,
+                attempt=number,
+                purpose=purpose,
+                tier=entry.tier,
+                alias=entry.alias,
+                provider=entry.provider_name,
+                model=entry.model.model,
+                status="pending",
+                cost_micro_usd=0,
                 reserved_micro_usd=reserved,
             )
             try:
@@ -347,13 +361,24 @@ class Executor:
                     else 0
                 )
                 budgets.settle(
-                    self.ledger, call_id, status="ok", usage=reply.usage, cost_micro_usd=cost,
-                    priced=price is not None, request_id=reply.request_id, latency_ms=latency,
+                    self.ledger,
+                    call_id,
+                    status="ok",
+                    usage=reply.usage,
+                    cost_micro_usd=cost,
+                    priced=price is not None,
+                    request_id=reply.request_id,
+                    latency_ms=latency,
                 )
                 settled = True
                 trace.attempts.append(
-                    Attempt(**base, status="ok", cost_micro_usd=cost, latency_ms=latency,
-                            request_id=reply.request_id)
+                    replace(
+                        pending,
+                        status="ok",
+                        cost_micro_usd=cost,
+                        latency_ms=latency,
+                        request_id=reply.request_id,
+                    )
                 )
                 self.breakers.record_success(f"{entry.provider_name}/{entry.model.model}")
                 if cost > reserved and windows:
@@ -361,13 +386,22 @@ class Executor:
                         "call.cost_above_reservation", cost_micro_usd=cost, reserved=reserved
                     )
                 self._log.info(
-                    "call.finished", loop=trace.loop, run_id=trace.run_id, purpose=purpose,
-                    provider=entry.provider_name, model=entry.model.model, alias=entry.alias,
-                    attempt=number, status="ok", input_tokens=reply.usage.input_tokens,
+                    "call.finished",
+                    loop=trace.loop,
+                    run_id=trace.run_id,
+                    purpose=purpose,
+                    provider=entry.provider_name,
+                    model=entry.model.model,
+                    alias=entry.alias,
+                    attempt=number,
+                    status="ok",
+                    input_tokens=reply.usage.input_tokens,
                     output_tokens=reply.usage.output_tokens,
                     cache_read_tokens=reply.usage.cache_read_tokens,
                     cache_write_tokens=reply.usage.cache_write_tokens,
-                    cost_micro_usd=cost, latency_ms=latency, simulated=trace.simulated,
+                    cost_micro_usd=cost,
+                    latency_ms=latency,
+                    simulated=trace.simulated,
                 )
                 return reply, cost
             except ProviderError as exc:
@@ -375,22 +409,47 @@ class Executor:
                 # A request that reached the provider without a usage report may be billed.
                 cost = reserved if exc.may_have_billed else 0
                 budgets.settle(
-                    self.ledger, call_id, status="error", usage=None, cost_micro_usd=cost,
-                    priced=price is not None, error_type=exc.code, http_status=exc.http_status,
-                    request_id=exc.request_id, error=str(exc), latency_ms=latency,
+                    self.ledger,
+                    call_id,
+                    status="error",
+                    usage=None,
+                    cost_micro_usd=cost,
+                    priced=price is not None,
+                    error_type=exc.code,
+                    http_status=exc.http_status,
+                    request_id=exc.request_id,
+                    error=str(exc),
+                    latency_ms=latency,
                 )
                 settled = True
                 trace.attempts.append(
-                    Attempt(**base, status="error", cost_micro_usd=cost, error_type=exc.code,
-                            http_status=exc.http_status, error=str(exc), latency_ms=latency,
-                            request_id=exc.request_id)
+                    replace(
+                        pending,
+                        status="error",
+                        cost_micro_usd=cost,
+                        error_type=exc.code,
+                        http_status=exc.http_status,
+                        error=str(exc),
+                        latency_ms=latency,
+                        request_id=exc.request_id,
+                    )
                 )
                 self._log.warning(
-                    "call.finished", loop=trace.loop, run_id=trace.run_id, purpose=purpose,
-                    provider=entry.provider_name, model=entry.model.model, alias=entry.alias,
-                    attempt=number, status="error", error_type=exc.code,
-                    http_status=exc.http_status, error=str(exc), cost_micro_usd=cost,
-                    latency_ms=latency, simulated=trace.simulated,
+                    "call.finished",
+                    loop=trace.loop,
+                    run_id=trace.run_id,
+                    purpose=purpose,
+                    provider=entry.provider_name,
+                    model=entry.model.model,
+                    alias=entry.alias,
+                    attempt=number,
+                    status="error",
+                    error_type=exc.code,
+                    http_status=exc.http_status,
+                    error=str(exc),
+                    cost_micro_usd=cost,
+                    latency_ms=latency,
+                    simulated=trace.simulated,
                 )
                 raise
             finally:
@@ -398,12 +457,18 @@ class Executor:
                     # Cancellation or an unexpected bug mid-call: the request may have been
                     # sent, so keep its reservation as spent rather than pretend it was free.
                     budgets.settle(
-                        self.ledger, call_id, status="aborted", usage=None,
-                        cost_micro_usd=reserved, priced=price is not None,
-                        error_type="aborted", error="call interrupted before it finished",
+                        self.ledger,
+                        call_id,
+                        status="aborted",
+                        usage=None,
+                        cost_micro_usd=reserved,
+                        priced=price is not None,
+                        error_type="aborted",
+                        error="call interrupted before it finished",
                         latency_ms=int((time.monotonic() - started) * 1000),
                     )
                     trace.attempts.append(
-                        Attempt(**base, status="aborted", cost_micro_usd=reserved,
-                                error_type="aborted")
+                        replace(
+                            pending, status="aborted", cost_micro_usd=reserved, error_type="aborted"
+                        )
                     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import sys
-from typing import Any
+from typing import Any, TextIO, cast
 
 import structlog
 
@@ -32,7 +32,7 @@ def configure_logging(level: str = "info", *, json: bool | None = None) -> None:
             logging.getLevelNamesMapping()[level.upper()]
         ),
         # Resolve stderr at write time, so tests that capture it see the events.
-        logger_factory=structlog.PrintLoggerFactory(file=_StderrProxy()),
+        logger_factory=structlog.PrintLoggerFactory(file=cast(TextIO, _StderrProxy())),
         cache_logger_on_first_use=False,
     )
     _configured = True

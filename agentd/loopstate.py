@@ -26,7 +26,8 @@ def set_paused(ledger: Ledger, loop: str, reason: str, until: datetime | None) -
     """Pause a loop, optionally until a moment (e.g. its budget window resets)."""
     with ledger.write() as conn:
         conn.execute(
-            "INSERT INTO loop_state (loop, paused, paused_reason, paused_until, consecutive_failures)"
+            "INSERT INTO loop_state"
+            " (loop, paused, paused_reason, paused_until, consecutive_failures)"
             " VALUES (?, 1, ?, ?, 0)"
             " ON CONFLICT(loop) DO UPDATE SET paused = 1, paused_reason = excluded.paused_reason,"
             " paused_until = excluded.paused_until",

@@ -1,4 +1,4 @@
-"""Prices: the cost of a `Usage` on a model, from genai-prices plus config overrides, in exact Decimal."""
+"""Prices: the cost of a `Usage` on a model, from genai-prices plus config overrides."""
 
 from __future__ import annotations
 
@@ -48,9 +48,7 @@ class Price:
     def highest(self) -> Rates:
         """Each rate at its highest tier: the worst case a reservation must cover."""
         every = [self.base, *(r for _, r in self.tiers)]
-        return Rates(
-            **{f.name: max(getattr(r, f.name) for r in every) for f in fields(Rates)}
-        )
+        return Rates(**{f.name: max(getattr(r, f.name) for r in every) for f in fields(Rates)})
 
 
 def cost_usd(price: Price, usage: Usage) -> Decimal:
@@ -66,7 +64,7 @@ def cost_usd(price: Price, usage: Usage) -> Decimal:
 
 
 def worst_case_usd(price: Price, max_input_tokens: int, max_output_tokens: int) -> Decimal:
-    """Upper bound of a call's cost: every input token at the dearest input-side rate, full output."""
+    """Upper bound of a call's cost: all input at the dearest input-side rate, full output."""
     top = price.highest()
     input_rate = max(top.input, top.cache_write, top.cache_write_1h, top.cache_read)
     return (Decimal(max_input_tokens) * input_rate + Decimal(max_output_tokens) * top.output) / MTOK
@@ -112,7 +110,7 @@ def override_price(
 
 
 def _tiered(value: Any) -> tuple[Decimal | None, dict[int, Decimal]]:
-    """Split a genai-prices value (Decimal, TieredPrices or None) into base and {threshold: price}."""
+    """Split a genai-prices value (Decimal, TieredPrices, None) into base and {start: price}."""
     if value is None:
         return None, {}
     if isinstance(value, Decimal):
@@ -193,4 +191,3 @@ def input_token_bound(text_bytes: int, messages: int) -> int:
     the overhead covers role markers and the system prompt framing.
     """
     return text_bytes + 16 * max(messages, 1) + 16
-

@@ -5,8 +5,8 @@ from __future__ import annotations
 import asyncio
 import re
 from dataclasses import dataclass, field
-from pathlib import Path
 from datetime import UTC, datetime
+from pathlib import Path
 from typing import Any
 
 import structlog
@@ -107,7 +107,12 @@ def plans_for(config: Config, executor: Executor, loop_name: str, prompt: str) -
             tokens //= 2
         if loop.min_tokens < loop.max_tokens:
             plans.append(
-                Plan(last.tier, last.chain, loop.min_tokens, f"max_tokens reduced to {loop.min_tokens}")
+                Plan(
+                    last.tier,
+                    last.chain,
+                    loop.min_tokens,
+                    f"max_tokens reduced to {loop.min_tokens}",
+                )
             )
     return plans
 
@@ -129,7 +134,10 @@ async def run_loop(
     paused = loopstate.paused_reason(ledger, loop_name, now)
     if paused is not None:
         run_id = ledger.record_skipped_run(
-            loop=loop_name, trigger=trigger, simulated=simulated, status="skipped_paused",
+            loop=loop_name,
+            trigger=trigger,
+            simulated=simulated,
+            status="skipped_paused",
             error=paused,
         )
         raise LoopPaused(f"loop {loop_name!r} is paused: {paused} (run {run_id})")
@@ -148,8 +156,9 @@ async def run_loop(
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
     route: dict[str, Any] = {"strategy": loop.route, "requested_tier": plans[0].tier}
     try:
-        return await _execute(config, ledger, executor, loop_name, trace, plans, prompt, windows,
-                              route, now)
+        return await _execute(
+            config, ledger, executor, loop_name, trace, plans, prompt, windows, route, now
+        )
     except asyncio.CancelledError:
         ledger.finish_run(run_id, status="aborted", route=route, error="cancelled")
         raise
@@ -172,26 +181,44 @@ async def _execute(
 ) -> RunResult:
     """Try the plans in order until one gets a reply; record the run's end either way."""
     loop = config.loops[loop_name]
-    log = get_logger()
     refusals: list[str] = []
     messages = (Message("user", prompt),)
     for plan in plans:
         route.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
         try:
             outcome = await executor.call(
-                trace, purpose="work", chain=plan.chain, system=loop.system,
-                messages=messages, max_tokens=plan.max_tokens, windows=windows,
+                trace,
+                purpose="work",
+                chain=plan.chain,
+                system=loop.system,
+                messages=messages,
+                max_tokens=plan.max_tokens,
+                windows=windows,
             )
         except BudgetExceeded as exc:
             refusals.append(f"{plan.reason}: {exc}")
             continue
         except AgentdError as exc:
-            return _finish(ledger, trace, route, refusals, status="failed", error=str(exc),
-                           log_event="run.failed")
+            return _finish(
+                ledger,
+                trace,
+                route,
+                refusals,
+                status="failed",
+                error=str(exc),
+                log_event="run.failed",
+            )
         route["model"] = outcome.entry.alias
         return _finish(
-            ledger, trace, route, refusals, status="ok", outcome_entry=outcome.entry,
-            reply=outcome.reply.text, fallback=outcome.fallback, log_event="run.finished",
+            ledger,
+            trace,
+            route,
+            refusals,
+            status="ok",
+            outcome_entry=outcome.entry,
+            reply=outcome.reply.text,
+            fallback=outcome.fallback,
+            log_event="run.finished",
         )
     error = "over budget: " + " | ".join(refusals)
     if loop.when_over_budget == "pause":
@@ -200,8 +227,15 @@ async def _execute(
         )
         loopstate.set_paused(ledger, loop_name, "over budget", until)
         error += f" (loop paused until {until.isoformat() if until else 'resumed'})"
-    return _finish(ledger, trace, route, refusals, status="skipped_budget", error=error,
-                   log_event="run.skipped_budget")
+    return _finish(
+        ledger,
+        trace,
+        route,
+        refusals,
+        status="skipped_budget",
+        error=error,
+        log_event="run.skipped_budget",
+    )
 
 
 def _finish(
@@ -223,14 +257,25 @@ def _finish(
         route["budget_refusals"] = refusals
     model = outcome_entry.model.model if outcome_entry else None
     ledger.finish_run(
-        trace.run_id, status=status, route=route, model=model, fallback=fallback, reply=reply,
+        trace.run_id,
+        status=status,
+        route=route,
+        model=model,
+        fallback=fallback,
+        reply=reply,
         error=error,
     )
     row = ledger.get_run(trace.run_id) or {}
     cost = int(row.get("cost_micro_usd") or 0)
     get_logger().info(
-        log_event, loop=trace.loop, run_id=trace.run_id, status=status, model=model,
-        cost_micro_usd=cost, attempts=len(trace.attempts), error=error,
+        log_event,
+        loop=trace.loop,
+        run_id=trace.run_id,
+        status=status,
+        model=model,
+        cost_micro_usd=cost,
+        attempts=len(trace.attempts),
+        error=error,
     )
     return RunResult(
         run_id=trace.run_id,

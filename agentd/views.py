@@ -34,24 +34,32 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
         schedule = f"every {loop.every}" if loop.every else f"cron {loop.cron!r}"
         target = f"tier {loop.tier}" if loop.tier else f"model {loop.model}"
         lines.append("")
-        lines.append(f"loop {name}: {schedule}, {target}, max_tokens {loop.max_tokens}"
-                     + ("" if loop.enabled else " (disabled)"))
+        lines.append(
+            f"loop {name}: {schedule}, {target}, max_tokens {loop.max_tokens}"
+            + ("" if loop.enabled else " (disabled)")
+        )
         chain = config.chain(name)
-        lines.append("  chain: " + " -> ".join(
-            f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain
-        ))
+        lines.append(
+            "  chain: "
+            + " -> ".join(f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain)
+        )
         for entry in chain:
             if config.price(entry.alias) is None:
-                warnings.append(f"loop {name}: model {entry.alias} ({entry.model.model}) has "
-                                "no known price; its calls are recorded unpriced")
+                warnings.append(
+                    f"loop {name}: model {entry.alias} ({entry.model.model}) has "
+                    "no known price; its calls are recorded unpriced"
+                )
         if loop.budget:
             caps = ", ".join(f"{_usd(v)}/{p}" for p, v in loop.budget.limits().items())
             lines.append(f"  budget: {caps}, when over budget: {loop.when_over_budget}")
         else:
-            lines.append("  budget: none (global caps only)" if config.budgets else "  budget: none")
+            lines.append(
+                "  budget: none (global caps only)" if config.budgets else "  budget: none"
+            )
         fires = next_fire_times(loop, tz, 3, now)
-        lines.append("  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes")
-                                            for f in fires))
+        lines.append(
+            "  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes") for f in fires)
+        )
     return "\n".join(lines), warnings
 
 
@@ -104,8 +112,10 @@ def once_result_text(result: RunResult) -> str:
         parts.append(result.reply.rstrip())
     who = f"{result.alias} ({result.model})" if result.model else "no model"
     sim = " [simulated]" if result.simulated else ""
-    line = (f"-- {result.loop}: {result.status}, {who}, cost ${format_usd(result.cost_micro_usd)}, "
-            f"{len(result.attempts)} attempt(s), run {result.run_id}{sim}")
+    line = (
+        f"-- {result.loop}: {result.status}, {who}, cost ${format_usd(result.cost_micro_usd)}, "
+        f"{len(result.attempts)} attempt(s), run {result.run_id}{sim}"
+    )
     if result.fallback:
         line += ", fallback used"
     parts.append(line)
@@ -136,9 +146,7 @@ SUMMARY_COLUMNS = [
 ]
 
 
-def summary_report(
-    state_dir: Path, since: datetime, by: str, simulated: bool, fmt: str
-) -> str:
+def summary_report(state_dir: Path, since: datetime, by: str, simulated: bool, fmt: str) -> str:
     """`agentd ledger`: spend grouped by loop, tier, model, provider or day."""
     columns = [Column(by, by), *SUMMARY_COLUMNS]
     ledger = _open_for_reading(state_dir)
@@ -169,9 +177,7 @@ CALL_COLUMNS = [
 ]
 
 
-def calls_report(
-    state_dir: Path, loop: str | None, limit: int, simulated: bool, fmt: str
-) -> str:
+def calls_report(state_dir: Path, loop: str | None, limit: int, simulated: bool, fmt: str) -> str:
     """`agentd ledger calls`: the most recent attempts."""
     ledger = _open_for_reading(state_dir)
     if ledger is None:
@@ -181,12 +187,17 @@ def calls_report(
             rows = ledger.recent_calls(loop=loop, limit=limit, simulated=simulated)
     columns = CALL_COLUMNS
     if fmt == "json":
-        columns = [*CALL_COLUMNS, Column("reserved_micro_usd", "reserved_usd", money=True),
-                   Column("cache_read_tokens", "cache_read_tokens"),
-                   Column("cache_write_tokens", "cache_write_tokens"),
-                   Column("reasoning_tokens", "reasoning_tokens"), Column("provider", "provider"),
-                   Column("tier", "tier"), Column("request_id", "request_id"),
-                   Column("simulated", "simulated")]
+        columns = [
+            *CALL_COLUMNS,
+            Column("reserved_micro_usd", "reserved_usd", money=True),
+            Column("cache_read_tokens", "cache_read_tokens"),
+            Column("cache_write_tokens", "cache_write_tokens"),
+            Column("reasoning_tokens", "reasoning_tokens"),
+            Column("provider", "provider"),
+            Column("tier", "tier"),
+            Column("request_id", "request_id"),
+            Column("simulated", "simulated"),
+        ]
     return render(rows, columns, fmt)
 
 
@@ -213,8 +224,9 @@ def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) ->
     now = datetime.now(tz=UTC)
     if ledger is None:
         statuses = [
-            budgets.WindowStatus(w, *budgets.window_bounds(w.period, now, config.tz), 0, 0,
-                                 w.limit_micro_usd)
+            budgets.WindowStatus(
+                w, *budgets.window_bounds(w.period, now, config.tz), 0, 0, w.limit_micro_usd
+            )
             for w in windows
         ]
     else:

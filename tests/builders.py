@@ -8,7 +8,10 @@ from typing import Any
 
 import yaml
 
-TEST_ENV = {"TEST_ANTHROPIC_KEY": "sk-ant-test-secret-0001", "TEST_OPENAI_KEY": "sk-oai-test-secret-0002"}
+TEST_ENV = {
+    "TEST_ANTHROPIC_KEY": "sk-ant-test-secret-0001",
+    "TEST_OPENAI_KEY": "sk-oai-test-secret-0002",
+}
 
 
 def base_config(server_url: str) -> dict[str, Any]:
@@ -16,10 +19,18 @@ def base_config(server_url: str) -> dict[str, Any]:
     return {
         "timezone": "UTC",
         "providers": {
-            "anthropic": {"type": "anthropic", "api_key_env": "TEST_ANTHROPIC_KEY",
-                          "base_url": server_url, "timeout_s": 5},
-            "openai": {"type": "openai", "api_key_env": "TEST_OPENAI_KEY",
-                       "base_url": f"{server_url}/v1", "timeout_s": 5},
+            "anthropic": {
+                "type": "anthropic",
+                "api_key_env": "TEST_ANTHROPIC_KEY",
+                "base_url": server_url,
+                "timeout_s": 5,
+            },
+            "openai": {
+                "type": "openai",
+                "api_key_env": "TEST_OPENAI_KEY",
+                "base_url": f"{server_url}/v1",
+                "timeout_s": 5,
+            },
         },
         "models": {
             "haiku": {"provider": "anthropic", "model": "claude-haiku-4-5"},

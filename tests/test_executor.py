@@ -20,8 +20,14 @@ from agentd.runner import RunResult, run_loop
 class Harness:
     """A config on the fake server, a ledger in tmp_path, and an executor with a recorded sleep."""
 
-    def __init__(self, tmp_path: Path, server: FakeServer, patch: dict[str, Any] | None = None,
-                 env: dict[str, str] | None = None, prompt: str = "Say hello.") -> None:
+    def __init__(
+        self,
+        tmp_path: Path,
+        server: FakeServer,
+        patch: dict[str, Any] | None = None,
+        env: dict[str, str] | None = None,
+        prompt: str = "Say hello.",
+    ) -> None:
         data = merge(base_config(server.url), patch or {})
         self.config = load_config(write_config(tmp_path / "conf", data, prompt))
         self.ledger = Ledger.open(tmp_path / "state")
@@ -31,8 +37,9 @@ class Harness:
         async def sleep(seconds: float) -> None:
             self.sleeps.append(seconds)
 
-        self.executor = Executor(self.config, self.ledger, env=TEST_ENV if env is None else env,
-                                 sleep=sleep)
+        self.executor = Executor(
+            self.config, self.ledger, env=TEST_ENV if env is None else env, sleep=sleep
+        )
 
     def run(self, loop: str = "work") -> RunResult:
         async def go() -> RunResult:
@@ -60,7 +67,9 @@ def harness(tmp_path: Path, fake_server: FakeServer) -> Harness:
 def test_one_call_exact_row_and_cost(tmp_path: Path, fake_server: FakeServer) -> None:
     # A prompt of 4,000 bytes, so that the 1,000 input tokens the server reports are plausible.
     harness = Harness(tmp_path, fake_server, prompt="Check the queue. " * 235)
-    harness.server.script("claude-haiku-4-5", ok(text="all fine", input_tokens=1000, output_tokens=200))
+    harness.server.script(
+        "claude-haiku-4-5", ok(text="all fine", input_tokens=1000, output_tokens=200)
+    )
     result = harness.run()
     assert result.status == "ok"
     assert result.reply == "all fine"
@@ -82,7 +91,11 @@ def test_one_call_exact_row_and_cost(tmp_path: Path, fake_server: FakeServer) ->
     assert call["reserved_micro_usd"] >= 2000
     run = harness.run_row(result.run_id)
     assert (run["status"], run["model"], run["fallback"], run["cost_micro_usd"]) == (
-        "ok", "claude-haiku-4-5", 0, 2000)
+        "ok",
+        "claude-haiku-4-5",
+        0,
+        2000,
+    )
     # The key went to the server (SDK 2.x sends it as a bearer token) and nowhere into the ledger.
     headers = harness.server.requests[-1].headers
     sent = headers.get("x-api-key") or headers.get("authorization", "").removeprefix("Bearer ")
@@ -100,19 +113,26 @@ def test_cache_tokens_priced_at_their_rates(harness: Harness) -> None:
     [call] = harness.calls(result.run_id)
     # Ledger input counts all input: 1000 uncached + 200 read + 100 written.
     assert (call["input_tokens"], call["cache_read_tokens"], call["cache_write_tokens"]) == (
-        1300, 200, 100)
+        1300,
+        200,
+        100,
+    )
     # 1000×$1 + 200×$0.10 + 100×$1.25 + 200×$5 per MTok = $0.002145.
     assert call["cost_micro_usd"] == 2145
 
 
 def test_openai_cached_and_reasoning_tokens(tmp_path: Path, fake_server: FakeServer) -> None:
     h = Harness(tmp_path, fake_server, {"loops": {"work": {"tier": None, "model": "gpt-mini"}}})
-    fake_server.script("gpt-4o-mini", ok(input_tokens=2000, output_tokens=500, cache_read=1000,
-                                         reasoning=100))
+    fake_server.script(
+        "gpt-4o-mini", ok(input_tokens=2000, output_tokens=500, cache_read=1000, reasoning=100)
+    )
     result = h.run()
     [call] = h.calls(result.run_id)
     assert (call["input_tokens"], call["cache_read_tokens"], call["reasoning_tokens"]) == (
-        2000, 1000, 100)
+        2000,
+        1000,
+        100,
+    )
     # 1000×$0.15 + 1000×$0.075 + 500×$0.60 per MTok = $0.000525.
     assert call["cost_micro_usd"] == 525
 
@@ -124,7 +144,9 @@ def test_rate_limit_retried_honouring_retry_after(harness: Harness) -> None:
     assert harness.sleeps == [2.0]
     rows = harness.calls(result.run_id)
     assert [(r["attempt"], r["status"], r["error_type"], r["http_status"]) for r in rows] == [
-        (1, "error", "rate_limited", 429), (2, "ok", None, None)]
+        (1, "error", "rate_limited", 429),
+        (2, "ok", None, None),
+    ]
     assert rows[0]["cost_micro_usd"] == 0
     assert result.fallback is False
 
@@ -133,8 +155,9 @@ def test_overload_exhausts_retries_then_falls_back(harness: Harness) -> None:
     harness.server.script("claude-haiku-4-5", error(529), error(529), error(529))
     result = harness.run()
     rows = harness.calls(result.run_id)
-    assert [(r["model"], r["status"]) for r in rows] == [
-        ("claude-haiku-4-5", "error")] * 3 + [("gpt-4o-mini", "ok")]
+    assert [(r["model"], r["status"]) for r in rows] == [("claude-haiku-4-5", "error")] * 3 + [
+        ("gpt-4o-mini", "ok")
+    ]
     assert [r["attempt"] for r in rows] == [1, 2, 3, 4]
     assert result.fallback is True and result.model == "gpt-4o-mini"
     assert harness.run_row(result.run_id)["fallback"] == 1
@@ -145,13 +168,16 @@ def test_overload_exhausts_retries_then_falls_back(harness: Harness) -> None:
     ("status", "error_type"),
     [(404, "model_unavailable"), (401, "auth_error"), (400, "bad_request")],
 )
-def test_non_retryable_errors_go_to_next_model(harness: Harness, status: int,
-                                               error_type: str) -> None:
+def test_non_retryable_errors_go_to_next_model(
+    harness: Harness, status: int, error_type: str
+) -> None:
     harness.server.script("claude-haiku-4-5", error(status))
     result = harness.run()
     rows = harness.calls(result.run_id)
     assert [(r["model"], r["status"], r["error_type"]) for r in rows] == [
-        ("claude-haiku-4-5", "error", error_type), ("gpt-4o-mini", "ok", None)]
+        ("claude-haiku-4-5", "error", error_type),
+        ("gpt-4o-mini", "ok", None),
+    ]
     assert harness.sleeps == []
 
 
@@ -166,12 +192,18 @@ def test_auth_error_opens_provider_circuit(harness: Harness) -> None:
 
 
 @pytest.mark.parametrize("fault", ["timeout", "drop", "malformed", "no_usage"])
-def test_maybe_billed_failures_settle_at_reservation(tmp_path: Path, fake_server: FakeServer,
-                                                     fault: str) -> None:
-    h = Harness(tmp_path, fake_server, {"providers": {"anthropic": {"timeout_s": 0.5,
-                                                                   "max_retries": 0}}})
-    step = {"timeout": timeout(3), "drop": drop(), "malformed": malformed(),
-            "no_usage": no_usage()}[fault]
+def test_maybe_billed_failures_settle_at_reservation(
+    tmp_path: Path, fake_server: FakeServer, fault: str
+) -> None:
+    h = Harness(
+        tmp_path, fake_server, {"providers": {"anthropic": {"timeout_s": 0.5, "max_retries": 0}}}
+    )
+    step = {
+        "timeout": timeout(3),
+        "drop": drop(),
+        "malformed": malformed(),
+        "no_usage": no_usage(),
+    }[fault]
     fake_server.script("claude-haiku-4-5", step)
     result = h.run()
     first, second = h.calls(result.run_id)
@@ -191,12 +223,17 @@ def test_whole_chain_failing_fails_the_run_with_each_error(harness: Harness) -> 
     assert harness.run_row(result.run_id)["status"] == "failed"
 
 
-def test_breaker_skips_a_failing_model_then_fails_fast(tmp_path: Path,
-                                                       fake_server: FakeServer) -> None:
-    h = Harness(tmp_path, fake_server, {
-        "circuit_breaker": {"failures": 2, "cooldowns_s": [60]},
-        "providers": {"anthropic": {"max_retries": 1}, "openai": {"max_retries": 1}},
-    })
+def test_breaker_skips_a_failing_model_then_fails_fast(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "circuit_breaker": {"failures": 2, "cooldowns_s": [60]},
+            "providers": {"anthropic": {"max_retries": 1}, "openai": {"max_retries": 1}},
+        },
+    )
     fake_server.script("claude-haiku-4-5", *[error(500)] * 2)
     fake_server.script("gpt-4o-mini", *[error(500)] * 2)
     first = h.run()
@@ -230,7 +267,8 @@ def test_cancelled_call_is_settled_aborted(harness: Harness) -> None:
 
     async def go() -> None:
         task = asyncio.create_task(
-            run_loop(harness.config, harness.ledger, harness.executor, "work"))
+            run_loop(harness.config, harness.ledger, harness.executor, "work")
+        )
         while harness.server.count() == 0:
             await asyncio.sleep(0.01)
         task.cancel()
@@ -243,4 +281,3 @@ def test_cancelled_call_is_settled_aborted(harness: Harness) -> None:
     assert call["cost_micro_usd"] == call["reserved_micro_usd"]
     [run] = harness.ledger.conn.execute("SELECT status FROM runs").fetchall()
     assert run[0] == "aborted"
-

@@ -13,8 +13,9 @@ from agentd.errors import LoopPaused
 from agentd.runner import render_prompt
 
 
-def test_over_budget_is_skipped_without_any_request(tmp_path: Path,
-                                                    fake_server: FakeServer) -> None:
+def test_over_budget_is_skipped_without_any_request(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
     # The worst case of one call is ~1,084 micro-USD on haiku; a 500 micro-USD cap refuses it.
     h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.0005"}}}})
     result = h.run()
@@ -27,8 +28,19 @@ def test_over_budget_is_skipped_without_any_request(tmp_path: Path,
 
 
 def test_downgrade_moves_to_a_cheaper_tier(tmp_path: Path, fake_server: FakeServer) -> None:
-    h = Harness(tmp_path, fake_server, {"loops": {"work": {
-        "tier": "deep", "budget": {"per_day_usd": "0.002"}, "when_over_budget": "downgrade"}}})
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "loops": {
+                "work": {
+                    "tier": "deep",
+                    "budget": {"per_day_usd": "0.002"},
+                    "when_over_budget": "downgrade",
+                }
+            }
+        },
+    )
     fake_server.script("claude-haiku-4-5", ok(input_tokens=100, output_tokens=100))
     result = h.run()
     assert result.status == "ok"
@@ -38,12 +50,24 @@ def test_downgrade_moves_to_a_cheaper_tier(tmp_path: Path, fake_server: FakeServ
     assert fake_server.count("claude-opus-4-1") == 0
 
 
-def test_downgrade_reduces_max_tokens_down_to_min_tokens(tmp_path: Path,
-                                                         fake_server: FakeServer) -> None:
+def test_downgrade_reduces_max_tokens_down_to_min_tokens(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
     # 2,000 output tokens on haiku need ~10,084 micro-USD; 4,000 micro-USD fits 500 tokens.
-    h = Harness(tmp_path, fake_server, {"loops": {"work": {
-        "max_tokens": 2000, "min_tokens": 500, "budget": {"per_day_usd": "0.004"},
-        "when_over_budget": "downgrade"}}})
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "loops": {
+                "work": {
+                    "max_tokens": 2000,
+                    "min_tokens": 500,
+                    "budget": {"per_day_usd": "0.004"},
+                    "when_over_budget": "downgrade",
+                }
+            }
+        },
+    )
     result = h.run()
     assert result.status == "ok"
     assert result.route["max_tokens"] == 500
@@ -51,8 +75,11 @@ def test_downgrade_reduces_max_tokens_down_to_min_tokens(tmp_path: Path,
 
 
 def test_pause_when_over_budget(tmp_path: Path, fake_server: FakeServer) -> None:
-    h = Harness(tmp_path, fake_server, {"loops": {"work": {
-        "budget": {"per_day_usd": "0.0005"}, "when_over_budget": "pause"}}})
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {"loops": {"work": {"budget": {"per_day_usd": "0.0005"}, "when_over_budget": "pause"}}},
+    )
     first = h.run()
     assert first.status == "skipped_budget"
     with pytest.raises(LoopPaused, match="over budget"):
@@ -77,8 +104,7 @@ def test_simulated_run_is_marked_and_priced(tmp_path: Path, fake_server: FakeSer
     assert fake_server.count() == 0
 
 
-def test_simulated_spend_does_not_use_real_budget(tmp_path: Path,
-                                                  fake_server: FakeServer) -> None:
+def test_simulated_spend_does_not_use_real_budget(tmp_path: Path, fake_server: FakeServer) -> None:
     h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.002"}}}})
     h.executor.simulate = True
     for _ in range(3):

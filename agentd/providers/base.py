@@ -1,4 +1,4 @@
-"""The provider interface: `Provider` protocol and the `Request`/`Reply`/`Usage` values it trades."""
+"""The provider interface: the `Provider` protocol and its `Request`/`Reply`/`Usage` values."""
 
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """Test helper for the budget race: many threads reserving and settling against small caps.
 
-Usage: race_worker.py STATE_DIR SEED THREADS ITERATIONS LOOP_CAP GLOBAL_CAP START_AT
+Usage: race_worker.py STATE_DIR SEED THREADS ITERATIONS CAP_A CAP_B GLOBAL_CAP START_AT
 Each thread alternates between two loops and two Ledger connections, reserves a random amount,
 holds it briefly, then settles at a random cost no larger than the reservation. Every refusal
 is checked to carry numbers showing the call did not fit at that moment, and every so often a
@@ -30,13 +30,17 @@ def main() -> None:
     structlog.configure(logger_factory=structlog.PrintLoggerFactory(sys.stderr))
     state_dir = Path(sys.argv[1])
     seed, threads, iterations = int(sys.argv[2]), int(sys.argv[3]), int(sys.argv[4])
-    loop_cap, global_cap, start_at = int(sys.argv[5]), int(sys.argv[6]), float(sys.argv[7])
+    caps = {LOOPS[0]: int(sys.argv[5]), LOOPS[1]: int(sys.argv[6])}
+    global_cap, start_at = int(sys.argv[7]), float(sys.argv[8])
     ledgers = [Ledger.open(state_dir, reconcile=False) for _ in range(2)]
     runs = {
         loop: ledgers[0].start_run(loop=loop, trigger="manual", simulated=False) for loop in LOOPS
     }
     windows = {
-        loop: [budgets.Window(loop, "day", loop_cap), budgets.Window("global", "month", global_cap)]
+        loop: [
+            budgets.Window(loop, "day", caps[loop]),
+            budgets.Window("global", "month", global_cap),
+        ]
         for loop in LOOPS
     }
     lock = threading.Lock()
