@@ -22,8 +22,8 @@ from zoneinfo import ZoneInfo
 import structlog
 
 from agentd.errors import BudgetExceeded, LedgerError
-from agentd.ledger import Ledger, now_iso, utc_iso
-from agentd.owner import current_owner
+from agentd.ledger import ABANDONED_ERROR, EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
+from agentd.owner import current_owner, owner_alive
 from agentd.pricing import MICRO, format_usd
 from agentd.providers.base import Usage
 
@@ -33,6 +33,8 @@ GLOBAL = "global"
 
 SettleStatus = Literal["ok", "error", "aborted"]
 _SETTLE_STATUSES = frozenset(get_args(SettleStatus))
+# Unsettled rows a dead owner leaves behind; a submitted batch call is the provider's to finish.
+_ABANDONABLE = "status IN ('pending', 'submitted') AND NOT (status = 'submitted' AND batch = 1)"
 
 log = structlog.get_logger()
 
@@ -357,12 +359,52 @@ def settle(
 
 
 def reconcile_abandoned(ledger: Ledger) -> int:
-    """Abort calls and runs whose owner process is gone, charging calls their reservation.
+    """Abort calls and runs whose owner process is gone; return the number of calls settled.
 
-    `Ledger.open` already does this on every writable open; call it again in a long-running
-    process to settle what crashed peers leave behind. Returns the number of calls settled.
+    Unsettled calls are charged their reservation (the provider may have billed them) and their
+    runs are aborted. `submitted` batch calls belong to a provider batch that outlives processes
+    and are left alone; so is every row of a live (or unknowable) owner. `Ledger.open` runs this
+    on every writable open; a long-running process may call it again to settle crashed peers.
     """
-    return ledger.reconcile_abandoned()
+    with ledger.write() as conn:
+        owners = {
+            str(row[0])
+            for row in conn.execute(
+                f"SELECT DISTINCT owner FROM calls WHERE {_ABANDONABLE} AND owner IS NOT NULL"
+                " UNION SELECT DISTINCT owner FROM runs"
+                " WHERE status = 'running' AND owner IS NOT NULL"
+            )
+        }
+        gone = sorted(o for o in owners if not owner_alive(o))
+        if not gone:
+            return 0
+        # A dead owner stays dead (a recycled pid has another start time), so the set cannot
+        # go stale between the check and the updates, which also run under the write lock.
+        marks = ", ".join("?" for _ in gone)
+        now = now_iso()
+        calls = conn.execute(
+            "UPDATE calls SET status = 'aborted', cost_micro_usd = reserved_micro_usd,"
+            " error_type = 'abandoned', error = ?, finished_at = ?"
+            f" WHERE {_ABANDONABLE} AND owner IN ({marks})",
+            (ABANDONED_ERROR, now, *gone),
+        ).rowcount
+        runs = conn.execute(
+            "UPDATE runs SET status = 'aborted', finished_at = ?,"
+            " error = COALESCE(error, 'owner process gone'),"
+            f" cost_micro_usd = (SELECT COALESCE(SUM({EFFECTIVE_COST_SQL}), 0)"
+            " FROM calls WHERE calls.run_id = runs.id)"
+            f" WHERE status = 'running' AND owner IN ({marks})",
+            (now, *gone),
+        ).rowcount
+    if calls or runs:
+        log.warning(
+            "ledger.reconciled",
+            calls=calls,
+            runs=runs,
+            owners=gone,
+            note="abandoned calls charged at their reservation",
+        )
+    return int(calls)
 
 
 def window_status(

@@ -208,14 +208,14 @@ class Executor:
                     windows,
                 )
             except BudgetExceeded as exc:
-                self._skip(trace, entry, f"over budget: {exc}")
+                self._skip(trace, entry, str(exc))
                 if len(trace.attempts) == attempts_before:
                     # Nothing tried yet: the loop's `when_over_budget` decides, not the chain.
                     raise
                 if model_try.attempts == 0:
                     tries.pop()
                 else:
-                    model_try.last_error = f"over budget: {exc}"
+                    model_try.last_error = str(exc)
                 continue
             except ProviderError as exc:
                 if exc.next_provider_only:

@@ -19,26 +19,15 @@ import structlog
 
 from agentd import migrations
 from agentd.errors import LedgerError
-from agentd.owner import current_owner, owner_alive
+from agentd.owner import current_owner
 
 DB_NAME = "ledger.db"
 LOCK_NAME = "ledger.lock"
 BUSY_TIMEOUT_MS = 30_000
 
 RUN_TRIGGERS = frozenset({"schedule", "manual", "catchup", "on_reply"})
-RUN_STATUSES = frozenset(
-    {
-        "running",
-        "ok",
-        "failed",
-        "skipped_budget",
-        "skipped_noop",
-        "skipped_inactive",
-        "skipped_paused",
-        "aborted",
-    }
-)
-UNSETTLED = ("pending", "submitted")
+SKIPPED_RUN_STATUSES = ("skipped_budget", "skipped_noop", "skipped_inactive", "skipped_paused")
+RUN_STATUSES = frozenset({"running", "ok", "failed", "aborted", *SKIPPED_RUN_STATUSES})
 ABANDONED_ERROR = "owner process gone; settled at reservation"
 
 # What a calls row counts for, in budgets and in a run's cost: an unsettled row holds its
@@ -161,27 +150,6 @@ def _connect(path: Path, *, read_only: bool, immutable: bool) -> sqlite3.Connect
     return conn
 
 
-def _needs_setup(conn: sqlite3.Connection) -> bool:
-    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
-    return str(mode).lower() != "wal" or bool(migrations.pending(conn))
-
-
-def _setup(conn: sqlite3.Connection, path: Path) -> None:
-    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
-    if str(mode).lower() != "wal":
-        raise LedgerError(f"{path}: cannot switch the ledger to WAL mode (still {mode})")
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        ran = migrations.migrate(conn)
-        conn.execute("COMMIT")
-    except BaseException:
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-    if ran:
-        log.info("ledger.migrated", path=str(path), steps=ran)
-
-
 class Ledger:
     """One connection to `<state_dir>/ledger.db` with agentd's settings and write discipline.
 
@@ -214,8 +182,8 @@ class Ledger:
         is fully checkpointed: no connection is open) opens it `immutable=1`, which creates
         nothing; the report is then a snapshot that ignores a writer starting meanwhile.
 
-        A writable open reconciles abandoned rows (`reconcile_abandoned`) unless `reconcile=False`,
-        so every process start settles what dead processes left pending.
+        A writable open runs `budgets.reconcile_abandoned` unless `reconcile=False`, so every
+        process start settles what dead processes left pending.
         """
         state_dir = Path(state_dir)
         path = state_dir / DB_NAME
@@ -246,9 +214,11 @@ class Ledger:
                         f"{path}: the ledger needs migrations {missing}; open it once as its "
                         "owner (e.g. sudo -u agentd agentd ledger)"
                     )
-            elif _needs_setup(conn):
+            elif migrations.needs_setup(conn):
                 with _setup_lock(state_dir, path):
-                    _setup(conn, path)
+                    ran = migrations.setup(conn)
+                if ran:
+                    log.info("ledger.migrated", path=str(path), steps=ran)
         except LedgerError:
             if conn is not None:
                 conn.close()
@@ -259,8 +229,10 @@ class Ledger:
             raise LedgerError(f"{path}: cannot open the ledger: {exc}") from exc
         ledger = cls(conn, path, read_only=read_only)
         if reconcile and not read_only:
+            from agentd.budgets import reconcile_abandoned  # budgets imports this module
+
             try:
-                ledger.reconcile_abandoned()
+                reconcile_abandoned(ledger)
             except BaseException:
                 ledger.close()
                 raise
@@ -507,56 +479,6 @@ class Ledger:
         with self.read() as conn:
             rows = _rows(conn.execute(sql, params))
         return [{by: r.pop("group_key"), **r} for r in rows]
-
-    # -- reconciliation ---------------------------------------------------------------------
-
-    def reconcile_abandoned(self) -> int:
-        """Abort rows and runs whose owner process is gone; return the number of calls settled.
-
-        Unsettled calls are charged their reservation (the provider may have billed them).
-        `submitted` batch calls belong to a provider batch that outlives processes: left alone.
-        A live owner's rows are never touched.
-        """
-        with self.write() as conn:
-            owners = {
-                str(row[0])
-                for row in conn.execute(
-                    "SELECT DISTINCT owner FROM calls WHERE status IN ('pending', 'submitted')"
-                    " AND NOT (status = 'submitted' AND batch = 1) AND owner IS NOT NULL"
-                    " UNION SELECT DISTINCT owner FROM runs"
-                    " WHERE status = 'running' AND owner IS NOT NULL"
-                )
-            }
-            gone = sorted(o for o in owners if not owner_alive(o))
-            if not gone:
-                return 0
-            marks = ", ".join("?" for _ in gone)
-            now = now_iso()
-            calls = conn.execute(
-                "UPDATE calls SET status = 'aborted', cost_micro_usd = reserved_micro_usd,"
-                " error_type = 'abandoned', error = ?, finished_at = ?"
-                " WHERE status IN ('pending', 'submitted') AND NOT (status = 'submitted'"
-                f" AND batch = 1) AND owner IN ({marks})",
-                (ABANDONED_ERROR, now, *gone),
-            ).rowcount
-            runs = conn.execute(
-                "UPDATE runs SET status = 'aborted', finished_at = ?,"
-                " error = COALESCE(error, 'owner process gone'),"
-                " cost_micro_usd = (SELECT COALESCE(SUM("
-                + EFFECTIVE_COST_SQL
-                + f"), 0) FROM calls WHERE calls.run_id = runs.id)"
-                f" WHERE status = 'running' AND owner IN ({marks})",
-                (now, *gone),
-            ).rowcount
-        if calls or runs:
-            log.warning(
-                "ledger.reconciled",
-                calls=calls,
-                runs=runs,
-                owners=gone,
-                note="abandoned calls charged at their reservation",
-            )
-        return int(calls)
 
 
 def _rowid(cur: sqlite3.Cursor) -> int:

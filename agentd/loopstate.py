@@ -9,9 +9,10 @@ from agentd.ledger import Ledger, parse_iso, utc_iso
 
 def paused_reason(ledger: Ledger, loop: str, now: datetime) -> str | None:
     """Why the loop is paused now, or None; a pause whose `paused_until` has passed is over."""
-    row = ledger.conn.execute(
-        "SELECT paused, paused_reason, paused_until FROM loop_state WHERE loop = ?", (loop,)
-    ).fetchone()
+    with ledger.read() as conn:
+        row = conn.execute(
+            "SELECT paused, paused_reason, paused_until FROM loop_state WHERE loop = ?", (loop,)
+        ).fetchone()
     if row is None or not row[0]:
         return None
     reason, until = row[1] or "paused", row[2]

@@ -1,4 +1,4 @@
-"""The ledger schema, and only here: named, append-only migration steps applied in order.
+"""The ledger schema, and only here: named, append-only steps, and bringing a database up to date.
 
 Each step is `(name, function)`; the names of applied steps are recorded in `_agentd_migrations`.
 A released step is never edited or reordered: a feature that needs a column adds a new step.
@@ -164,6 +164,32 @@ def pending(
     """Names of the steps this database still needs."""
     done = set(applied(conn))
     return [name for name, _ in steps if name not in done]
+
+
+def needs_setup(conn: sqlite3.Connection) -> bool:
+    """True when the database is not yet in WAL mode or misses a step."""
+    mode = conn.execute("PRAGMA journal_mode").fetchone()[0]
+    return str(mode).lower() != "wal" or bool(pending(conn))
+
+
+def setup(conn: sqlite3.Connection) -> list[str]:
+    """Switch to WAL, then migrate under `BEGIN IMMEDIATE`; the caller holds the setup lock.
+
+    The journal-mode switch cannot run inside a transaction, which is why the caller serializes
+    first opens with a lock of its own (see `ledger._setup_lock`).
+    """
+    mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
+    if str(mode).lower() != "wal":
+        raise sqlite3.OperationalError(f"cannot switch the ledger to WAL mode (still {mode})")
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        ran = migrate(conn)
+        conn.execute("COMMIT")
+    except BaseException:
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+    return ran
 
 
 def migrate(

@@ -12,6 +12,7 @@ from typing import Any
 import structlog
 
 from agentd import budgets, loopstate
+from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
 from agentd.errors import (
     EXIT_FAILED,
@@ -182,6 +183,7 @@ async def _execute(
     """Try the plans in order until one gets a reply; record the run's end either way."""
     loop = config.loops[loop_name]
     refusals: list[str] = []
+    last_refusal: BudgetExceeded | None = None
     messages = (Message("user", prompt),)
     for plan in plans:
         route.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
@@ -197,6 +199,7 @@ async def _execute(
             )
         except BudgetExceeded as exc:
             refusals.append(f"{plan.reason}: {exc}")
+            last_refusal = exc
             continue
         except AgentdError as exc:
             return _finish(
@@ -220,11 +223,10 @@ async def _execute(
             fallback=outcome.fallback,
             log_event="run.finished",
         )
-    error = "over budget: " + " | ".join(refusals)
+    error = " | ".join(refusals)
     if loop.when_over_budget == "pause":
-        until = min(
-            (budgets.window_bounds(w.period, now, config.tz)[1] for w in windows), default=None
-        )
+        # Paused until the refusing window resets, so the schedule doesn't burn skipped runs.
+        until = last_refusal.resets_at if isinstance(last_refusal, BudgetWindowExceeded) else None
         loopstate.set_paused(ledger, loop_name, "over budget", until)
         error += f" (loop paused until {until.isoformat() if until else 'resumed'})"
     return _finish(
@@ -299,10 +301,8 @@ async def run_once(
     config: Config, state_dir: Path, loop_name: str, *, simulate: bool = False
 ) -> RunResult:
     """`agentd once`: open the ledger, run the loop one time, close everything."""
-    from agentd.budgets import reconcile_abandoned
-
+    # Opening the ledger for writing reconciles rows left pending by dead processes.
     with Ledger.open(state_dir) as ledger:
-        reconcile_abandoned(ledger)
         executor = Executor(config, ledger, simulate=simulate)
         try:
             return await run_loop(config, ledger, executor, loop_name, trigger="manual")

@@ -385,6 +385,9 @@ class _Handler(BaseHTTPRequestHandler):
 class _Server(ThreadingHTTPServer):
     daemon_threads = True  # a handler sleeping in a `timeout` step never blocks shutdown
     block_on_close = False
+    # The default backlog of 5 drops SYNs when many clients connect at once; the client's
+    # connect timeout then fires before the server ever sees the request.
+    request_queue_size = 256
     fake: FakeServer
 
     def handle_error(self, request: Any, client_address: Any) -> None:

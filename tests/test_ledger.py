@@ -109,8 +109,9 @@ def test_run_cost_is_the_sum_of_its_calls_effective_cost(ledger: Ledger) -> None
         ledger, failed, status="error", usage=None, cost_micro_usd=0, priced=True, http_status=500
     )
     maybe_billed = reserve(ledger, run_id, 3_000, attempt=3)
-    budgets.settle(ledger, maybe_billed, status="aborted", usage=None, cost_micro_usd=3_000,
-                   priced=True)
+    budgets.settle(
+        ledger, maybe_billed, status="aborted", usage=None, cost_micro_usd=3_000, priced=True
+    )
     reserve(ledger, run_id, 700, attempt=4)  # still pending: its reservation counts
     settle_ok(ledger, reserve(ledger, other, 9_999), 9_999)
     ledger.finish_run(run_id, status="failed", error="x" * 2_000)
@@ -175,13 +176,22 @@ def populated(ledger: Ledger) -> Ledger:
     r1 = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
     r2 = ledger.start_run(loop="beta", trigger="manual", simulated=False)
     r3 = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
-    usage = Usage(input_tokens=1_000, output_tokens=200, cache_read_tokens=300,
-                  cache_write_tokens=50, reasoning_tokens=20)
+    usage = Usage(
+        input_tokens=1_000,
+        output_tokens=200,
+        cache_read_tokens=300,
+        cache_write_tokens=50,
+        reasoning_tokens=20,
+    )
     settle_ok(ledger, reserve(ledger, r1, 5_000, at=day1), 1_000, usage)
     err = reserve(ledger, r1, 5_000, at=day1, attempt=2, model="gpt-4o", provider="openai")
     budgets.settle(ledger, err, status="error", usage=None, cost_micro_usd=0, priced=True)
-    settle_ok(ledger, reserve(ledger, r2, 9_000, loop="beta", tier="deep", at=day2,
-                             model="claude-opus-4-1"), 8_000, usage)
+    settle_ok(
+        ledger,
+        reserve(ledger, r2, 9_000, loop="beta", tier="deep", at=day2, model="claude-opus-4-1"),
+        8_000,
+        usage,
+    )
     ab = reserve(ledger, r3, 4_000, at=day2)
     budgets.settle(ledger, ab, status="aborted", usage=None, cost_micro_usd=4_000, priced=True)
     reserve(ledger, r3, 600, at=day2, attempt=2)  # in flight

@@ -177,7 +177,9 @@ def test_a_failing_step_leaves_nothing_behind(ledger: Ledger) -> None:
     with pytest.raises(RuntimeError), ledger.write() as conn:
         migrations.migrate(conn, steps)
     assert migrations.pending(ledger.conn, steps) == ["m998_half"]
-    assert ledger.conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+    assert (
+        ledger.conn.execute("SELECT name FROM sqlite_master WHERE name = 'half'").fetchone() is None
+    )
 
 
 def test_migrate_refuses_to_run_outside_a_transaction(tmp_path: Path) -> None:

@@ -24,6 +24,7 @@ from agentd.ledger import Ledger
 
 UTC_ZONE = ZoneInfo("UTC")
 LOOPS = ("race-a", "race-b")
+STATUSES: tuple[budgets.SettleStatus, ...] = ("ok", "ok", "error", "aborted")
 
 
 def main() -> None:
@@ -90,7 +91,7 @@ def main() -> None:
             with lock:
                 totals["reserved"] += 1
             time.sleep(rng.random() * 0.002)  # keep reservations in flight across threads
-            status = rng.choice(["ok", "ok", "error", "aborted"])
+            status = rng.choice(STATUSES)
             cost = rng.randint(0, amount)
             budgets.settle(
                 ledger, call_id, status=status, usage=None, cost_micro_usd=cost, priced=True
