@@ -18,7 +18,6 @@ from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
 
 from pydantic import (
     BaseModel,
-    ConfigDict,
     Field,
     PrivateAttr,
     ValidationError,
@@ -28,6 +27,11 @@ from pydantic import (
 )
 
 from agentd.errors import ConfigError, MissingKeyError
+from agentd.loopconfig import (
+    _STRICT,
+    BudgetConfig,
+    LoopConfig,
+)
 from agentd.pricing import Price, lookup_price, override_price
 from agentd.yamlload import (
     ConfigProblem,
@@ -49,24 +53,8 @@ SYSTEM_CONFIG_PATH = Path("/etc/agentd") / CONFIG_FILENAME
 SCHEMA_FILENAME = "agent-model-config.schema.json"
 
 KeyPath = tuple[str | int, ...]
-PERIODS = ("hour", "day", "week", "month")
 _SIMULATE_HINT = "use --simulate to run without a key"
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
-
-_STRICT = ConfigDict(extra="forbid", frozen=True)
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in a duration like `45s`, `30m`, `2h`, `1d` or `1h30m`; ValueError if malformed."""
-    match = _DURATION.match(text.strip())
-    if not text.strip() or match is None:
-        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {text!r})")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total <= 0:
-        raise ValueError(f"must be longer than zero (got {text!r})")
-    return total
 
 
 def _defined(names: Mapping[str, Any] | list[str]) -> str:
@@ -126,30 +114,17 @@ class ModelConfig(BaseModel):
     context_window: int | None = Field(None, gt=0, description="Context window in tokens")
 
 
-_Limit = Annotated[Decimal, Field(gt=0)]
-
-
-class BudgetConfig(BaseModel):
-    """Spend limits in USD per calendar window (in the config's timezone)."""
+class DaemonConfig(BaseModel):
+    """How the daemon (`agentd run`) schedules, drains and keeps its ledger tidy."""
 
     model_config = _STRICT
-    per_hour_usd: _Limit | None = None
-    per_day_usd: _Limit | None = None
-    per_week_usd: _Limit | None = None
-    per_month_usd: _Limit | None = None
-
-    @model_validator(mode="after")
-    def _at_least_one(self) -> BudgetConfig:
-        if not self.limits():
-            raise ConfigProblem(
-                (), "give at least one of per_hour_usd, per_day_usd, per_week_usd, per_month_usd"
-            )
-        return self
-
-    def limits(self) -> dict[str, Decimal]:
-        """Period name (hour, day, week, month) → limit, for the periods that are set."""
-        values = (self.per_hour_usd, self.per_day_usd, self.per_week_usd, self.per_month_usd)
-        return {p: v for p, v in zip(PERIODS, values, strict=True) if v is not None}
+    shutdown_grace_s: float = Field(
+        30, ge=0, description="On SIGTERM, wait this long for in-flight runs before aborting them"
+    )
+    misfire_grace_s: float = Field(
+        300, gt=0, description="A run this late is still run; later ones count as missed"
+    )
+    wal_checkpoint_s: float = Field(300, gt=0, description="How often to checkpoint the WAL")
 
 
 class CircuitBreakerConfig(BaseModel):
@@ -164,63 +139,6 @@ class CircuitBreakerConfig(BaseModel):
     )
     auth_cooldown_s: float = Field(900, gt=0, description="Cooldown after a 401/403")
     billing_cooldown_s: float = Field(3600, gt=0, description="Cooldown after billing errors")
-
-
-class LoopConfig(BaseModel):
-    """One scheduled agent loop."""
-
-    model_config = _STRICT
-    every: str | None = Field(None, description="Interval like 30m, 2h, 45s, 1d, 1h30m")
-    cron: str | None = Field(None, description='5-field crontab, e.g. "0 7 * * *"')
-    tier: str | None = Field(None, description="A key of tiers")
-    model: str | None = Field(None, description="A model alias (instead of tier)")
-    max_tokens: int = Field(gt=0, description="Output token limit of a call")
-    min_tokens: int | None = Field(
-        None, gt=0, description="Smallest max_tokens a budget downgrade may use"
-    )
-    prompt: str = Field(description="Prompt template; relative to the config file's directory")
-    system: str | None = Field(None, description="System prompt")
-    budget: BudgetConfig | None = None
-    when_over_budget: Literal["skip", "downgrade", "pause"] = "skip"
-    route: Literal["static"] = Field("static", description="Routing strategy")
-    fallback_tiers: list[str] = Field(
-        default_factory=list, description="Tiers tried after the loop's own chain"
-    )
-    quiet_token: str | None = Field(None, description="A reply containing it is not delivered")
-    description: str | None = None
-    enabled: bool = True
-
-    @field_validator("every", mode="before")
-    @classmethod
-    def _check_every(cls, value: Any) -> Any:
-        if isinstance(value, int | Decimal) and not isinstance(value, bool):
-            raise ValueError(f"needs a unit, e.g. {value}s or {value}m (got {value})")
-        if isinstance(value, str):
-            parse_duration(value)
-            return value.strip()
-        return value
-
-    @model_validator(mode="after")
-    def _check_choices(self) -> LoopConfig:
-        if self.every is None and self.cron is None:
-            raise ConfigProblem((), "give a schedule: every (e.g. 30m) or cron (e.g. '0 7 * * *')")
-        if self.every is not None and self.cron is not None:
-            raise ConfigProblem(("cron",), "give every or cron, not both")
-        if self.tier is None and self.model is None:
-            raise ConfigProblem((), "give tier (a key of tiers) or model (a model alias)")
-        if self.tier is not None and self.model is not None:
-            raise ConfigProblem(("model",), "give tier or model, not both")
-        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
-            raise ConfigProblem(
-                ("min_tokens",),
-                f"must not exceed max_tokens ({self.max_tokens}) (got {self.min_tokens})",
-            )
-        return self
-
-    @property
-    def every_seconds(self) -> int | None:
-        """The interval of an `every:` loop in seconds, None for a cron loop."""
-        return None if self.every is None else parse_duration(self.every)
 
 
 @dataclass(frozen=True)
@@ -248,6 +166,7 @@ class Config(BaseModel):
     )
     budgets: BudgetConfig | None = Field(None, description="Global caps over all loops")
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
+    daemon: DaemonConfig = Field(default_factory=DaemonConfig)
     loops: dict[str, LoopConfig] = Field(min_length=1)
 
     # Set by load_config (validation context "path"); programmatic configs live in the cwd.
@@ -318,7 +237,12 @@ class Config(BaseModel):
                     (*where, "cron"),
                     f"not a 5-field crontab like '0 7 * * *' (got {loop.cron!r}): {exc}",
                 ) from None
-        if check_prompt:
+        if loop.on_reply is not None and loop.on_reply.trigger not in self.loops:
+            raise ConfigProblem(
+                (*where, "on_reply", "trigger"),
+                f"undefined loop {loop.on_reply.trigger!r} {_defined(self.loops)}",
+            )
+        if check_prompt and loop.prompt is not None:
             path = self.prompt_path(name)
             try:
                 with path.open("rb"):
@@ -394,7 +318,14 @@ class Config(BaseModel):
 
     def prompt_path(self, loop_name: str) -> Path:
         """The absolute path of a loop's prompt template (relative to the config's directory)."""
-        return (self.dir / Path(self.loops[loop_name].prompt).expanduser()).resolve()
+        prompt = self.loops[loop_name].prompt
+        if prompt is None:
+            raise ValueError(f"loop {loop_name!r} has no prompt template")
+        return self.resolve_path(prompt)
+
+    def resolve_path(self, path: str) -> Path:
+        """A path named in the config, resolved against the config file's directory."""
+        return (self.dir / Path(path).expanduser()).resolve()
 
     def api_key(self, provider_name: str, env: Mapping[str, str] | None = None) -> str | None:
         """The provider's API key (None when keyless); relative key files resolve against dir."""

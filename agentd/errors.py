@@ -63,6 +63,12 @@ class LoopPaused(AgentdError):
     exit_code = EXIT_NOT_NOW
 
 
+class LoopBusy(AgentdError):
+    """A run of the loop is already in progress (in this or another process)."""
+
+    exit_code = EXIT_NOT_NOW
+
+
 class RunFailed(AgentdError):
     """Every model of the run's chain failed (the message lists the last error of each)."""
 

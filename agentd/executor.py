@@ -271,8 +271,9 @@ class Executor:
                     cooldown = (
                         cb.billing_cooldown_s if exc.code == "billing_error" else cb.auth_cooldown_s
                     )
-                    self.breakers.open_provider(entry.provider_name, cooldown, exc.code)
-                opened = self.breakers.record_failure(model_key, exc.code)
+                    self.breakers.open_provider(entry.provider_name, cooldown, str(exc))
+                # The reason keeps the real error, so "every model is cooling down" still says why.
+                opened = self.breakers.record_failure(model_key, str(exc))
                 if opened:
                     self._log.warning("circuit.opened", model=model_key, reason=exc.code)
                 if not exc.retryable or opened or retries >= settings.max_retries:

@@ -45,3 +45,33 @@ def resume(ledger: Ledger, loop: str) -> bool:
             (loop,),
         )
         return cur.rowcount > 0
+
+
+def record_run(ledger: Ledger, loop: str, run_id: int, status: str, slot: str | None) -> int:
+    """Note a finished run; returns the loop's consecutive failures after it.
+
+    A success resets the count and a failure adds one; skipped runs leave it as it was.
+    """
+    with ledger.write() as conn:
+        conn.execute(
+            "INSERT INTO loop_state (loop, paused, consecutive_failures) VALUES (?, 0, 0)"
+            " ON CONFLICT(loop) DO NOTHING",
+            (loop,),
+        )
+        if status == "ok":
+            conn.execute("UPDATE loop_state SET consecutive_failures = 0 WHERE loop = ?", (loop,))
+        elif status == "failed":
+            conn.execute(
+                "UPDATE loop_state SET consecutive_failures = consecutive_failures + 1"
+                " WHERE loop = ?",
+                (loop,),
+            )
+        conn.execute(
+            "UPDATE loop_state SET last_run_id = ?, last_slot = COALESCE(?, last_slot)"
+            " WHERE loop = ?",
+            (run_id, slot, loop),
+        )
+        row = conn.execute(
+            "SELECT consecutive_failures FROM loop_state WHERE loop = ?", (loop,)
+        ).fetchone()
+    return int(row[0])

@@ -25,6 +25,7 @@ from agentd.errors import (
 from agentd.executor import Attempt, Executor, RunTrace
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
+from agentd.looplock import loop_lock
 from agentd.providers.base import Message
 
 _PLACEHOLDER = re.compile(r"\{(now|loop)\}")
@@ -125,13 +126,36 @@ async def run_loop(
     loop_name: str,
     *,
     trigger: str = "manual",
+    slot: str | None = None,
     now: datetime | None = None,
 ) -> RunResult:
-    """Run a loop once now and record it; returns the result (errors become a failed run)."""
+    """Run a loop once now and record it (errors become a failed run).
+
+    Raises LoopBusy when the loop is already running anywhere, LoopPaused when it is paused,
+    and MissingKeyError when its primary model's key is missing.
+    """
+    with loop_lock(ledger.path.parent, loop_name):
+        result = await _run_locked(
+            config, ledger, executor, loop_name, trigger=trigger, slot=slot, now=now
+        )
+    loopstate.record_run(ledger, loop_name, result.run_id, result.status, slot)
+    return result
+
+
+async def _run_locked(
+    config: Config,
+    ledger: Ledger,
+    executor: Executor,
+    loop_name: str,
+    *,
+    trigger: str,
+    slot: str | None,
+    now: datetime | None,
+) -> RunResult:
+    """The run itself, with the loop's lock held."""
     loop = config.loops[loop_name]
     simulated = executor.simulate
     now = now or datetime.now(tz=UTC)
-    log = get_logger()
     paused = loopstate.paused_reason(ledger, loop_name, now)
     if paused is not None:
         run_id = ledger.record_skipped_run(
@@ -140,6 +164,7 @@ async def run_loop(
             simulated=simulated,
             status="skipped_paused",
             error=paused,
+            slot=slot,
         )
         raise LoopPaused(f"loop {loop_name!r} is paused: {paused} (run {run_id})")
 
@@ -152,7 +177,7 @@ async def run_loop(
         loop.budget.limits() if loop.budget else None,
         config.budgets.limits() if config.budgets else None,
     )
-    run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated)
+    run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
     structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
     route: dict[str, Any] = {"strategy": loop.route, "requested_tier": plans[0].tier}
@@ -165,7 +190,6 @@ async def run_loop(
         raise
     finally:
         structlog.contextvars.unbind_contextvars("loop", "run_id")
-        log.debug("run.done", loop=loop_name, run_id=run_id)
 
 
 async def _execute(

@@ -9,7 +9,7 @@ from zoneinfo import ZoneInfo
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
 
-    from agentd.config import LoopConfig
+    from agentd.loopconfig import LoopConfig
 
 
 def trigger_for(loop: LoopConfig, tz: ZoneInfo, start: datetime | None = None) -> BaseTrigger:

@@ -13,19 +13,18 @@ from hypothesis import strategies as st
 from agentd.config import (
     ChainEntry,
     Config,
-    LoopConfig,
     ProviderConfig,
     config_json_schema,
     config_json_schema_text,
     load_config,
     missing_api_keys,
     parse_config,
-    parse_duration,
     read_api_key,
     resolve_config_path,
     resolve_state_dir,
 )
 from agentd.errors import ConfigError, MissingKeyError
+from agentd.loopconfig import LoopConfig, parse_duration
 from agentd.pricing import lookup_price
 from agentd.yamlload import load_yaml
 

@@ -242,6 +242,7 @@ def test_breaker_skips_a_failing_model_then_fails_fast(
     second = h.run()
     assert second.status == "failed"
     assert second.error is not None and "cooling down" in second.error
+    assert "500 api_error" in second.error  # the last real error is not hidden
     assert fake_server.count() == requests_before  # failed fast: no request made
     assert h.calls(second.run_id) == []
 

@@ -16,8 +16,15 @@ from builders import TEST_ENV, base_config, merge, write_config
 from fakeserver import FakeServer, Step, drop, error, malformed, no_usage, ok, timeout
 from test_executor import Harness
 
+from agentd.errors import LoopBusy
 from agentd.ledger import Ledger
 from agentd.runner import RunResult, run_loop
+
+
+def _loops(n: int) -> dict[str, dict[str, object]]:
+    """n copies of the `work` loop: one loop never runs twice at once, so concurrency needs many."""
+    loop = {"every": "30m", "tier": "fast", "max_tokens": 200, "prompt": "work.md"}
+    return {f"work{i}": dict(loop) for i in range(n)}
 
 
 def _fault(rng: random.Random) -> Step:
@@ -50,6 +57,7 @@ def test_a_third_of_requests_failing_every_run_ends_cleanly(
                 "openai": {"timeout_s": 1, "max_retries": 1},
             },
             "circuit_breaker": {"failures": 4, "cooldowns_s": [0.05]},
+            "loops": _loops(8),
         },
     )
     for model in ("claude-haiku-4-5", "gpt-4o-mini"):
@@ -62,7 +70,7 @@ def test_a_third_of_requests_failing_every_run_ends_cleanly(
         results = []
         for batch in range(6):
             results += await asyncio.gather(
-                *(run_loop(h.config, h.ledger, h.executor, "work") for _ in range(8))
+                *(run_loop(h.config, h.ledger, h.executor, f"work{i}") for i in range(8))
             )
             await asyncio.sleep(0.06 if batch % 2 else 0)  # let some breakers cool down
         return results
@@ -93,13 +101,13 @@ def test_a_third_of_requests_failing_every_run_ends_cleanly(
 def test_concurrent_runs_never_overspend_a_shared_cap(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
-    h = Harness(tmp_path, fake_server, {"budgets": {"per_day_usd": "0.01"}})
+    h = Harness(tmp_path, fake_server, {"budgets": {"per_day_usd": "0.01"}, "loops": _loops(30)})
     # Each run reserves ~1,084 µ$ on haiku and really costs 10×$1 + 200×$5 = 1,010 µ$.
     fake_server.script("claude-haiku-4-5", *[ok(input_tokens=10, output_tokens=200)] * 40)
 
     async def go() -> list[RunResult]:
         return await asyncio.gather(
-            *(run_loop(h.config, h.ledger, h.executor, "work") for _ in range(30))
+            *(run_loop(h.config, h.ledger, h.executor, f"work{i}") for i in range(30))
         )
 
     results = asyncio.run(go())
@@ -159,3 +167,95 @@ def test_kill_9_mid_call_is_reconciled_at_its_reservation(
         assert call[0] == "aborted" and call[1] == call[2] > 0
         [(run_status,)] = ledger.conn.execute("SELECT status FROM runs").fetchall()
         assert run_status == "aborted"
+
+
+def test_a_loop_never_runs_twice_at_once(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server)
+    fake_server.script("claude-haiku-4-5", timeout(0.5))  # a slow answer: 0.5 s, then OK
+
+    async def go() -> list[RunResult | BaseException]:
+        return await asyncio.gather(
+            run_loop(h.config, h.ledger, h.executor, "work"),
+            run_loop(h.config, h.ledger, h.executor, "work"),
+            return_exceptions=True,
+        )
+
+    first, second = asyncio.run(go())
+    assert isinstance(first, RunResult) and first.status == "ok"
+    assert isinstance(second, LoopBusy)
+    assert fake_server.count() == 1
+    assert h.ledger.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 1
+
+
+@pytest.mark.slow
+def test_a_loop_running_in_another_process_is_busy(tmp_path: Path, fake_server: FakeServer) -> None:
+    config = write_config(tmp_path / "c", base_config(fake_server.url))
+    state = tmp_path / "state"
+    fake_server.script("claude-haiku-4-5", timeout(60))
+    exe = Path(sys.executable).with_name("agentd")
+    env = {**os.environ, **TEST_ENV}
+    proc = subprocess.Popen(
+        [str(exe), "--config", str(config), "--state-dir", str(state), "once", "work"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        deadline = time.monotonic() + 30
+        while fake_server.count() == 0:
+            assert time.monotonic() < deadline, "the call never reached the server"
+            time.sleep(0.02)
+        second = subprocess.run(
+            [str(exe), "--config", str(config), "--state-dir", str(state), "once", "work"],
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+        )
+        assert second.returncode == 75
+        assert "already running" in second.stderr
+        assert fake_server.count() == 1
+    finally:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def test_billing_error_moves_to_another_provider_and_opens_the_circuit(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path, fake_server, {"loops": {"work": {"tier": "balanced", "fallback_tiers": ["fast"]}}}
+    )
+    fake_server.script("claude-sonnet-4-5", error(402))
+    result = h.run()
+    # After a 402 the rest of Anthropic (haiku in the fast tier) is skipped for this call.
+    assert [c["model"] for c in h.calls()] == ["claude-sonnet-4-5", "gpt-4o"]
+    assert h.calls()[0]["error_type"] == "billing_error"
+    assert result.status == "ok" and result.model == "gpt-4o"
+    second = h.run()
+    assert all(
+        s["reason"].startswith(("provider circuit open", "provider failed"))
+        for s in second.route["skipped"]
+        if s["alias"] in ("sonnet", "haiku")
+    )
+    assert fake_server.count("claude-sonnet-4-5") == 1
+
+
+def test_per_provider_concurrency_cap(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {"providers": {"anthropic": {"max_concurrency": 1}}, "loops": _loops(4)},
+    )
+    fake_server.script("claude-haiku-4-5", *[timeout(0.3)] * 4)  # each answer takes 0.3 s
+
+    async def go() -> None:
+        await asyncio.gather(
+            *(run_loop(h.config, h.ledger, h.executor, f"work{i}") for i in range(4))
+        )
+
+    started = time.monotonic()
+    asyncio.run(go())
+    # With one call at a time, four 0.3 s calls cannot take less than 1.2 s in total.
+    assert time.monotonic() - started >= 1.2
+    assert [c["status"] for c in h.calls()] == ["ok"] * 4

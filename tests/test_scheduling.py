@@ -8,7 +8,7 @@ from zoneinfo import ZoneInfo
 from apscheduler.triggers.cron import CronTrigger
 from apscheduler.triggers.interval import IntervalTrigger
 
-from agentd.config import LoopConfig
+from agentd.loopconfig import LoopConfig
 from agentd.scheduling import next_fire_times, trigger_for
 
 BERLIN = ZoneInfo("Europe/Berlin")

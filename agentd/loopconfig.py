@@ -1,0 +1,234 @@
+"""A loop's settings: schedule, model target, budget, context sources, deliveries, failures."""
+
+from __future__ import annotations
+
+import re
+from decimal import Decimal
+from typing import Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from agentd.yamlload import ConfigProblem
+
+PERIODS = ("hour", "day", "week", "month")
+_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
+_CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
+
+_STRICT = ConfigDict(extra="forbid", frozen=True)
+
+
+def parse_duration(text: str) -> int:
+    """Seconds in a duration like `45s`, `30m`, `2h`, `1d` or `1h30m`; ValueError if malformed."""
+    match = _DURATION.match(text.strip())
+    if not text.strip() or match is None:
+        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {text!r})")
+    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
+    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
+    if total <= 0:
+        raise ValueError(f"must be longer than zero (got {text!r})")
+    return total
+
+
+_Limit = Annotated[Decimal, Field(gt=0)]
+
+
+class BudgetConfig(BaseModel):
+    """Spend limits in USD per calendar window (in the config's timezone)."""
+
+    model_config = _STRICT
+    per_hour_usd: _Limit | None = None
+    per_day_usd: _Limit | None = None
+    per_week_usd: _Limit | None = None
+    per_month_usd: _Limit | None = None
+
+    @model_validator(mode="after")
+    def _at_least_one(self) -> BudgetConfig:
+        if not self.limits():
+            raise ConfigProblem(
+                (), "give at least one of per_hour_usd, per_day_usd, per_week_usd, per_month_usd"
+            )
+        return self
+
+    def limits(self) -> dict[str, Decimal]:
+        """Period name (hour, day, week, month) → limit, for the periods that are set."""
+        values = (self.per_hour_usd, self.per_day_usd, self.per_week_usd, self.per_month_usd)
+        return {p: v for p, v in zip(PERIODS, values, strict=True) if v is not None}
+
+
+class ActiveHours(BaseModel):
+    """Local hours in which a loop may run; `end` before `start` spans midnight."""
+
+    model_config = _STRICT
+    start: str = Field(description='Local time "HH:MM" from which runs happen')
+    end: str = Field(description='Local time "HH:MM" from which runs stop')
+
+    @field_validator("start", "end")
+    @classmethod
+    def _check_clock(cls, value: str) -> str:
+        if not _CLOCK.match(value):
+            raise ValueError(f'not a time like "08:00" (got {value!r})')
+        return value
+
+    def minutes(self) -> tuple[int, int]:
+        """(start, end) as minutes after local midnight."""
+        (sh, sm), (eh, em) = (map(int, t.split(":")) for t in (self.start, self.end))
+        return sh * 60 + sm, eh * 60 + em
+
+    def contains(self, minute_of_day: int) -> bool:
+        """Whether a local minute of the day is inside the active hours."""
+        start, end = self.minutes()
+        if start == end:
+            return True
+        if start < end:
+            return start <= minute_of_day < end
+        return minute_of_day >= start or minute_of_day < end
+
+
+class ContextSource(BaseModel):
+    """One input filled into the prompt: a file (or glob), a command's output, the last reply."""
+
+    model_config = _STRICT
+    file: str | None = Field(None, description="Path or glob; relative to the config's directory")
+    command: list[str] | None = Field(None, min_length=1, description="argv; run without a shell")
+    last_reply: bool | None = Field(None, description="The loop's previous reply")
+    name: str | None = Field(
+        None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Placeholder name in the template"
+    )
+    timeout_s: float = Field(10, gt=0, description="Command timeout")
+    max_bytes: int = Field(65536, gt=0, description="Cap on the text taken from this source")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> ContextSource:
+        given = [k for k in ("file", "command", "last_reply") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigProblem((), "give exactly one of file, command, last_reply")
+        return self
+
+    @property
+    def kind(self) -> Literal["file", "command", "last_reply"]:
+        """Which kind of source this is."""
+        if self.file is not None:
+            return "file"
+        return "command" if self.command is not None else "last_reply"
+
+    @property
+    def placeholder(self) -> str:
+        """The template placeholder this source fills (its `name`, else its kind)."""
+        return self.name or self.kind
+
+
+class Delivery(BaseModel):
+    """Where a reply goes: appended to a file, piped to a command, or POSTed to a webhook."""
+
+    model_config = _STRICT
+    file: str | None = Field(None, description="Append here; relative to the state directory")
+    command: list[str] | None = Field(None, min_length=1, description="argv; gets reply on stdin")
+    webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
+    timeout_s: float = Field(10, gt=0, description="Command / webhook timeout")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> Delivery:
+        given = [k for k in ("file", "command", "webhook") if getattr(self, k) is not None]
+        if len(given) != 1:
+            raise ConfigProblem((), "give exactly one of file, command, webhook")
+        return self
+
+
+class OnReply(BaseModel):
+    """Wake another loop when a reply contains some text."""
+
+    model_config = _STRICT
+    contains: str = Field(min_length=1, description="Text the reply must contain")
+    trigger: str = Field(description="The loop to run then")
+
+
+class OnFailure(BaseModel):
+    """How a failing loop backs off, and when it is paused."""
+
+    model_config = _STRICT
+    backoff_s: list[Annotated[float, Field(gt=0)]] = Field(
+        default_factory=lambda: [30.0, 60.0, 300.0, 900.0, 3600.0],
+        min_length=1,
+        description="Wait after the n-th consecutive failure; the last value repeats",
+    )
+    pause_after: int = Field(5, ge=1, description="Consecutive failures that pause the loop")
+
+
+class LoopConfig(BaseModel):
+    """One scheduled agent loop."""
+
+    model_config = _STRICT
+    every: str | None = Field(None, description="Interval like 30m, 2h, 45s, 1d, 1h30m")
+    cron: str | None = Field(None, description='5-field crontab, e.g. "0 7 * * *"')
+    tier: str | None = Field(None, description="A key of tiers")
+    model: str | None = Field(None, description="A model alias (instead of tier)")
+    max_tokens: int = Field(gt=0, description="Output token limit of a call")
+    min_tokens: int | None = Field(
+        None, gt=0, description="Smallest max_tokens a budget downgrade may use"
+    )
+    prompt: str | None = Field(
+        None, description="Prompt template; relative to the config file's directory"
+    )
+    system: str | None = Field(None, description="System prompt")
+    budget: BudgetConfig | None = None
+    when_over_budget: Literal["skip", "downgrade", "pause"] = "skip"
+    route: Literal["static"] = Field("static", description="Routing strategy")
+    fallback_tiers: list[str] = Field(
+        default_factory=list, description="Tiers tried after the loop's own chain"
+    )
+    quiet_token: str | None = Field(None, description="A reply containing it is not delivered")
+    description: str | None = None
+    enabled: bool = True
+    jitter: str | None = Field(None, description="Random delay up to this duration, e.g. 30s")
+    active_hours: ActiveHours | None = Field(None, description="Run only in these local hours")
+    catch_up: Literal["skip", "once"] = Field(
+        "skip", description="After downtime: skip missed slots, or run once for them"
+    )
+    context: list[ContextSource] = Field(
+        default_factory=list, description="Inputs filled into the prompt template"
+    )
+    deliver: list[Delivery] = Field(default_factory=list, description="Where replies go")
+    on_reply: OnReply | None = None
+    handler: str | None = Field(
+        None, description="Python loop: package.module:function or path/to/file.py:function"
+    )
+    on_failure: OnFailure = Field(default_factory=OnFailure)
+
+    @field_validator("every", "jitter", mode="before")
+    @classmethod
+    def _check_every(cls, value: Any) -> Any:
+        if isinstance(value, int | Decimal) and not isinstance(value, bool):
+            raise ValueError(f"needs a unit, e.g. {value}s or {value}m (got {value})")
+        if isinstance(value, str):
+            parse_duration(value)
+            return value.strip()
+        return value
+
+    @model_validator(mode="after")
+    def _check_choices(self) -> LoopConfig:
+        if self.every is None and self.cron is None:
+            raise ConfigProblem((), "give a schedule: every (e.g. 30m) or cron (e.g. '0 7 * * *')")
+        if self.every is not None and self.cron is not None:
+            raise ConfigProblem(("cron",), "give every or cron, not both")
+        if self.prompt is None and self.handler is None:
+            raise ConfigProblem((), "give prompt (a template file) or handler (a Python function)")
+        if self.tier is None and self.model is None:
+            raise ConfigProblem((), "give tier (a key of tiers) or model (a model alias)")
+        if self.tier is not None and self.model is not None:
+            raise ConfigProblem(("model",), "give tier or model, not both")
+        if self.min_tokens is not None and self.min_tokens > self.max_tokens:
+            raise ConfigProblem(
+                ("min_tokens",),
+                f"must not exceed max_tokens ({self.max_tokens}) (got {self.min_tokens})",
+            )
+        return self
+
+    @property
+    def every_seconds(self) -> int | None:
+        """The interval of an `every:` loop in seconds, None for a cron loop."""
+        return None if self.every is None else parse_duration(self.every)
+
+    @property
+    def jitter_seconds(self) -> int | None:
+        """The maximum random delay of a run in seconds, if any."""
+        return None if self.jitter is None else parse_duration(self.jitter)
