@@ -23,7 +23,7 @@ from agentd.errors import (
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.providers import build_provider
-from agentd.providers.base import Message, Provider, Reply, Request
+from agentd.providers.base import Message, Provider, Reply, Request, Usage
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -61,10 +61,17 @@ class RunTrace:
     attempts: list[Attempt] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
+    numbered: int = 0
+
     @property
     def cost_micro_usd(self) -> int:
         """Money this run has spent (or may have been billed) so far."""
         return sum(a.cost_micro_usd for a in self.attempts)
+
+    def next_attempt(self) -> int:
+        """Number the run's next attempt (at reservation, so concurrent calls never share one)."""
+        self.numbered += 1
+        return self.numbered
 
 
 @dataclass(frozen=True)
@@ -313,7 +320,7 @@ class Executor:
             raise BudgetExceeded(f"{entry.alias} has no known price", window="")
         reserved = amount or 0
         async with self._semaphore(entry.provider_name, entry.provider.max_concurrency):
-            number = len(trace.attempts) + 1
+            number = trace.next_attempt()
             call_id = budgets.reserve(
                 self.ledger,
                 CallStart(
@@ -340,7 +347,6 @@ class Executor:
                 timeout_s=entry.provider.timeout_s,
             )
             started = time.monotonic()
-            settled = False
             pending = Attempt(
                 call_id=call_id,
                 attempt=number,
@@ -353,123 +359,115 @@ class Executor:
                 cost_micro_usd=0,
                 reserved_micro_usd=reserved,
             )
+            priced = price is not None
+            settled = False
             try:
                 reply = await provider.complete(request)
-                latency = int((time.monotonic() - started) * 1000)
-                cost = (
-                    pricing.to_micro_usd(pricing.cost_usd(price, reply.usage))
-                    if price is not None
-                    else 0
-                )
-                budgets.settle(
-                    self.ledger,
-                    call_id,
-                    status="ok",
-                    usage=reply.usage,
-                    cost_micro_usd=cost,
-                    priced=price is not None,
-                    request_id=reply.request_id,
-                    latency_ms=latency,
-                )
-                settled = True
-                trace.attempts.append(
+                cost = pricing.to_micro_usd(pricing.cost_usd(price, reply.usage)) if price else 0
+                self._settle(
+                    trace,
                     replace(
                         pending,
                         status="ok",
                         cost_micro_usd=cost,
-                        latency_ms=latency,
+                        latency_ms=_ms_since(started),
                         request_id=reply.request_id,
-                    )
+                    ),
+                    usage=reply.usage,
+                    priced=priced,
                 )
+                settled = True
                 self.breakers.record_success(f"{entry.provider_name}/{entry.model.model}")
                 if cost > reserved and windows:
                     self._log.warning(
                         "call.cost_above_reservation", cost_micro_usd=cost, reserved=reserved
                     )
-                self._log.info(
-                    "call.finished",
-                    loop=trace.loop,
-                    run_id=trace.run_id,
-                    purpose=purpose,
-                    provider=entry.provider_name,
-                    model=entry.model.model,
-                    alias=entry.alias,
-                    attempt=number,
-                    status="ok",
-                    input_tokens=reply.usage.input_tokens,
-                    output_tokens=reply.usage.output_tokens,
-                    cache_read_tokens=reply.usage.cache_read_tokens,
-                    cache_write_tokens=reply.usage.cache_write_tokens,
-                    cost_micro_usd=cost,
-                    latency_ms=latency,
-                    simulated=trace.simulated,
-                )
                 return reply, cost
             except ProviderError as exc:
-                latency = int((time.monotonic() - started) * 1000)
                 # A request that reached the provider without a usage report may be billed.
-                cost = reserved if exc.may_have_billed else 0
-                budgets.settle(
-                    self.ledger,
-                    call_id,
-                    status="error",
-                    usage=None,
-                    cost_micro_usd=cost,
-                    priced=price is not None,
-                    error_type=exc.code,
-                    http_status=exc.http_status,
-                    request_id=exc.request_id,
-                    error=str(exc),
-                    latency_ms=latency,
-                )
-                settled = True
-                trace.attempts.append(
+                self._settle(
+                    trace,
                     replace(
                         pending,
                         status="error",
-                        cost_micro_usd=cost,
+                        cost_micro_usd=reserved if exc.may_have_billed else 0,
                         error_type=exc.code,
                         http_status=exc.http_status,
                         error=str(exc),
-                        latency_ms=latency,
+                        latency_ms=_ms_since(started),
                         request_id=exc.request_id,
-                    )
+                    ),
+                    usage=None,
+                    priced=priced,
                 )
-                self._log.warning(
-                    "call.finished",
-                    loop=trace.loop,
-                    run_id=trace.run_id,
-                    purpose=purpose,
-                    provider=entry.provider_name,
-                    model=entry.model.model,
-                    alias=entry.alias,
-                    attempt=number,
-                    status="error",
-                    error_type=exc.code,
-                    http_status=exc.http_status,
-                    error=str(exc),
-                    cost_micro_usd=cost,
-                    latency_ms=latency,
-                    simulated=trace.simulated,
-                )
+                settled = True
                 raise
             finally:
                 if not settled:
                     # Cancellation or an unexpected bug mid-call: the request may have been
                     # sent, so keep its reservation as spent rather than pretend it was free.
-                    budgets.settle(
-                        self.ledger,
-                        call_id,
-                        status="aborted",
-                        usage=None,
-                        cost_micro_usd=reserved,
-                        priced=price is not None,
-                        error_type="aborted",
-                        error="call interrupted before it finished",
-                        latency_ms=int((time.monotonic() - started) * 1000),
-                    )
-                    trace.attempts.append(
+                    self._settle(
+                        trace,
                         replace(
-                            pending, status="aborted", cost_micro_usd=reserved, error_type="aborted"
-                        )
+                            pending,
+                            status="aborted",
+                            cost_micro_usd=reserved,
+                            error_type="aborted",
+                            error="call interrupted before it finished",
+                            latency_ms=_ms_since(started),
+                        ),
+                        usage=None,
+                        priced=priced,
                     )
+
+    def _settle(
+        self, trace: RunTrace, attempt: Attempt, *, usage: Usage | None, priced: bool
+    ) -> None:
+        """Write an attempt's outcome to its ledger row, the run's trace and the log."""
+        budgets.settle(
+            self.ledger,
+            attempt.call_id,
+            status=attempt.status,  # type: ignore[arg-type]
+            usage=usage,
+            cost_micro_usd=attempt.cost_micro_usd,
+            priced=priced,
+            error_type=attempt.error_type,
+            http_status=attempt.http_status,
+            request_id=attempt.request_id,
+            error=attempt.error,
+            latency_ms=attempt.latency_ms,
+        )
+        trace.attempts.append(attempt)
+        tokens: dict[str, int] = {}
+        if usage is not None:
+            tokens = {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_read_tokens": usage.cache_read_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+            }
+        emit = self._log.info if attempt.status == "ok" else self._log.warning
+        emit(
+            "call.finished",
+            loop=trace.loop,
+            run_id=trace.run_id,
+            purpose=attempt.purpose,
+            provider=attempt.provider,
+            model=attempt.model,
+            alias=attempt.alias,
+            attempt=attempt.attempt,
+            status=attempt.status,
+            error_type=attempt.error_type,
+            http_status=attempt.http_status,
+            error=attempt.error,
+            cost_micro_usd=attempt.cost_micro_usd,
+            latency_ms=attempt.latency_ms,
+            simulated=trace.simulated,
+            **tokens,
+        )
+
+
+def _ms_since(started: float) -> int:
+    """Milliseconds since a `time.monotonic()` reading."""
+    return int((time.monotonic() - started) * 1000)
