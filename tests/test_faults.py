@@ -16,7 +16,7 @@ from builders import TEST_ENV, base_config, merge, write_config
 from fakeserver import FakeServer, Step, drop, error, malformed, no_usage, ok, timeout
 from test_executor import Harness
 
-from agentd.errors import LoopBusy
+from agentd.errors import LedgerError, LoopBusy
 from agentd.ledger import Ledger
 from agentd.runner import RunResult, run_loop
 
@@ -259,3 +259,13 @@ def test_per_provider_concurrency_cap(tmp_path: Path, fake_server: FakeServer) -
     # With one call at a time, four 0.3 s calls cannot take less than 1.2 s in total.
     assert time.monotonic() - started >= 1.2
     assert [c["status"] for c in h.calls()] == ["ok"] * 4
+
+
+def test_no_call_is_made_when_the_ledger_cannot_be_written(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server)
+    h.ledger.conn.execute("PRAGMA query_only = ON")  # every write now fails, like a full disk
+    with pytest.raises(LedgerError):
+        h.run()
+    assert fake_server.count() == 0
