@@ -128,6 +128,89 @@ def once(obj: Context, loop: str, simulate: bool, as_json: bool) -> None:
     sys.exit(result.exit_code)
 
 
+@main.command()
+@click.option(
+    "--simulate", is_flag=True, help="Use the built-in offline model (no key, no network)."
+)
+@click.pass_obj
+@handle_errors
+def run(obj: Context, simulate: bool) -> None:
+    """Run the daemon in the foreground (what systemd starts); stop it with SIGTERM.
+
+    Exits 0 after a clean stop, 78 on an invalid config or a missing API key, and 75 when
+    another daemon already runs on the same state directory.
+    """
+    from agentd.daemon import run_daemon
+
+    config = obj.config()
+    sys.exit(run_daemon(config, obj.state_dir(config), simulate=simulate))
+
+
+def _socket(obj: Context) -> Path:
+    """The running daemon's control socket, found the way the daemon chose it."""
+    from agentd.control_client import find_socket
+
+    state_dir = _state_dir_for_reading(obj)
+    # With an explicit --state-dir, don't fall back to the systemd socket of another daemon.
+    if obj.state_dir_option:
+        return find_socket(state_dir, fallbacks=())
+    return find_socket(state_dir)
+
+
+def _action(obj: Context, action: str, loop: str | None) -> None:
+    from agentd.control_client import action_command
+
+    text, code = action_command(_socket(obj), action, loop)
+    click.echo(text, err=code != 0)
+    sys.exit(code)
+
+
+@main.command()
+@click.option("--json", "as_json", is_flag=True, help="Print the daemon's status as JSON.")
+@click.pass_obj
+@handle_errors
+def status(obj: Context, as_json: bool) -> None:
+    """Ask the running daemon: each loop's schedule, next and last run, pause, spend."""
+    from agentd.control_client import status_command
+
+    click.echo(status_command(_socket(obj), as_json))
+
+
+@main.command()
+@click.argument("loop")
+@click.pass_obj
+@handle_errors
+def trigger(obj: Context, loop: str) -> None:
+    """Ask the running daemon to run LOOP now."""
+    _action(obj, "trigger", loop)
+
+
+@main.command()
+@click.argument("loop")
+@click.pass_obj
+@handle_errors
+def pause(obj: Context, loop: str) -> None:
+    """Pause LOOP in the running daemon (until `agentd resume LOOP`)."""
+    _action(obj, "pause", loop)
+
+
+@main.command()
+@click.argument("loop")
+@click.pass_obj
+@handle_errors
+def resume(obj: Context, loop: str) -> None:
+    """Resume a paused LOOP (also clears its failure count)."""
+    _action(obj, "resume", loop)
+
+
+@main.command()
+@click.pass_obj
+@handle_errors
+def reload(obj: Context) -> None:
+    """Ask the running daemon to reload its config (same as SIGHUP)."""
+    _action(obj, "reload", None)
+
+
 def _format(as_json: bool, as_csv: bool) -> str:
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")

@@ -228,10 +228,11 @@ class Config(BaseModel):
                     f"undefined tier {tier!r} {_defined(self.tiers)}",
                 )
         if loop.cron is not None:
-            from apscheduler.triggers.cron import CronTrigger
+            from agentd.scheduling import cron_trigger
 
             try:
-                CronTrigger.from_crontab(loop.cron, timezone=self.tz)
+                # The daemon's own reading of the crontab (Sunday = 0 or 7, as in cron).
+                cron_trigger(loop.cron, self.tz)
             except ValueError as exc:
                 raise ConfigProblem(
                     (*where, "cron"),

@@ -1,10 +1,63 @@
-"""Per-loop state kept in the ledger database: paused (and until when), so restarts resume it."""
+"""Per-loop state kept in the ledger database: pause, last slot and run, failure streak, backoff.
+
+It lives in the `loop_state` table, so a restarted daemon resumes where the last one stopped.
+"""
 
 from __future__ import annotations
 
-from datetime import datetime
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import datetime, timedelta
 
 from agentd.ledger import Ledger, parse_iso, utc_iso
+from agentd.loopconfig import OnFailure
+
+# Errors no retry or backoff will fix: the loop is paused at once instead of burning its schedule.
+PAUSE_AT_ONCE = ("auth_error", "billing_error")
+_REASON_MAX = 300
+
+
+@dataclass(frozen=True)
+class LoopState:
+    """One loop's row of `loop_state` (defaults when the loop has never run)."""
+
+    loop: str
+    paused: bool = False
+    paused_reason: str | None = None
+    paused_until: str | None = None
+    last_slot: str | None = None
+    last_run_id: int | None = None
+    consecutive_failures: int = 0
+
+
+_COLUMNS = "loop, paused, paused_reason, paused_until, last_slot, last_run_id, consecutive_failures"
+
+
+def _state(row: tuple[object, ...]) -> LoopState:
+    loop, paused, reason, until, last_slot, last_run_id, failures = row
+    return LoopState(
+        loop=str(loop),
+        paused=bool(paused),
+        paused_reason=None if reason is None else str(reason),
+        paused_until=None if until is None else str(until),
+        last_slot=None if last_slot is None else str(last_slot),
+        last_run_id=None if last_run_id is None else int(str(last_run_id)),
+        consecutive_failures=int(str(failures or 0)),
+    )
+
+
+def get_state(ledger: Ledger, loop: str) -> LoopState:
+    """The loop's state; a loop without a row gets the defaults."""
+    with ledger.read() as conn:
+        row = conn.execute(f"SELECT {_COLUMNS} FROM loop_state WHERE loop = ?", (loop,)).fetchone()
+    return LoopState(loop) if row is None else _state(row)
+
+
+def all_states(ledger: Ledger) -> dict[str, LoopState]:
+    """Every loop's state that has a row, by loop name."""
+    with ledger.read() as conn:
+        rows = conn.execute(f"SELECT {_COLUMNS} FROM loop_state").fetchall()
+    return {str(row[0]): _state(row) for row in rows}
 
 
 def paused_reason(ledger: Ledger, loop: str, now: datetime) -> str | None:
@@ -32,19 +85,30 @@ def set_paused(ledger: Ledger, loop: str, reason: str, until: datetime | None) -
             " VALUES (?, 1, ?, ?, 0)"
             " ON CONFLICT(loop) DO UPDATE SET paused = 1, paused_reason = excluded.paused_reason,"
             " paused_until = excluded.paused_until",
-            (loop, reason, utc_iso(until) if until is not None else None),
+            (loop, reason[:_REASON_MAX], utc_iso(until) if until is not None else None),
         )
 
 
 def resume(ledger: Ledger, loop: str) -> bool:
-    """Clear a loop's pause; returns whether it was paused."""
+    """Clear a loop's pause and its failure streak (so no backoff is left); was it paused?"""
     with ledger.write() as conn:
-        cur = conn.execute(
-            "UPDATE loop_state SET paused = 0, paused_reason = NULL, paused_until = NULL"
-            " WHERE loop = ? AND paused = 1",
+        row = conn.execute("SELECT paused FROM loop_state WHERE loop = ?", (loop,)).fetchone()
+        conn.execute(
+            "UPDATE loop_state SET paused = 0, paused_reason = NULL, paused_until = NULL,"
+            " consecutive_failures = 0 WHERE loop = ?",
             (loop,),
         )
-        return cur.rowcount > 0
+    return row is not None and bool(row[0])
+
+
+def set_last_slot(ledger: Ledger, loop: str, slot: str) -> None:
+    """Mark a schedule slot as handled without a run (skipped by a pause or a backoff)."""
+    with ledger.write() as conn:
+        conn.execute(
+            "INSERT INTO loop_state (loop, paused, consecutive_failures, last_slot)"
+            " VALUES (?, 0, 0, ?) ON CONFLICT(loop) DO UPDATE SET last_slot = excluded.last_slot",
+            (loop, slot),
+        )
 
 
 def record_run(ledger: Ledger, loop: str, run_id: int, status: str, slot: str | None) -> int:
@@ -75,3 +139,54 @@ def record_run(ledger: Ledger, loop: str, run_id: int, status: str, slot: str | 
             "SELECT consecutive_failures FROM loop_state WHERE loop = ?", (loop,)
         ).fetchone()
     return int(row[0])
+
+
+# ---------------------------------------------------------------------------- failures
+
+
+def backoff_delay(on_failure: OnFailure, failures: int) -> float:
+    """Seconds to wait after the n-th consecutive failure (the last value repeats); 0 for n=0."""
+    if failures <= 0:
+        return 0.0
+    steps = on_failure.backoff_s
+    return float(steps[min(failures, len(steps)) - 1])
+
+
+def next_allowed_at(
+    ledger: Ledger, loop: str, on_failure: OnFailure, failures: int | None = None
+) -> datetime | None:
+    """When a failing loop may run again: its last failed run's end plus the backoff; else None.
+
+    Computed from the ledger (not kept in memory), so a restart keeps backing off.
+    """
+    if failures is None:
+        failures = get_state(ledger, loop).consecutive_failures
+    if failures <= 0:
+        return None
+    with ledger.read() as conn:
+        row = conn.execute(
+            "SELECT COALESCE(finished_at, started_at) FROM runs"
+            " WHERE loop = ? AND status = 'failed' ORDER BY id DESC LIMIT 1",
+            (loop,),
+        ).fetchone()
+    if row is None or row[0] is None:
+        return None
+    return parse_iso(str(row[0])) + timedelta(seconds=backoff_delay(on_failure, failures))
+
+
+def failure_pause_reason(
+    failures: int, on_failure: OnFailure, error_types: Iterable[str | None], error: str | None
+) -> str | None:
+    """Why a loop must be paused after a failed run, or None to let it back off and retry.
+
+    Auth and billing errors pause at once; otherwise `pause_after` consecutive failures do.
+    """
+    last = " ".join((error or "unknown error").split())
+    fatal = next((t for t in error_types if t in PAUSE_AT_ONCE), None)
+    if fatal is not None:
+        reason = f"{fatal} (pausing at once): {last}"
+    elif failures >= on_failure.pause_after:
+        reason = f"{failures} consecutive failures: {last}"
+    else:
+        return None
+    return reason[:_REASON_MAX]

@@ -1,9 +1,8 @@
-"""One run of a loop: build the prompt, pick the plan, execute within budget, record the run."""
+"""One run of a loop: gather context, fill the prompt, plan, execute within budget, deliver."""
 
 from __future__ import annotations
 
-import asyncio
-import re
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -14,6 +13,13 @@ import structlog
 from agentd import budgets, loopstate
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
+from agentd.context import (
+    gather_sources,
+    last_ok_reply,
+    merge_sources,
+    render_template,
+)
+from agentd.delivery import deliver_reply, wake_for
 from agentd.errors import (
     EXIT_FAILED,
     EXIT_NOT_NOW,
@@ -23,12 +29,11 @@ from agentd.errors import (
     LoopPaused,
 )
 from agentd.executor import Attempt, Executor, RunTrace
+from agentd.handlers import Handler, LoopContext, load_handler
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.looplock import loop_lock
-from agentd.providers.base import Message
-
-_PLACEHOLDER = re.compile(r"\{(now|loop)\}")
+from agentd.runcalls import Plan, RunCalls, plans_for
 
 
 @dataclass(frozen=True)
@@ -49,6 +54,7 @@ class RunResult:
     error: str | None = None
     route: dict[str, Any] = field(default_factory=dict)
     attempts: tuple[Attempt, ...] = ()
+    wake: str | None = None  # the loop `on_reply` asks to run next (trigger `on_reply`)
 
     @property
     def exit_code(self) -> int:
@@ -61,62 +67,19 @@ class RunResult:
 
 
 @dataclass(frozen=True)
-class Plan:
-    """One way to make the run's call: which tier's chain and how many output tokens."""
+class _Done:
+    """How the work part of a run ended, before delivery and the final ledger write."""
 
-    tier: str | None
-    chain: tuple[ChainEntry, ...]
-    max_tokens: int
-    reason: str
-
-
-def render_prompt(template: str, *, loop: str, now: datetime) -> str:
-    """Fill `{now}` and `{loop}`; any other braces stay as written (prompts often hold JSON)."""
-    values = {"now": now.isoformat(timespec="seconds"), "loop": loop}
-    return _PLACEHOLDER.sub(lambda m: values[m.group(1)], template)
+    status: str
+    log_event: str
+    error: str | None = None
+    reply: str | None = None
+    fallback: bool = False
+    entry: ChainEntry | None = None
 
 
-def plans_for(config: Config, executor: Executor, loop_name: str, prompt: str) -> list[Plan]:
-    """The loop's own plan, then, with `when_over_budget: downgrade`, cheaper ones to fall to."""
-    loop = config.loops[loop_name]
-    own_chain = tuple(config.chain(loop_name))
-    own = Plan(loop.tier or own_chain[0].tier, own_chain, loop.max_tokens, "configured")
-    if loop.when_over_budget != "downgrade":
-        return [own]
-    messages = [Message("user", prompt)]
-
-    def primary_cost(chain: tuple[ChainEntry, ...], max_tokens: int) -> int:
-        amount = executor.reservation_micro_usd(chain[0], loop.system, messages, max_tokens)
-        return amount if amount is not None else 0
-
-    own_cost = primary_cost(own_chain, loop.max_tokens)
-    cheaper: list[tuple[int, Plan]] = []
-    for tier in config.tiers:
-        if tier == own.tier:
-            continue
-        chain = tuple(config.tier_chain(tier))
-        cost = primary_cost(chain, loop.max_tokens)
-        if cost < own_cost:
-            cheaper.append((cost, Plan(tier, chain, loop.max_tokens, f"downgraded to {tier}")))
-    # Dearest cheaper tier first: give up as little quality as the budget allows.
-    cheaper.sort(key=lambda item: -item[0])
-    plans = [own, *(plan for _, plan in cheaper)]
-    if loop.min_tokens is not None:
-        last = plans[-1]
-        tokens = loop.max_tokens // 2
-        while tokens > loop.min_tokens:
-            plans.append(Plan(last.tier, last.chain, tokens, f"max_tokens reduced to {tokens}"))
-            tokens //= 2
-        if loop.min_tokens < loop.max_tokens:
-            plans.append(
-                Plan(
-                    last.tier,
-                    last.chain,
-                    loop.min_tokens,
-                    f"max_tokens reduced to {loop.min_tokens}",
-                )
-            )
-    return plans
+# Kept under its old name: the template is filled by `agentd.context`.
+render_prompt = render_template
 
 
 async def run_loop(
@@ -132,7 +95,8 @@ async def run_loop(
     """Run a loop once now and record it (errors become a failed run).
 
     Raises LoopBusy when the loop is already running anywhere, LoopPaused when it is paused,
-    and MissingKeyError when its primary model's key is missing.
+    MissingKeyError when its primary model's key is missing, and ConfigError when its handler
+    cannot be loaded.
     """
     with loop_lock(ledger.path.parent, loop_name):
         result = await _run_locked(
@@ -168,10 +132,18 @@ async def _run_locked(
         )
         raise LoopPaused(f"loop {loop_name!r} is paused: {paused} (run {run_id})")
 
-    prompt = render_prompt(config.prompt_path(loop_name).read_text(), loop=loop_name, now=now)
-    plans = plans_for(config, executor, loop_name, prompt)
-    # A missing key on the primary model is a configuration error: fail before recording a run.
-    executor.provider_for(plans[0].chain[0])
+    # Configuration problems (a bad handler, a missing key on the primary model) fail before a
+    # run is recorded and before any context command runs.
+    handler = load_handler(config, loop_name) if loop.handler is not None else None
+    executor.provider_for(config.chain(loop_name)[0])
+    last_reply = last_ok_reply(ledger, loop_name, simulated=simulated)
+    # Context first: its text is part of the prompt, so the reservation counts it.
+    sources = await gather_sources(config, loop_name, last_reply=last_reply)
+    prompt = None
+    if loop.prompt is not None:
+        template = config.prompt_path(loop_name).read_text()
+        prompt = render_prompt(template, loop=loop_name, now=now, tz=config.tz, sources=sources)
+    plans = [] if handler is not None else plans_for(config, executor, loop_name, prompt or "")
     windows = budgets.windows_for(
         loop_name,
         loop.budget.limits() if loop.budget else None,
@@ -180,88 +152,119 @@ async def _run_locked(
     run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
     structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
-    route: dict[str, Any] = {"strategy": loop.route, "requested_tier": plans[0].tier}
+    route: dict[str, Any] = (
+        {"strategy": "handler", "handler": loop.handler}
+        if handler is not None
+        else {"strategy": loop.route, "requested_tier": plans[0].tier}
+    )
+    calls = RunCalls(config, executor, loop_name, trace, windows, route)
+    done: _Done | None = None
     try:
-        return await _execute(
-            config, ledger, executor, loop_name, trace, plans, prompt, windows, route, now
-        )
-    except asyncio.CancelledError:
-        ledger.finish_run(run_id, status="aborted", route=route, error="cancelled")
+        if handler is not None:
+            context = LoopContext(
+                loop=loop_name,
+                config=config,
+                now=now,
+                prompt=prompt,
+                context=merge_sources(sources),
+                last_reply=last_reply,
+                log=get_logger(loop=loop_name, run_id=run_id, handler=loop.handler),
+                run_id=run_id,
+                simulated=simulated,
+                completer=calls,
+            )
+            done = await _run_handler(handler, context, calls, ledger)
+        else:
+            assert prompt is not None
+            done = await _run_prompt(calls, ledger, prompt, plans)
+        wake = None
+        if done.status == "ok":
+            wake = wake_for(loop, done.reply)
+            if wake is not None:
+                route["wake"] = wake
+            model = done.entry.model.model if done.entry else None
+            route.update(
+                await deliver_reply(
+                    config,
+                    loop_name,
+                    done.reply,
+                    state_dir=ledger.path.parent,
+                    run_id=run_id,
+                    model=model,
+                    cost_micro_usd=trace.cost_micro_usd,
+                )
+            )
+        return _finish(ledger, trace, route, calls.refusals, done, wake)
+    except BaseException as exc:
+        if done is not None and done.status == "ok":
+            # The reply is paid for: record it even when its delivery was cut short.
+            route["deliveries_interrupted"] = type(exc).__name__
+            _finish(ledger, trace, route, calls.refusals, done, route.get("wake"))
+        elif isinstance(exc, Exception):
+            ledger.finish_run(run_id, status="failed", route=route, error=repr(exc))
+        else:  # cancelled (daemon shutdown) or interrupted
+            ledger.finish_run(run_id, status="aborted", route=route, error="cancelled")
         raise
     finally:
         structlog.contextvars.unbind_contextvars("loop", "run_id")
 
 
-async def _execute(
-    config: Config,
-    ledger: Ledger,
-    executor: Executor,
-    loop_name: str,
-    trace: RunTrace,
-    plans: list[Plan],
-    prompt: str,
-    windows: list[budgets.Window],
-    route: dict[str, Any],
-    now: datetime,
-) -> RunResult:
-    """Try the plans in order until one gets a reply; record the run's end either way."""
-    loop = config.loops[loop_name]
-    refusals: list[str] = []
-    last_refusal: BudgetExceeded | None = None
-    messages = (Message("user", prompt),)
-    for plan in plans:
-        route.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
-        try:
-            outcome = await executor.call(
-                trace,
-                purpose="work",
-                chain=plan.chain,
-                system=loop.system,
-                messages=messages,
-                max_tokens=plan.max_tokens,
-                windows=windows,
-            )
-        except BudgetExceeded as exc:
-            refusals.append(f"{plan.reason}: {exc}")
-            last_refusal = exc
-            continue
-        except AgentdError as exc:
-            return _finish(
-                ledger,
-                trace,
-                route,
-                refusals,
-                status="failed",
-                error=str(exc),
-                log_event="run.failed",
-            )
-        route["model"] = outcome.entry.alias
-        return _finish(
-            ledger,
-            trace,
-            route,
-            refusals,
-            status="ok",
-            outcome_entry=outcome.entry,
-            reply=outcome.reply.text,
-            fallback=outcome.fallback,
-            log_event="run.finished",
-        )
-    error = " | ".join(refusals)
+async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str, plans: Sequence[Plan]) -> _Done:
+    """A prompt loop: one `work` call, on the first plan that fits the budget."""
+    loop = calls.config.loops[calls.loop_name]
+    try:
+        outcome = await calls.call(prompt, plans, purpose="work", system=loop.system)
+    except BudgetExceeded as exc:
+        return _over_budget(calls, ledger, str(exc))
+    except AgentdError as exc:
+        return _Done("failed", "run.failed", error=str(exc))
+    return _Done(
+        "ok",
+        "run.finished",
+        reply=outcome.reply.text,
+        fallback=outcome.fallback,
+        entry=outcome.entry,
+    )
+
+
+async def _run_handler(
+    handler: Handler, context: LoopContext, calls: RunCalls, ledger: Ledger
+) -> _Done:
+    """A Python loop: the handler's return value is the reply; its calls are already recorded."""
+    try:
+        reply = await handler(context)
+    except BudgetExceeded as exc:
+        if not calls.outcomes:
+            return _over_budget(calls, ledger, str(exc))
+        done = len(calls.outcomes)
+        error = f"over budget after {done} successful call(s): {exc}"
+        return _Done("failed", "run.failed", error=error)
+    except Exception as exc:
+        context.log.warning("handler.failed", exc_info=True)
+        return _Done("failed", "run.failed", error=f"{type(exc).__name__}: {exc}")
+    if reply is not None and not isinstance(reply, str):
+        error = f"handler returned {type(reply).__name__}; expected str or None"
+        return _Done("failed", "run.failed", error=error)
+    last = calls.outcomes[-1] if calls.outcomes else None
+    return _Done(
+        "ok",
+        "run.finished",
+        reply=reply,
+        fallback=any(o.fallback for o in calls.outcomes),
+        entry=last.entry if last else None,
+    )
+
+
+def _over_budget(calls: RunCalls, ledger: Ledger, error: str) -> _Done:
+    """No plan fitted: skip the run, and with `when_over_budget: pause` pause the loop."""
+    loop = calls.config.loops[calls.loop_name]
     if loop.when_over_budget == "pause":
         # Paused until the refusing window resets, so the schedule doesn't burn skipped runs.
-        until = last_refusal.resets_at if isinstance(last_refusal, BudgetWindowExceeded) else None
-        loopstate.set_paused(ledger, loop_name, "over budget", until)
+        refusal = calls.last_refusal
+        until = refusal.resets_at if isinstance(refusal, BudgetWindowExceeded) else None
+        loopstate.set_paused(ledger, calls.loop_name, "over budget", until)
         error += f" (loop paused until {until.isoformat() if until else 'resumed'})"
-    return _finish(
-        ledger,
-        trace,
-        route,
-        refusals,
-        status="skipped_budget",
-        error=error,
-        log_event="run.skipped_budget",
-    )
+    return _Done("skipped_budget", "run.skipped_budget", error=error)
 
 
 def _finish(
@@ -269,55 +272,53 @@ def _finish(
     trace: RunTrace,
     route: dict[str, Any],
     refusals: list[str],
-    *,
-    status: str,
-    log_event: str,
-    error: str | None = None,
-    reply: str | None = None,
-    fallback: bool = False,
-    outcome_entry: ChainEntry | None = None,
+    done: _Done,
+    wake: str | None,
 ) -> RunResult:
     """Write the run's final row and build its result."""
     route["skipped"] = trace.skipped
     if refusals:
         route["budget_refusals"] = refusals
-    model = outcome_entry.model.model if outcome_entry else None
+    entry = done.entry
+    model = entry.model.model if entry else None
     ledger.finish_run(
         trace.run_id,
-        status=status,
+        status=done.status,
         route=route,
         model=model,
-        fallback=fallback,
-        reply=reply,
-        error=error,
+        fallback=done.fallback,
+        reply=done.reply,
+        error=done.error,
     )
     row = ledger.get_run(trace.run_id) or {}
     cost = int(row.get("cost_micro_usd") or 0)
     get_logger().info(
-        log_event,
+        done.log_event,
         loop=trace.loop,
         run_id=trace.run_id,
-        status=status,
+        status=done.status,
         model=model,
         cost_micro_usd=cost,
         attempts=len(trace.attempts),
-        error=error,
+        error=done.error,
+        wake=wake,
     )
     return RunResult(
         run_id=trace.run_id,
         loop=trace.loop,
-        status=status,
+        status=done.status,
         simulated=trace.simulated,
-        tier=outcome_entry.tier if outcome_entry else route.get("tier"),
-        alias=outcome_entry.alias if outcome_entry else None,
-        provider=outcome_entry.provider_name if outcome_entry else None,
+        tier=entry.tier if entry else route.get("tier"),
+        alias=entry.alias if entry else None,
+        provider=entry.provider_name if entry else None,
         model=model,
-        reply=reply,
+        reply=done.reply,
         cost_micro_usd=cost,
-        fallback=fallback,
-        error=error,
+        fallback=done.fallback,
+        error=done.error,
         route=dict(route),
         attempts=tuple(trace.attempts),
+        wake=wake,
     )
 
 

@@ -9,7 +9,10 @@ from typing import Any
 
 from agentd import budgets
 from agentd.config import Config, missing_api_keys
+from agentd.context import check_context
+from agentd.delivery import redact_url
 from agentd.errors import LedgerError
+from agentd.handlers import load_handler
 from agentd.ledger import Ledger, utc_iso
 from agentd.pricing import format_usd
 from agentd.reports import Column, render
@@ -43,6 +46,8 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             "  chain: "
             + " -> ".join(f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain)
         )
+        lines.extend(_loop_io_lines(config, name))
+        warnings.extend(check_context(config, name))
         for entry in chain:
             if config.price(entry.alias) is None:
                 warnings.append(
@@ -61,6 +66,43 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             "  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes") for f in fires)
         )
     return "\n".join(lines), warnings
+
+
+def _loop_io_lines(config: Config, name: str) -> list[str]:
+    """The handler, context sources, deliveries and on_reply of a loop, for `agentd check`."""
+    loop = config.loops[name]
+    lines = []
+    if loop.handler is not None:
+        load_handler(config, name)  # a handler that cannot load is a ConfigError (exit 78)
+        lines.append(f"  handler: {loop.handler}")
+    if loop.context:
+        sources = []
+        for source in loop.context:
+            what = source.file or (" ".join(source.command) if source.command else "")
+            detail = f"{source.kind}: {what}" if what else source.kind
+            sources.append(
+                source.placeholder
+                if detail == source.placeholder
+                else f"{source.placeholder} ({detail})"
+            )
+        lines.append("  context: " + ", ".join(sources))
+    if loop.deliver:
+        targets = [
+            f"file {d.file}"
+            if d.file
+            else f"command {d.command[0]}"
+            if d.command
+            else f"webhook {redact_url(d.webhook or '')}"
+            for d in loop.deliver
+        ]
+        lines.append("  deliver: " + ", ".join(targets))
+    if loop.quiet_token:
+        lines.append(f"  quiet token: {loop.quiet_token} (such replies are not delivered)")
+    if loop.on_reply is not None:
+        lines.append(
+            f"  on reply containing {loop.on_reply.contains!r}: run {loop.on_reply.trigger}"
+        )
+    return lines
 
 
 def _attempt_dict(attempt: Any) -> dict[str, Any]:
@@ -100,6 +142,7 @@ def once_result_json(result: RunResult) -> str:
             "error": result.error,
             "route": result.route,
             "attempts": [_attempt_dict(a) for a in result.attempts],
+            "wake": result.wake,
         },
         indent=2,
     )
@@ -121,6 +164,8 @@ def once_result_text(result: RunResult) -> str:
     parts.append(line)
     if result.error:
         parts.append(f"-- {result.error}")
+    if result.wake:
+        parts.append(f"-- would wake {result.wake} (on_reply)")
     return "\n".join(parts)
 
 

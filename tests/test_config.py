@@ -400,7 +400,7 @@ INVALID = [
         "cron: '* * *'",
         "loops.heartbeat.cron",
         13,
-        "Wrong number of fields; got 3, expected 5",
+        "wrong number of fields; got 3, expected 5",
     ),
     (
         "budget-zero",
@@ -828,3 +828,8 @@ def test_loop_config_can_be_built_directly() -> None:
     assert loop.every_seconds == 5400
     assert LoopConfig(cron="0 7 * * *", tier="deep", max_tokens=1, prompt="p").every_seconds is None
     assert Config.model_fields["loops"].is_required()
+
+
+def test_cron_sunday_as_7_is_valid_like_in_crontab(tmp_path: Path) -> None:
+    path = write(tmp_path, BASE.replace("every: 30m", "cron: '0 7 * * 7'"))
+    assert load_config(path).loops["heartbeat"].cron == "0 7 * * 7"

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import sys
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -9,8 +11,9 @@ import pytest
 from fakeserver import FakeServer, ok
 from test_executor import Harness
 
-from agentd.errors import LoopPaused
-from agentd.runner import render_prompt
+from agentd import loopstate
+from agentd.errors import LoopPaused, MissingKeyError
+from agentd.runner import RunResult, render_prompt, run_loop
 
 
 def test_over_budget_is_skipped_without_any_request(
@@ -118,3 +121,81 @@ def test_render_prompt_fills_placeholders_and_keeps_other_braces() -> None:
     now = datetime(2026, 11, 25, 7, 0, tzinfo=UTC)
     text = render_prompt('{loop} at {now}: reply {"ok": true} {unknown}', loop="planning", now=now)
     assert text == 'planning at 2026-11-25T07:00:00+00:00: reply {"ok": true} {unknown}'
+
+
+def test_a_paused_loop_runs_no_context_command(tmp_path: Path, fake_server: FakeServer) -> None:
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"context": [{"command": command}]}}})
+    loopstate.set_paused(h.ledger, "work", "operator", None)
+    with pytest.raises(LoopPaused):
+        h.run()
+    assert not marker.exists()
+
+
+def test_a_missing_key_fails_before_context_commands_run(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    marker = tmp_path / "ran"
+    command = [sys.executable, "-c", f"open({str(marker)!r}, 'w')"]
+    h = Harness(
+        tmp_path, fake_server, {"loops": {"work": {"context": [{"command": command}]}}}, env={}
+    )
+    with pytest.raises(MissingKeyError):
+        h.run()
+    assert not marker.exists()
+    assert h.ledger.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
+
+
+def test_cancelled_delivery_still_records_the_paid_reply(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    started = tmp_path / "started"
+    script = f"import time; open({str(started)!r}, 'w'); time.sleep(30)"
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {"loops": {"work": {"deliver": [{"command": [sys.executable, "-c", script]}]}}},
+    )
+    fake_server.script("claude-haiku-4-5", ok("paid for"))
+
+    async def go() -> None:
+        task = asyncio.create_task(run_loop(h.config, h.ledger, h.executor, "work"))
+        while not started.exists():
+            await asyncio.sleep(0.02)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(go())
+    [row] = h.ledger.conn.execute("SELECT id FROM runs").fetchall()
+    run = h.run_row(row[0])
+    assert (run["status"], run["reply"]) == ("ok", "paid for")
+    assert run["route"]["deliveries_interrupted"] == "CancelledError"
+
+
+def test_an_unexpected_error_fails_the_run_instead_of_leaving_it_running(
+    tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    h = Harness(tmp_path, fake_server)
+
+    async def broken(*args: object, **kwargs: object) -> None:
+        raise ValueError("a bug")
+
+    monkeypatch.setattr(h.executor, "call", broken)
+    with pytest.raises(ValueError, match="a bug"):
+        h.run()
+    [(status, error)] = h.ledger.conn.execute("SELECT status, error FROM runs").fetchall()
+    assert status == "failed" and "a bug" in error
+
+
+def test_render_prompt_uses_the_config_timezone(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"timezone": "Asia/Tokyo"}, prompt="at {now} on {today}")
+
+    async def go() -> RunResult:
+        now = datetime(2026, 11, 25, 20, 0, tzinfo=UTC)
+        return await run_loop(h.config, h.ledger, h.executor, "work", now=now)
+
+    asyncio.run(go())
+    content = fake_server.requests[-1].body["messages"][0]["content"]
+    assert content == "at 2026-11-26T05:00:00+09:00 on 2026-11-26"

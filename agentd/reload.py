@@ -1,0 +1,100 @@
+"""What a config reload changes: loops added, removed, changed and rescheduled; key checks."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from agentd.config import Config
+from agentd.errors import MissingKeyError
+from agentd.scheduling import schedule_key
+
+
+@dataclass(frozen=True)
+class ConfigChange:
+    """The difference between the running config and a new one, by loop name."""
+
+    added: tuple[str, ...] = ()  # scheduled now, not before (new or newly enabled)
+    removed: tuple[str, ...] = ()  # scheduled before, not now (gone or disabled)
+    changed: tuple[str, ...] = ()  # kept loops whose settings differ
+    rescheduled: tuple[str, ...] = ()  # kept loops whose job is replaced (schedule or zone)
+    settings: tuple[str, ...] = ()  # top-level keys that differ (providers, tiers, budgets …)
+
+    def as_dict(self) -> dict[str, list[str]]:
+        """JSON-able lists, for the control API and the `daemon.reloaded` log event."""
+        return {
+            "added": list(self.added),
+            "removed": list(self.removed),
+            "changed": list(self.changed),
+            "rescheduled": list(self.rescheduled),
+            "settings": list(self.settings),
+        }
+
+    def summary(self) -> str:
+        """One line for people, e.g. `reloaded: added research; changed heartbeat`."""
+        parts = [
+            f"{what} {', '.join(names)}"
+            for what, names in (
+                ("added", self.added),
+                ("removed", self.removed),
+                ("changed", self.changed),
+                ("settings changed:", self.settings),
+            )
+            if names
+        ]
+        return "reloaded: " + ("; ".join(parts) if parts else "no changes")
+
+
+def _scheduled(config: Config) -> set[str]:
+    return {name for name, loop in config.loops.items() if loop.enabled}
+
+
+def diff_configs(old: Config, new: Config) -> ConfigChange:
+    """Compare two configs loop by loop (pydantic models compare by value)."""
+    before, after = _scheduled(old), _scheduled(new)
+    added = sorted(after - before)
+    removed = sorted(before - after)
+    kept = sorted(old.loops.keys() & new.loops.keys())
+    changed = [
+        n for n in kept if old.loops[n] != new.loops[n] and n not in added and n not in removed
+    ]
+    # The zone and the misfire grace are part of every job: a change reschedules them all.
+    everything = (old.timezone, old.daemon.misfire_grace_s) != (
+        new.timezone,
+        new.daemon.misfire_grace_s,
+    )
+    rescheduled = [
+        n
+        for n in sorted(before & after)
+        if everything or schedule_key(old.loops[n]) != schedule_key(new.loops[n])
+    ]
+    settings = sorted(
+        key
+        for key in Config.model_fields
+        if key != "loops" and getattr(old, key) != getattr(new, key)
+    )
+    if old.path != new.path:
+        settings.append("path")
+    return ConfigChange(
+        tuple(added), tuple(removed), tuple(changed), tuple(rescheduled), tuple(settings)
+    )
+
+
+def check_primary_keys(
+    config: Config, *, simulate: bool, env: Mapping[str, str] | None = None
+) -> None:
+    """MissingKeyError when an enabled loop's primary model has no API key (not with simulate).
+
+    Fallback models may lack keys (the executor skips them); a loop whose first model cannot
+    be called is a configuration error, found at start or reload rather than at its first run.
+    """
+    if simulate:
+        return
+    for name, loop in config.loops.items():
+        if not loop.enabled:
+            continue
+        entry = config.chain(name)[0]
+        try:
+            config.api_key(entry.provider_name, env)
+        except MissingKeyError as exc:
+            raise MissingKeyError(f"loop {name!r}: {exc}") from None

@@ -1,0 +1,197 @@
+"""A run's model calls: budget plans (downgrade), attempts numbered across the run, refusals."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from agentd import budgets
+from agentd.config import ChainEntry, Config
+from agentd.errors import AgentdError, BudgetExceeded
+from agentd.executor import CallOutcome, Executor, RunTrace
+from agentd.providers.base import Message
+
+
+@dataclass(frozen=True)
+class Plan:
+    """One way to make a call: which tier's chain and how many output tokens."""
+
+    tier: str | None
+    chain: tuple[ChainEntry, ...]
+    max_tokens: int
+    reason: str
+
+
+def _chain(
+    config: Config, loop_name: str, tier: str | None, model: str | None
+) -> tuple[ChainEntry, ...]:
+    """The loop's chain, or the one a handler asks for (then the loop's fallback tiers)."""
+    if tier is None and model is None:
+        return tuple(config.chain(loop_name))
+    if tier is not None:
+        entries = config.tier_chain(tier)
+    else:
+        assert model is not None
+        home = next((t for t, aliases in config.tiers.items() if model in aliases), None)
+        spec = config.models[model]
+        entries = [ChainEntry(home, model, spec, spec.provider, config.providers[spec.provider])]
+    for extra in config.loops[loop_name].fallback_tiers:
+        entries.extend(config.tier_chain(extra))
+    unique: dict[str, ChainEntry] = {}
+    for entry in entries:
+        unique.setdefault(entry.alias, entry)
+    return tuple(unique.values())
+
+
+def plans_for(
+    config: Config,
+    executor: Executor,
+    loop_name: str,
+    prompt: str,
+    *,
+    tier: str | None = None,
+    model: str | None = None,
+    max_tokens: int | None = None,
+    system: str | None = None,
+) -> list[Plan]:
+    """The requested plan, then, with `when_over_budget: downgrade`, cheaper ones to fall to."""
+    loop = config.loops[loop_name]
+    max_tokens = max_tokens or loop.max_tokens
+    system = loop.system if system is None else system
+    own_chain = _chain(config, loop_name, tier, model)
+    own_tier = tier or (own_chain[0].tier if model else loop.tier or own_chain[0].tier)
+    asked = tier is not None or model is not None
+    own = Plan(own_tier, own_chain, max_tokens, "asked by handler" if asked else "configured")
+    if loop.when_over_budget != "downgrade":
+        return [own]
+    messages = [Message("user", prompt)]
+
+    def primary_cost(chain: tuple[ChainEntry, ...], tokens: int) -> int:
+        amount = executor.reservation_micro_usd(chain[0], system, messages, tokens)
+        return amount if amount is not None else 0
+
+    own_cost = primary_cost(own_chain, max_tokens)
+    cheaper: list[tuple[int, Plan]] = []
+    for other in config.tiers:
+        if other == own.tier:
+            continue
+        chain = tuple(config.tier_chain(other))
+        cost = primary_cost(chain, max_tokens)
+        if cost < own_cost:
+            cheaper.append((cost, Plan(other, chain, max_tokens, f"downgraded to {other}")))
+    # Dearest cheaper tier first: give up as little quality as the budget allows.
+    cheaper.sort(key=lambda item: -item[0])
+    plans = [own, *(plan for _, plan in cheaper)]
+    if loop.min_tokens is not None:
+        last = plans[-1]
+        tokens = max_tokens // 2
+        while tokens > loop.min_tokens:
+            plans.append(Plan(last.tier, last.chain, tokens, f"max_tokens reduced to {tokens}"))
+            tokens //= 2
+        if loop.min_tokens < max_tokens:
+            reason = f"max_tokens reduced to {loop.min_tokens}"
+            plans.append(Plan(last.tier, last.chain, loop.min_tokens, reason))
+    return plans
+
+
+class RunCalls:
+    """The model calls of one run: budget plans, one trace numbering every attempt, refusals.
+
+    Both a prompt loop's single call and every `complete()` of a handler go through `call`.
+    """
+
+    def __init__(
+        self,
+        config: Config,
+        executor: Executor,
+        loop_name: str,
+        trace: RunTrace,
+        windows: Sequence[budgets.Window],
+        route: dict[str, Any],
+    ) -> None:
+        self.config = config
+        self.executor = executor
+        self.loop_name = loop_name
+        self.trace = trace
+        self.windows = windows
+        self.route = route
+        self.refusals: list[str] = []
+        self.last_refusal: BudgetExceeded | None = None
+        self.outcomes: list[CallOutcome] = []
+        # A handler may gather() several complete()s; the executor numbers attempts from the
+        # trace's length, so the run's calls are made one at a time to keep numbers unique.
+        self._lock = asyncio.Lock()
+
+    async def call(
+        self, prompt: str, plans: Sequence[Plan], *, purpose: str, system: str | None
+    ) -> CallOutcome:
+        """Try the plans in order until one fits the budget; BudgetExceeded when none does."""
+        messages = (Message("user", prompt),)
+        refused: list[str] = []
+        for plan in plans:
+            self.route.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
+            try:
+                outcome = await self.executor.call(
+                    self.trace,
+                    purpose=purpose,
+                    chain=plan.chain,
+                    system=system,
+                    messages=messages,
+                    max_tokens=plan.max_tokens,
+                    windows=self.windows,
+                )
+            except BudgetExceeded as exc:
+                refused.append(f"{plan.reason}: {exc}")
+                self.refusals.append(refused[-1])
+                self.last_refusal = exc
+                continue
+            self.outcomes.append(outcome)
+            self.route["model"] = outcome.entry.alias
+            return outcome
+        window = self.last_refusal.window if self.last_refusal else ""
+        raise BudgetExceeded(" | ".join(refused), window=window)
+
+    async def complete(
+        self,
+        prompt: str,
+        *,
+        tier: str | None,
+        model: str | None,
+        max_tokens: int | None,
+        purpose: str,
+        system: str | None,
+    ) -> str:
+        """A handler's call (`LoopContext.complete`): the reply's text."""
+        loop = self.config.loops[self.loop_name]
+        system = loop.system if system is None else system
+        plans = plans_for(
+            self.config,
+            self.executor,
+            self.loop_name,
+            prompt,
+            tier=tier,
+            model=model,
+            max_tokens=max_tokens,
+            system=system,
+        )
+        note: dict[str, Any] = {"purpose": purpose, "requested_tier": plans[0].tier}
+        self.route.setdefault("calls", []).append(note)
+        try:
+            async with self._lock:
+                outcome = await self.call(prompt, plans, purpose=purpose, system=system)
+        except BudgetExceeded:
+            note["status"] = "skipped_budget"
+            raise
+        except AgentdError:
+            note["status"] = "failed"
+            raise
+        note.update(
+            status="ok",
+            tier=self.route["tier"],
+            model=outcome.entry.alias,
+            max_tokens=self.route["max_tokens"],
+            reason=self.route["reason"],
+        )
+        return outcome.reply.text
