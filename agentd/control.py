@@ -27,9 +27,9 @@ import re
 import socket
 import stat
 import time
-from collections.abc import Awaitable, Callable, Collection, Mapping
+from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
-from datetime import UTC, date, datetime, tzinfo
+from datetime import date, datetime
 from http import HTTPStatus
 from pathlib import Path
 from typing import Any, Protocol
@@ -37,12 +37,7 @@ from urllib.parse import unquote
 
 import structlog
 
-from agentd import budgets, loopstate
-from agentd.config import Config
 from agentd.errors import EXIT_NOT_NOW, AgentdError
-from agentd.ledger import Ledger, utc_iso
-from agentd.loopconfig import LoopConfig
-from agentd.pricing import format_usd
 
 SOCKET_NAME = "agentd.sock"
 ENV_RUNTIME_DIRECTORY = "RUNTIME_DIRECTORY"  # set by systemd's RuntimeDirectory=
@@ -415,108 +410,3 @@ async def _sync(func: Callable[..., Any], *args: Any) -> Any:
 def _internal_error(action: str, exc: BaseException) -> _Reply:
     log.error("control.target_failed", action=action, exc_info=exc)
     return _Reply(500, {"error": f"internal error in {action}: {type(exc).__name__}: {exc}"[:300]})
-
-
-# ---------------------------------------------------------------------------- status
-
-
-def schedule_text(loop: LoopConfig) -> str:
-    """A loop's schedule in a few words, e.g. `every 30m, jitter 30s, 08:00-22:00`."""
-    parts = [f"every {loop.every}" if loop.every else f"cron {loop.cron}"]
-    if loop.jitter:
-        parts.append(f"jitter {loop.jitter}")
-    if loop.active_hours is not None:
-        parts.append(f"{loop.active_hours.start}-{loop.active_hours.end}")
-    return ", ".join(parts)
-
-
-def _window_dict(ws: budgets.WindowStatus, tz: tzinfo) -> dict[str, Any]:
-    return {
-        "scope": ws.window.scope,
-        "period": ws.window.period,
-        "limit_usd": format_usd(ws.window.limit_micro_usd),
-        "spent_usd": format_usd(ws.spent_micro_usd),
-        "reserved_usd": format_usd(ws.reserved_micro_usd),
-        "remaining_usd": format_usd(ws.remaining_micro_usd),
-        "resets_at": ws.end.astimezone(tz).isoformat(),
-    }
-
-
-def _iso(value: datetime | None) -> str | None:
-    return None if value is None else utc_iso(value)
-
-
-def build_status(
-    ledger: Ledger,
-    config: Config,
-    *,
-    now: datetime | None = None,
-    next_runs: Mapping[str, datetime | None] | None = None,
-    running: Collection[str] = (),
-    simulated: bool = False,
-    daemon: Mapping[str, Any] | None = None,
-) -> dict[str, Any]:
-    """The `/status` body: each loop's schedule, next and last run, pause, failures and spend.
-
-    `next_runs` are the scheduler's next fire times (a loop missing from it has none);
-    `running` the loops with a run in progress; `daemon` extra facts (pid, started_at,
-    version, config path) shown as they are. Money is decimal strings, times ISO-8601.
-    Only ledger rows of the daemon's kind (`simulated`) count.
-    """
-    at = datetime.now(UTC) if now is None else now
-    tz = config.tz
-    global_windows = budgets.windows_for(
-        "", None, config.budgets.limits() if config.budgets else None
-    )
-    global_status = budgets.window_status(ledger, global_windows, tz, at, simulated)
-    with ledger.read() as conn:
-        failures = dict(
-            conn.execute("SELECT loop, consecutive_failures FROM loop_state").fetchall()
-        )
-    loops = []
-    for name, loop in config.loops.items():
-        own = budgets.windows_for(name, loop.budget.limits() if loop.budget else None, None)
-        # A zero-limit day window of the loop: only its spent figure is used ("spend today").
-        today = budgets.Window(name, "day", 0)
-        statuses = budgets.window_status(ledger, [*own, today], tz, at, simulated)
-        windows = [*statuses[:-1], *global_status]
-        tightest = min(windows, key=lambda ws: ws.remaining_micro_usd, default=None)
-        with ledger.read() as conn:
-            row = conn.execute(
-                "SELECT id, status, trigger, started_at, finished_at, model, cost_micro_usd,"
-                " error FROM runs WHERE loop = ? AND simulated = ? AND status != 'running'"
-                " ORDER BY started_at DESC, id DESC LIMIT 1",
-                (name, int(simulated)),
-            ).fetchone()
-        last = None
-        if row is not None:
-            keys = ("id", "status", "trigger", "started_at", "finished_at", "model")
-            last = dict(zip(keys, row[:6], strict=True))
-            last["cost_usd"] = format_usd(int(row[6] or 0))
-            last["error"] = row[7]
-        reason = loopstate.paused_reason(ledger, name, at)
-        loops.append(
-            {
-                "name": name,
-                "enabled": loop.enabled,
-                "schedule": schedule_text(loop),
-                "target": f"tier {loop.tier}" if loop.tier else f"model {loop.model}",
-                "next_run": _iso((next_runs or {}).get(name)),
-                "running": name in running,
-                "paused": reason is not None,
-                "paused_reason": reason,
-                "consecutive_failures": int(failures.get(name, 0)),
-                "last_run": last,
-                "spent_today_usd": format_usd(statuses[-1].spent_micro_usd),
-                "windows": [_window_dict(ws, tz) for ws in windows],
-                "tightest": None if tightest is None else _window_dict(tightest, tz),
-            }
-        )
-    return {
-        "daemon": dict(daemon or {}),
-        "now": utc_iso(at),
-        "timezone": config.timezone,
-        "simulated": simulated,
-        "budgets": [_window_dict(ws, tz) for ws in global_status],
-        "loops": loops,
-    }

@@ -22,14 +22,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
-import importlib
 import os
 import signal
 import threading
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
-from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from agentd import loopstate, scheduling
@@ -102,16 +100,6 @@ def acquire_pid_lock(state_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _control_module() -> ModuleType | None:
-    """`agentd.control` (the control socket), or None while it is not part of the package."""
-    try:
-        return importlib.import_module("agentd.control")
-    except ModuleNotFoundError as exc:
-        if exc.name != "agentd.control":
-            raise
-        return None
 
 
 class Daemon(DaemonView):
@@ -288,10 +276,8 @@ class Daemon(DaemonView):
                 self._log.debug("ledger.checkpoint", busy=busy, wal_frames=frames, done=done)
 
     async def _start_control(self) -> None:
-        control = _control_module()
-        if control is None:
-            self._log.warning("control.unavailable", reason="agentd.control is not installed")
-            return
+        from agentd import control
+
         path = control.socket_path(self.state_dir, self._env)
         try:
             self._server = await control.serve(self, path)

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import os
 import sqlite3
-from datetime import UTC, datetime
+from collections.abc import Collection, Mapping
+from datetime import UTC, datetime, tzinfo
 from pathlib import Path
 from typing import Any
 
@@ -12,6 +13,7 @@ from agentd import budgets, loopstate, scheduling
 from agentd.config import Config
 from agentd.errors import LedgerError
 from agentd.ledger import EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
+from agentd.loopconfig import LoopConfig
 from agentd.owner import current_owner
 from agentd.pricing import format_usd
 
@@ -163,20 +165,15 @@ class DaemonView:
             if loop.enabled and self._scheduler is not None:
                 next_runs[name] = scheduling.next_run_time(self._scheduler, name)
         facts = self.daemon_facts()
-        try:
-            from agentd.control import build_status
-        except ImportError:  # the control module is optional for the daemon itself
-            body: dict[str, Any] = {"daemon": facts, "loops": [{"name": n} for n in config.loops]}
-        else:
-            body = build_status(
-                self.ledger,
-                config,
-                now=now,
-                next_runs=next_runs,
-                running=self.loops_running(),
-                simulated=self.simulate,
-                daemon=facts,
-            )
+        body = build_status(
+            self.ledger,
+            config,
+            now=now,
+            next_runs=next_runs,
+            running=self.loops_running(),
+            simulated=self.simulate,
+            daemon=facts,
+        )
         states = loopstate.all_states(self.ledger)
         for entry in body["loops"]:
             self._add_loop_facts(entry, states.get(entry["name"]), next_runs, now)
@@ -199,7 +196,6 @@ class DaemonView:
             self.ledger, name, loop.on_failure, state.consecutive_failures
         )
         next_run = next_runs.get(name)
-        entry.setdefault("schedule", scheduling.describe_schedule(loop))
         entry.setdefault("next_run", None if next_run is None else utc_iso(next_run))
         entry.setdefault("running", self.is_running(name))
         entry.setdefault("consecutive_failures", state.consecutive_failures)
@@ -218,3 +214,108 @@ class DaemonView:
         last = entry.get("last_run")
         if isinstance(last, dict) and "id" in last:
             last.setdefault("run_id", last["id"])
+
+
+# ---------------------------------------------------------------------------- status body
+
+
+def schedule_text(loop: LoopConfig) -> str:
+    """A loop's schedule in a few words, e.g. `every 30m, jitter 30s, 08:00-22:00`."""
+    parts = [f"every {loop.every}" if loop.every else f"cron {loop.cron}"]
+    if loop.jitter:
+        parts.append(f"jitter {loop.jitter}")
+    if loop.active_hours is not None:
+        parts.append(f"{loop.active_hours.start}-{loop.active_hours.end}")
+    return ", ".join(parts)
+
+
+def _window_dict(ws: budgets.WindowStatus, tz: tzinfo) -> dict[str, Any]:
+    return {
+        "scope": ws.window.scope,
+        "period": ws.window.period,
+        "limit_usd": format_usd(ws.window.limit_micro_usd),
+        "spent_usd": format_usd(ws.spent_micro_usd),
+        "reserved_usd": format_usd(ws.reserved_micro_usd),
+        "remaining_usd": format_usd(ws.remaining_micro_usd),
+        "resets_at": ws.end.astimezone(tz).isoformat(),
+    }
+
+
+def _iso(value: datetime | None) -> str | None:
+    return None if value is None else utc_iso(value)
+
+
+def build_status(
+    ledger: Ledger,
+    config: Config,
+    *,
+    now: datetime | None = None,
+    next_runs: Mapping[str, datetime | None] | None = None,
+    running: Collection[str] = (),
+    simulated: bool = False,
+    daemon: Mapping[str, Any] | None = None,
+) -> dict[str, Any]:
+    """The `/status` body: each loop's schedule, next and last run, pause, failures and spend.
+
+    `next_runs` are the scheduler's next fire times (a loop missing from it has none);
+    `running` the loops with a run in progress; `daemon` extra facts (pid, started_at,
+    version, config path) shown as they are. Money is decimal strings, times ISO-8601.
+    Only ledger rows of the daemon's kind (`simulated`) count.
+    """
+    at = datetime.now(UTC) if now is None else now
+    tz = config.tz
+    global_windows = budgets.windows_for(
+        "", None, config.budgets.limits() if config.budgets else None
+    )
+    global_status = budgets.window_status(ledger, global_windows, tz, at, simulated)
+    with ledger.read() as conn:
+        failures = dict(
+            conn.execute("SELECT loop, consecutive_failures FROM loop_state").fetchall()
+        )
+    loops = []
+    for name, loop in config.loops.items():
+        own = budgets.windows_for(name, loop.budget.limits() if loop.budget else None, None)
+        # A zero-limit day window of the loop: only its spent figure is used ("spend today").
+        today = budgets.Window(name, "day", 0)
+        statuses = budgets.window_status(ledger, [*own, today], tz, at, simulated)
+        windows = [*statuses[:-1], *global_status]
+        tightest = min(windows, key=lambda ws: ws.remaining_micro_usd, default=None)
+        with ledger.read() as conn:
+            row = conn.execute(
+                "SELECT id, status, trigger, started_at, finished_at, model, cost_micro_usd,"
+                " error FROM runs WHERE loop = ? AND simulated = ? AND status != 'running'"
+                " ORDER BY started_at DESC, id DESC LIMIT 1",
+                (name, int(simulated)),
+            ).fetchone()
+        last = None
+        if row is not None:
+            keys = ("id", "status", "trigger", "started_at", "finished_at", "model")
+            last = dict(zip(keys, row[:6], strict=True))
+            last["cost_usd"] = format_usd(int(row[6] or 0))
+            last["error"] = row[7]
+        reason = loopstate.paused_reason(ledger, name, at)
+        loops.append(
+            {
+                "name": name,
+                "enabled": loop.enabled,
+                "schedule": schedule_text(loop),
+                "target": f"tier {loop.tier}" if loop.tier else f"model {loop.model}",
+                "next_run": _iso((next_runs or {}).get(name)),
+                "running": name in running,
+                "paused": reason is not None,
+                "paused_reason": reason,
+                "consecutive_failures": int(failures.get(name, 0)),
+                "last_run": last,
+                "spent_today_usd": format_usd(statuses[-1].spent_micro_usd),
+                "windows": [_window_dict(ws, tz) for ws in windows],
+                "tightest": None if tightest is None else _window_dict(tightest, tz),
+            }
+        )
+    return {
+        "daemon": dict(daemon or {}),
+        "now": utc_iso(at),
+        "timezone": config.timezone,
+        "simulated": simulated,
+        "budgets": [_window_dict(ws, tz) for ws in global_status],
+        "loops": loops,
+    }

@@ -223,11 +223,6 @@ def jitter_delay(loop: LoopConfig, rng: random.Random | None = None) -> float:
     return (rng or random).uniform(0, seconds)
 
 
-def describe_schedule(loop: LoopConfig) -> str:
-    """`every 30m` or `cron 0 7 * * *`, for status output."""
-    return f"every {loop.every}" if loop.every is not None else f"cron {loop.cron}"
-
-
 def schedule_key(loop: LoopConfig) -> tuple[Any, ...]:
     """What of a loop decides its job; a reload reschedules the loop only when this changes."""
     return (loop.enabled, loop.every, loop.cron)

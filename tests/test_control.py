@@ -28,7 +28,6 @@ from agentd.config import Config, load_config
 from agentd.control import (
     MAX_SOCKET_PATH_BYTES,
     ControlTarget,
-    build_status,
     check_socket_path,
     serve,
     socket_path,
@@ -43,6 +42,7 @@ from agentd.control_client import (
     request,
     status_command,
 )
+from agentd.daemonstatus import build_status
 from agentd.errors import EXIT_FAILED, AgentdError, ConfigError, LoopBusy, LoopPaused
 from agentd.ledger import Ledger
 from agentd.providers.base import Usage

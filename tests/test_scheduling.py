@@ -18,7 +18,6 @@ from agentd.scheduling import (
     add_loop_job,
     anchor_for,
     crontab_weekdays,
-    describe_schedule,
     is_active,
     jitter_delay,
     job_id,
@@ -224,9 +223,7 @@ def test_jitter_delay() -> None:
     assert all(0 <= d <= 30 for d in delays) and max(delays) > 20
 
 
-def test_describe_and_schedule_key() -> None:
-    assert describe_schedule(loop(every="30m")) == "every 30m"
-    assert describe_schedule(loop(cron="0 7 * * *")) == "cron 0 7 * * *"
+def test_schedule_key() -> None:
     assert schedule_key(loop(every="30m")) == schedule_key(
         LoopConfig(tier="deep", max_tokens=99, prompt="q.md", every="30m")
     )
