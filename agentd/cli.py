@@ -211,6 +211,33 @@ def reload(obj: Context) -> None:
     _action(obj, "reload", None)
 
 
+@main.command()
+@click.argument("text")
+@click.option(
+    "--loop",
+    "loop_name",
+    metavar="LOOP",
+    help="Explain this loop's route (default: static on tier balanced).",
+)
+@click.option(
+    "--simulate",
+    is_flag=True,
+    help="Classify with the built-in offline model (no key, no network).",
+)
+@click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
+@click.pass_obj
+@handle_errors
+def route(obj: Context, text: str, loop_name: str | None, simulate: bool, as_json: bool) -> None:
+    """Explain which tier and model TEXT would get, what it may cost, and why."""
+    from agentd.routeexplain import explain_route, format_explanation
+
+    config = obj.config()
+    explanation = asyncio.run(
+        explain_route(config, obj.state_dir(config), text, loop=loop_name, simulate=simulate)
+    )
+    click.echo(format_explanation(explanation, as_json))
+
+
 def _format(as_json: bool, as_csv: bool) -> str:
     if as_json and as_csv:
         raise click.UsageError("choose one of --json and --csv")

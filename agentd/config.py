@@ -33,6 +33,7 @@ from agentd.loopconfig import (
     LoopConfig,
 )
 from agentd.pricing import Price, lookup_price, override_price
+from agentd.routeprompts import REQUIRED as ROUTE_TEMPLATE_PLACEHOLDERS
 from agentd.yamlload import (
     ConfigProblem,
     YamlDocument,
@@ -254,9 +255,10 @@ class Config(BaseModel):
                     f"cannot read prompt file {path}: {exc.strerror or exc} (relative paths "
                     "resolve against the config file's directory)",
                 ) from None
+        route_entries = self._check_route(name, loop, check_prompt)
         if loop.budget is None and self.budgets is None:
             return
-        for entry in self.chain(name):
+        for entry in [*self.chain(name), *route_entries]:
             if self.price(entry.alias) is None:
                 whose = "this loop's budget" if loop.budget is not None else "the global budgets"
                 raise ConfigProblem(
@@ -266,6 +268,42 @@ class Config(BaseModel):
                     f"enforced: add models.{entry.alias}.price with input and output "
                     "in USD per million tokens",
                 )
+
+    def _check_route(self, name: str, loop: LoopConfig, check_prompt: bool) -> list[ChainEntry]:
+        """The route's tiers exist and its templates are readable; the models it may call."""
+        from agentd.routing import tiers_used
+
+        where: KeyPath = ("loops", name)
+        entries: list[ChainEntry] = []
+        for key_path, tier, who in tiers_used(loop):
+            if tier not in self.tiers:
+                raise ConfigProblem(
+                    (*where, *key_path),
+                    f"{who} uses tier {tier!r}, which is not defined {_defined(self.tiers)}",
+                )
+            entries.extend(self.tier_chain(tier))
+        for key, placeholders in ROUTE_TEMPLATE_PLACEHOLDERS.items():
+            value = getattr(loop.routing, key)
+            if value is None or not check_prompt:
+                continue
+            path = self.resolve_path(value)
+            try:
+                text = path.read_text(encoding="utf-8")
+            except (OSError, UnicodeDecodeError) as exc:
+                problem = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+                raise ConfigProblem(
+                    (*where, "routing", key),
+                    f"cannot read template {path}: {problem or exc} (relative paths resolve "
+                    "against the config file's directory)",
+                ) from None
+            missing = [p for p in placeholders if p not in text]
+            if missing:
+                raise ConfigProblem(
+                    (*where, "routing", key),
+                    f"template {path} lacks {' and '.join(missing)}: the call would not see "
+                    "its input",
+                )
+        return entries
 
     @property
     def path(self) -> Path:
@@ -316,6 +354,14 @@ class Config(BaseModel):
             p = model.price
             return override_price(p.input, p.output, p.cache_read, p.cache_write, p.cache_write_1h)
         return lookup_price(self.providers[model.provider].type, model.model)
+
+    def context_window(self, alias: str) -> int | None:
+        """A model's context window in tokens: `models.X.context_window`, else the price table's."""
+        model = self.models[alias]
+        if model.context_window is not None:
+            return model.context_window
+        price = lookup_price(self.providers[model.provider].type, model.model)
+        return None if price is None else price.context_window
 
     def prompt_path(self, loop_name: str) -> Path:
         """The absolute path of a loop's prompt template (relative to the config's directory)."""

@@ -154,6 +154,85 @@ class OnFailure(BaseModel):
     pause_after: int = Field(5, ge=1, description="Consecutive failures that pause the loop")
 
 
+ROUTES = ("static", "rules", "classify", "cascade")
+Route = Literal["static", "rules", "classify", "cascade"]
+TaskKind = Literal["extraction", "classification", "content", "code", "reasoning"]
+Stakes = Literal["low", "normal", "high"]
+Latency = Literal["interactive", "background"]
+# The classifier's labels, in the order its prompt lists them.
+LABELS = (
+    "simple_extraction",
+    "classification",
+    "content_generation",
+    "code_task",
+    "complex_reasoning",
+)
+_RULES_ONLY = ("kind", "stakes", "latency")
+
+
+class RouteLabels(BaseModel):
+    """`route: classify`: the tier each classifier label sends the task to."""
+
+    model_config = _STRICT
+    simple_extraction: str = Field("fast", description="Tier for simple_extraction")
+    classification: str = Field("fast", description="Tier for classification")
+    content_generation: str = Field("balanced", description="Tier for content_generation")
+    code_task: str = Field("balanced", description="Tier for code_task")
+    complex_reasoning: str = Field("deep", description="Tier for complex_reasoning")
+
+    def tier(self, label: str) -> str:
+        """The tier a label maps to (label must be one of LABELS)."""
+        value: str = getattr(self, label)
+        return value
+
+
+class RoutingConfig(BaseModel):
+    """Settings of a loop's route strategy; each key belongs to one strategy."""
+
+    model_config = _STRICT
+    short_input_tokens: int = Field(
+        100, gt=0, description="rules: below this estimated input size a task counts as short"
+    )
+    classifier_tier: str = Field("fast", description="classify: the tier that labels the task")
+    labels: RouteLabels = Field(
+        default_factory=RouteLabels, description="classify: label -> tier of the work call"
+    )
+    classifier_prompt: str | None = Field(
+        None, description="classify: template with {task} (and {labels}); relative to the config"
+    )
+    classify_max_tokens: int = Field(64, gt=0, description="classify: output cap of the label")
+    threshold: float = Field(
+        0.8, ge=0, le=1, description="cascade: a review score below this escalates"
+    )
+    review_tier: str = Field("fast", description="cascade: the tier that scores the draft")
+    escalate_tier: str = Field("deep", description="cascade: the tier that improves the draft")
+    reviewer_prompt: str | None = Field(
+        None, description="cascade: template with {task} and {draft}; relative to the config"
+    )
+    escalation_prompt: str | None = Field(
+        None,
+        description="cascade: template with {task} and {draft} (and {score}); relative to "
+        "the config",
+    )
+    review_max_tokens: int = Field(64, gt=0, description="cascade: output cap of the review")
+
+
+# Which strategy reads each `routing:` key: a key another strategy would ignore is an error.
+ROUTING_KEYS: dict[str, str] = {
+    "short_input_tokens": "rules",
+    "classifier_tier": "classify",
+    "labels": "classify",
+    "classifier_prompt": "classify",
+    "classify_max_tokens": "classify",
+    "threshold": "cascade",
+    "review_tier": "cascade",
+    "escalate_tier": "cascade",
+    "reviewer_prompt": "cascade",
+    "escalation_prompt": "cascade",
+    "review_max_tokens": "cascade",
+}
+
+
 class LoopConfig(BaseModel):
     """One scheduled agent loop."""
 
@@ -172,7 +251,16 @@ class LoopConfig(BaseModel):
     system: str | None = Field(None, description="System prompt")
     budget: BudgetConfig | None = None
     when_over_budget: Literal["skip", "downgrade", "pause"] = "skip"
-    route: Literal["static"] = Field("static", description="Routing strategy")
+    route: Route = Field(
+        "static",
+        description="Routing strategy: static (the loop's tier), rules, classify or cascade",
+    )
+    kind: TaskKind | None = Field(None, description="rules: what the task is (required by rules)")
+    stakes: Stakes = Field("normal", description="rules: high goes to deep")
+    latency: Latency = Field("background", description="rules: interactive never uses deep")
+    routing: RoutingConfig = Field(
+        default_factory=RoutingConfig, description="Settings of the route strategy"
+    )
     fallback_tiers: list[str] = Field(
         default_factory=list, description="Tiers tried after the loop's own chain"
     )
@@ -221,7 +309,28 @@ class LoopConfig(BaseModel):
                 ("min_tokens",),
                 f"must not exceed max_tokens ({self.max_tokens}) (got {self.min_tokens})",
             )
+        self._check_route()
         return self
+
+    def _check_route(self) -> None:
+        """The route's own keys: rules needs kind; keys another strategy reads are refused."""
+        if self.route == "rules" and self.kind is None:
+            raise ConfigProblem(
+                ("kind",),
+                "route: rules needs kind: extraction, classification, content, code or reasoning",
+            )
+        for key in _RULES_ONLY:
+            if self.route != "rules" and key in self.model_fields_set:
+                raise ConfigProblem(
+                    (key,), f"is read by route: rules only (this loop has route: {self.route})"
+                )
+        for key in sorted(self.routing.model_fields_set):
+            owner = ROUTING_KEYS[key]
+            if owner != self.route:
+                raise ConfigProblem(
+                    ("routing", key),
+                    f"is read by route: {owner} only (this loop has route: {self.route})",
+                )
 
     @property
     def every_seconds(self) -> int | None:

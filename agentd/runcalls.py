@@ -3,15 +3,17 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any
+from collections.abc import Awaitable, Sequence
+from dataclasses import dataclass, replace
+from typing import Any, Protocol
 
 from agentd import budgets
 from agentd.config import ChainEntry, Config
-from agentd.errors import AgentdError, BudgetExceeded
+from agentd.errors import AgentdError, BudgetExceeded, RunFailed
 from agentd.executor import CallOutcome, Executor, RunTrace
+from agentd.logs import get_logger
 from agentd.providers.base import Message
+from agentd.routing import context_skips, estimate_tokens
 
 
 @dataclass(frozen=True)
@@ -24,10 +26,10 @@ class Plan:
     reason: str
 
 
-def _chain(
+def target_chain(
     config: Config, loop_name: str, tier: str | None, model: str | None
 ) -> tuple[ChainEntry, ...]:
-    """The loop's chain, or the one a handler asks for (then the loop's fallback tiers)."""
+    """The loop's chain, or a tier's or model's (then the loop's fallback tiers)."""
     if tier is None and model is None:
         return tuple(config.chain(loop_name))
     if tier is not None:
@@ -55,16 +57,24 @@ def plans_for(
     model: str | None = None,
     max_tokens: int | None = None,
     system: str | None = None,
+    reason: str | None = None,
+    downgrade: bool = True,
 ) -> list[Plan]:
-    """The requested plan, then, with `when_over_budget: downgrade`, cheaper ones to fall to."""
+    """The requested plan, then, with `when_over_budget: downgrade`, cheaper ones to fall to.
+
+    `reason` names why this target was asked for (default: configured / asked by handler);
+    `downgrade=False` keeps to the requested plan whatever the loop's `when_over_budget`.
+    """
     loop = config.loops[loop_name]
     max_tokens = max_tokens or loop.max_tokens
     system = loop.system if system is None else system
-    own_chain = _chain(config, loop_name, tier, model)
+    own_chain = target_chain(config, loop_name, tier, model)
     own_tier = tier or (own_chain[0].tier if model else loop.tier or own_chain[0].tier)
-    asked = tier is not None or model is not None
-    own = Plan(own_tier, own_chain, max_tokens, "asked by handler" if asked else "configured")
-    if loop.when_over_budget != "downgrade":
+    if reason is None:
+        asked = tier is not None or model is not None
+        reason = "asked by handler" if asked else "configured"
+    own = Plan(own_tier, own_chain, max_tokens, reason)
+    if loop.when_over_budget != "downgrade" or not downgrade:
         return [own]
     messages = [Message("user", prompt)]
 
@@ -96,10 +106,27 @@ def plans_for(
     return plans
 
 
+class RouteCall(Protocol):
+    """A route strategy's entry point (`agentd.routing.route_call`), as RunCalls calls it."""
+
+    def __call__(
+        self,
+        calls: RunCalls,
+        prompt: str,
+        *,
+        purpose: str,
+        system: str | None,
+        max_tokens: int | None,
+        record: dict[str, Any],
+    ) -> Awaitable[CallOutcome]:
+        """One logical call along the loop's route; `record` gets the decision."""
+        ...
+
+
 class RunCalls:
     """The model calls of one run: budget plans, one trace numbering every attempt, refusals.
 
-    Both a prompt loop's single call and every `complete()` of a handler go through `call`.
+    Both a prompt loop's call(s) and every `complete()` of a handler go through `call`.
     """
 
     def __init__(
@@ -110,6 +137,7 @@ class RunCalls:
         trace: RunTrace,
         windows: Sequence[budgets.Window],
         route: dict[str, Any],
+        router: RouteCall | None = None,
     ) -> None:
         self.config = config
         self.executor = executor
@@ -117,6 +145,7 @@ class RunCalls:
         self.trace = trace
         self.windows = windows
         self.route = route
+        self.router = router
         self.refusals: list[str] = []
         self.last_refusal: BudgetExceeded | None = None
         self.outcomes: list[CallOutcome] = []
@@ -124,19 +153,63 @@ class RunCalls:
         # trace's length, so the run's calls are made one at a time to keep numbers unique.
         self._lock = asyncio.Lock()
 
+    def plans(
+        self,
+        prompt: str,
+        *,
+        tier: str | None = None,
+        max_tokens: int | None = None,
+        system: str | None = None,
+        reason: str | None = None,
+        downgrade: bool = True,
+    ) -> list[Plan]:
+        """`plans_for` this run's loop: a tier (None: the loop's own target) and its downgrades."""
+        return plans_for(
+            self.config,
+            self.executor,
+            self.loop_name,
+            prompt,
+            tier=tier,
+            max_tokens=max_tokens,
+            system=system,
+            reason=reason,
+            downgrade=downgrade,
+        )
+
     async def call(
-        self, prompt: str, plans: Sequence[Plan], *, purpose: str, system: str | None
+        self,
+        prompt: str,
+        plans: Sequence[Plan],
+        *,
+        purpose: str,
+        system: str | None,
+        record: dict[str, Any] | None = None,
     ) -> CallOutcome:
-        """Try the plans in order until one fits the budget; BudgetExceeded when none does."""
+        """Try the plans in order until one fits the budget; BudgetExceeded when none does.
+
+        `record` (default: the run's route) gets the plan's tier, max_tokens and reason, and the
+        model that answered. Models whose context window cannot hold the call are skipped (not
+        attempts; listed in the route's `skipped`); RunFailed when no plan has any model left.
+        """
+        record = self.route if record is None else record
         messages = (Message("user", prompt),)
+        tokens = estimate_tokens(prompt) + estimate_tokens(system)
         refused: list[str] = []
+        too_small: list[str] = []
         for plan in plans:
-            self.route.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
+            record.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
+            chain = self._fitting(plan, tokens)
+            if not chain:
+                too_small.append(
+                    f"{plan.reason}: no model's context window holds ~{tokens} input "
+                    f"+ {plan.max_tokens} output tokens"
+                )
+                continue
             try:
                 outcome = await self.executor.call(
                     self.trace,
                     purpose=purpose,
-                    chain=plan.chain,
+                    chain=chain,
                     system=system,
                     messages=messages,
                     max_tokens=plan.max_tokens,
@@ -147,11 +220,25 @@ class RunCalls:
                 self.refusals.append(refused[-1])
                 self.last_refusal = exc
                 continue
+            if chain[0].alias != plan.chain[0].alias:
+                # The plan's primary was skipped: the answer comes from a fallback model.
+                outcome = replace(outcome, fallback=True)
             self.outcomes.append(outcome)
-            self.route["model"] = outcome.entry.alias
+            record["model"] = outcome.entry.alias
             return outcome
+        if too_small and not refused:
+            raise RunFailed(" | ".join(too_small))
         window = self.last_refusal.window if self.last_refusal else ""
-        raise BudgetExceeded(" | ".join(refused), window=window)
+        raise BudgetExceeded(" | ".join(refused + too_small), window=window)
+
+    def _fitting(self, plan: Plan, input_tokens: int) -> tuple[ChainEntry, ...]:
+        """The plan's chain without models too small for the call; skips go into the trace."""
+        chain, skipped = context_skips(self.config, plan.chain, input_tokens, plan.max_tokens)
+        for skip in skipped:
+            if skip not in self.trace.skipped:
+                self.trace.skipped.append(skip)
+                get_logger().info("call.skipped", **skip)
+        return chain
 
     async def complete(
         self,
@@ -163,9 +250,15 @@ class RunCalls:
         purpose: str,
         system: str | None,
     ) -> str:
-        """A handler's call (`LoopContext.complete`): the reply's text."""
+        """A handler's call (`LoopContext.complete`): the reply's text.
+
+        A call that names neither tier nor model follows the loop's `route:` (with a router);
+        one that names them goes where it asks.
+        """
         loop = self.config.loops[self.loop_name]
         system = loop.system if system is None else system
+        if tier is None and model is None and loop.route != "static" and self.router:
+            return await self._routed(prompt, max_tokens=max_tokens, purpose=purpose, system=system)
         plans = plans_for(
             self.config,
             self.executor,
@@ -194,4 +287,30 @@ class RunCalls:
             max_tokens=self.route["max_tokens"],
             reason=self.route["reason"],
         )
+        return outcome.reply.text
+
+    async def _routed(
+        self, prompt: str, *, max_tokens: int | None, purpose: str, system: str | None
+    ) -> str:
+        """A handler's call along the loop's route, recorded as one entry of `route.calls`."""
+        assert self.router is not None
+        note: dict[str, Any] = {
+            "purpose": purpose,
+            "strategy": self.config.loops[self.loop_name].route,
+        }
+        self.route.setdefault("calls", []).append(note)
+        try:
+            async with self._lock:
+                outcome = await self.router(
+                    self, prompt, purpose=purpose, system=system, max_tokens=max_tokens, record=note
+                )
+        except BudgetExceeded:
+            note["status"] = "skipped_budget"
+            raise
+        except AgentdError:
+            note["status"] = "failed"
+            raise
+        note["status"] = "ok"
+        # As for a static call: the run's top-level tier and model are those of its last call.
+        self.route.update({k: note[k] for k in ("tier", "max_tokens", "reason", "model")})
         return outcome.reply.text

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -33,7 +32,8 @@ from agentd.handlers import Handler, LoopContext, load_handler
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.looplock import loop_lock
-from agentd.runcalls import Plan, RunCalls, plans_for
+from agentd.routing import route_call, tiers_used
+from agentd.runcalls import RunCalls
 
 
 @dataclass(frozen=True)
@@ -136,6 +136,8 @@ async def _run_locked(
     # run is recorded and before any context command runs.
     handler = load_handler(config, loop_name) if loop.handler is not None else None
     executor.provider_for(config.chain(loop_name)[0])
+    for tier in {tier for _, tier, _ in tiers_used(loop)}:
+        executor.provider_for(config.tier_chain(tier)[0])  # the route's primaries need keys too
     last_reply = last_ok_reply(ledger, loop_name, simulated=simulated)
     # Context first: its text is part of the prompt, so the reservation counts it.
     sources = await gather_sources(config, loop_name, last_reply=last_reply)
@@ -143,7 +145,6 @@ async def _run_locked(
     if loop.prompt is not None:
         template = config.prompt_path(loop_name).read_text()
         prompt = render_prompt(template, loop=loop_name, now=now, tz=config.tz, sources=sources)
-    plans = [] if handler is not None else plans_for(config, executor, loop_name, prompt or "")
     windows = budgets.windows_for(
         loop_name,
         loop.budget.limits() if loop.budget else None,
@@ -152,12 +153,13 @@ async def _run_locked(
     run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
     structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
-    route: dict[str, Any] = (
-        {"strategy": "handler", "handler": loop.handler}
-        if handler is not None
-        else {"strategy": loop.route, "requested_tier": plans[0].tier}
-    )
-    calls = RunCalls(config, executor, loop_name, trace, windows, route)
+    route: dict[str, Any] = {"strategy": loop.route}
+    if handler is not None:
+        # A handler's calls that name no tier or model follow `route:` (see RunCalls.complete).
+        route = {"strategy": "handler", "handler": loop.handler}
+        if loop.route != "static":
+            route["route"] = loop.route
+    calls = RunCalls(config, executor, loop_name, trace, windows, route, router=route_call)
     done: _Done | None = None
     try:
         if handler is not None:
@@ -176,7 +178,7 @@ async def _run_locked(
             done = await _run_handler(handler, context, calls, ledger)
         else:
             assert prompt is not None
-            done = await _run_prompt(calls, ledger, prompt, plans)
+            done = await _run_prompt(calls, ledger, prompt)
         wake = None
         if done.status == "ok":
             wake = wake_for(loop, done.reply)
@@ -209,11 +211,13 @@ async def _run_locked(
         structlog.contextvars.unbind_contextvars("loop", "run_id")
 
 
-async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str, plans: Sequence[Plan]) -> _Done:
-    """A prompt loop: one `work` call, on the first plan that fits the budget."""
+async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
+    """A prompt loop: the `work` call along the loop's route, on the first plan that fits."""
     loop = calls.config.loops[calls.loop_name]
     try:
-        outcome = await calls.call(prompt, plans, purpose="work", system=loop.system)
+        outcome = await route_call(
+            calls, prompt, purpose="work", system=loop.system, max_tokens=None, record=calls.route
+        )
     except BudgetExceeded as exc:
         return _over_budget(calls, ledger, str(exc))
     except AgentdError as exc:

@@ -451,12 +451,12 @@ INVALID = [
         "duplicate key (first given on line 14)",
     ),
     (
-        "route-not-available",
+        "route-unknown",
         "    tier: fast\n",
-        "    tier: fast\n    route: cascade\n",
+        "    tier: fast\n    route: sometimes\n",
         "loops.heartbeat.route",
         15,
-        "must be 'static' (got 'cascade')",
+        "must be 'static', 'rules', 'classify' or 'cascade' (got 'sometimes')",
     ),
     (
         "when-over-budget",
@@ -833,3 +833,170 @@ def test_loop_config_can_be_built_directly() -> None:
 def test_cron_sunday_as_7_is_valid_like_in_crontab(tmp_path: Path) -> None:
     path = write(tmp_path, BASE.replace("every: 30m", "cron: '0 7 * * 7'"))
     assert load_config(path).loops["heartbeat"].cron == "0 7 * * 7"
+
+
+# ---------------------------------------------------------------------------- routes
+
+ROUTE_INVALID = [
+    (
+        "rules-needs-kind",
+        "    route: rules\n",
+        "loops.heartbeat.kind",
+        "route: rules needs kind: extraction, classification, content, code or reasoning",
+    ),
+    (
+        "kind-without-rules",
+        "    kind: code\n",
+        "loops.heartbeat.kind",
+        "is read by route: rules only (this loop has route: static)",
+    ),
+    (
+        "latency-without-rules",
+        "    route: classify\n    latency: interactive\n",
+        "loops.heartbeat.latency",
+        "is read by route: rules only (this loop has route: classify)",
+    ),
+    (
+        "unknown-kind",
+        "    route: rules\n    kind: poetry\n",
+        "loops.heartbeat.kind",
+        "(got 'poetry')",
+    ),
+    (
+        "rules-reaching-an-undefined-tier",
+        "    route: rules\n    kind: reasoning\n",
+        "loops.heartbeat.route",
+        "route: rules (kind reasoning, stakes normal, latency background) uses tier 'deep', "
+        "which is not defined (defined: balanced, fast)",
+    ),
+    (
+        "routing-key-of-another-strategy",
+        "    route: rules\n    kind: code\n    routing: {threshold: 0.5}\n",
+        "loops.heartbeat.routing.threshold",
+        "is read by route: cascade only (this loop has route: rules)",
+    ),
+    (
+        "classify-label-on-undefined-tier",
+        "    route: classify\n",
+        "loops.heartbeat.routing.labels.complex_reasoning",
+        "complex_reasoning uses tier 'deep', which is not defined (defined: balanced, fast)",
+    ),
+    (
+        "classify-unknown-label",
+        "    route: classify\n    routing: {labels: {poetry: fast}}\n",
+        "loops.heartbeat.routing.labels.poetry",
+        "unknown key",
+    ),
+    (
+        "classifier-tier-undefined",
+        "    route: classify\n    routing: {classifier_tier: tiny, labels: "
+        "{complex_reasoning: balanced}}\n",
+        "loops.heartbeat.routing.classifier_tier",
+        "the classifier uses tier 'tiny', which is not defined",
+    ),
+    (
+        "cascade-needs-deep",
+        "    route: cascade\n",
+        "loops.heartbeat.routing.escalate_tier",
+        "the escalation uses tier 'deep', which is not defined (defined: balanced, fast)",
+    ),
+    (
+        "cascade-review-tier-undefined",
+        "    route: cascade\n    routing: {review_tier: cheap, escalate_tier: balanced}\n",
+        "loops.heartbeat.routing.review_tier",
+        "the reviewer uses tier 'cheap'",
+    ),
+    (
+        "threshold-above-one",
+        "    route: cascade\n    routing: {threshold: 1.5, escalate_tier: balanced}\n",
+        "loops.heartbeat.routing.threshold",
+        "less than or equal to 1",
+    ),
+    (
+        "short-input-tokens-zero",
+        "    route: rules\n    kind: code\n    routing: {short_input_tokens: 0}\n",
+        "loops.heartbeat.routing.short_input_tokens",
+        "(got 0)",
+    ),
+    (
+        "missing-reviewer-template",
+        "    route: cascade\n    routing: {escalate_tier: balanced, reviewer_prompt: no.md}\n",
+        "loops.heartbeat.routing.reviewer_prompt",
+        "cannot read template",
+    ),
+    (
+        "reviewer-template-without-draft",
+        "    route: cascade\n    routing: {escalate_tier: balanced, reviewer_prompt: prompt.md}\n",
+        "loops.heartbeat.routing.reviewer_prompt",
+        "lacks {task} and {draft}: the call would not see its input",
+    ),
+]
+
+
+@pytest.mark.parametrize(
+    ("extra", "key_path", "problem"),
+    [pytest.param(*case[1:], id=case[0]) for case in ROUTE_INVALID],
+)
+def test_invalid_route(tmp_path: Path, extra: str, key_path: str, problem: str) -> None:
+    error = error_of(tmp_path, BASE + extra)
+    assert error.key_path == key_path
+    assert problem in error.problem, error.problem
+
+
+def test_valid_routes_and_their_defaults(tmp_path: Path) -> None:
+    (tmp_path / "review.md").write_text("Task: {task}\nDraft: {draft}\nScore it.\n")
+    text = BASE.replace("  balanced: [sonnet]\n", "  balanced: [sonnet]\n  deep: [sonnet]\n")
+    text += (
+        "  rules:\n    every: 1h\n    tier: fast\n    max_tokens: 100\n    prompt: prompt.md\n"
+        "    route: rules\n    kind: extraction\n    stakes: low\n    latency: interactive\n"
+        "    routing: {short_input_tokens: 50}\n"
+        "  classify:\n    every: 1h\n    tier: balanced\n    max_tokens: 100\n"
+        "    prompt: prompt.md\n    route: classify\n"
+        "    routing: {labels: {code_task: deep}, classify_max_tokens: 16}\n"
+        "  cascade:\n    every: 1h\n    tier: balanced\n    max_tokens: 100\n"
+        "    prompt: prompt.md\n    route: cascade\n"
+        "    routing: {threshold: 0.65, reviewer_prompt: review.md}\n"
+    )
+    config = load_config(write(tmp_path, text))
+    rules = config.loops["rules"]
+    assert (rules.route, rules.kind, rules.stakes, rules.latency) == (
+        "rules",
+        "extraction",
+        "low",
+        "interactive",
+    )
+    assert rules.routing.short_input_tokens == 50
+    classify = config.loops["classify"].routing
+    assert classify.labels.tier("code_task") == "deep"
+    assert classify.labels.tier("simple_extraction") == "fast"  # unnamed labels keep defaults
+    assert (classify.classifier_tier, classify.classify_max_tokens) == ("fast", 16)
+    cascade = config.loops["cascade"].routing
+    assert (cascade.threshold, cascade.review_tier, cascade.escalate_tier) == (0.65, "fast", "deep")
+    assert cascade.reviewer_prompt == "review.md" and cascade.escalation_prompt is None
+    heartbeat = config.loops["heartbeat"]
+    assert (heartbeat.route, heartbeat.kind, heartbeat.stakes, heartbeat.latency) == (
+        "static",
+        None,
+        "normal",
+        "background",
+    )
+
+
+def test_a_budgeted_route_needs_prices_for_the_tiers_it_calls(tmp_path: Path) -> None:
+    text = BASE.replace("  balanced: [sonnet]\n", "  balanced: [sonnet]\n  deep: [mystery]\n")
+    text = text.replace(
+        "  sonnet: {provider: anthropic, model: claude-sonnet-4-5}\n",
+        "  sonnet: {provider: anthropic, model: claude-sonnet-4-5}\n"
+        "  mystery: {provider: anthropic, model: mystery-9}\n",
+    )
+    error = error_of(tmp_path, text + "    route: cascade\n    budget: {per_day_usd: 1}\n")
+    assert error.key_path == "loops.heartbeat"
+    assert "model 'mystery' (mystery-9" in error.problem
+
+
+def test_shipped_config_routes() -> None:
+    config = load_config(SHIPPED)
+    research, planning = config.loops["research"], config.loops["planning"]
+    assert research.route == "cascade" and research.handler is not None
+    assert (planning.route, planning.kind, planning.stakes) == ("rules", "reasoning", "high")
+    assert config.loops["heartbeat"].route == "static"

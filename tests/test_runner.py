@@ -199,3 +199,65 @@ def test_render_prompt_uses_the_config_timezone(tmp_path: Path, fake_server: Fak
     asyncio.run(go())
     content = fake_server.requests[-1].body["messages"][0]["content"]
     assert content == "at 2026-11-26T05:00:00+09:00 on 2026-11-26"
+
+
+def test_a_model_whose_context_window_is_too_small_is_skipped(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # 400 bytes ≈ 100 estimated input tokens + 200 max_tokens > haiku's 250-token window.
+    h = Harness(
+        tmp_path, fake_server, {"models": {"haiku": {"context_window": 250}}}, prompt="x" * 400
+    )
+    result = h.run()
+    assert result.status == "ok" and result.model == "gpt-4o-mini" and result.fallback
+    assert [c["model"] for c in h.calls(result.run_id)] == ["gpt-4o-mini"]
+    assert fake_server.count("claude-haiku-4-5") == 0
+    [skip] = h.run_row(result.run_id)["route"]["skipped"]
+    assert skip == {
+        "alias": "haiku",
+        "model": "claude-haiku-4-5",
+        "reason": "context window of 250 tokens < ~100 estimated input + 200 max_tokens",
+    }
+
+
+def test_a_config_context_window_wins_over_the_price_table(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server, {"models": {"haiku": {"context_window": 300}}})
+    assert h.config.context_window("haiku") == 300
+    assert h.config.context_window("gpt-mini") == 128_000  # genai-prices
+    h = Harness(tmp_path / "b", fake_server, prompt="x" * 400)
+    assert h.run().model == "claude-haiku-4-5"  # 200k tokens: fits
+
+
+def test_no_model_with_a_large_enough_window_fails_the_run_without_a_call(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {"models": {"haiku": {"context_window": 100}, "gpt-mini": {"context_window": 100}}},
+        prompt="x" * 400,
+    )
+    result = h.run()
+    assert result.status == "failed" and fake_server.count() == 0 and h.calls() == []
+    assert "no model's context window holds ~100 input + 200 output tokens" in (result.error or "")
+    assert {s["alias"] for s in result.route["skipped"]} == {"haiku", "gpt-mini"}
+
+
+def test_a_smaller_max_tokens_plan_may_fit_the_context_window(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # At 200 max_tokens no model fits; the downgrade's 100-token plan fits haiku's window.
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "models": {"haiku": {"context_window": 220}, "gpt-mini": {"context_window": 220}},
+            "loops": {"work": {"when_over_budget": "downgrade", "min_tokens": 100}},
+        },
+        prompt="x" * 400,
+    )
+    result = h.run()
+    assert result.status == "ok" and result.route["max_tokens"] == 100
+    assert fake_server.requests[-1].body["max_tokens"] == 100

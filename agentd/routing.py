@@ -1,0 +1,492 @@
+"""Route strategies: which tier a call goes to, and why — static, rules, classify, cascade.
+
+Every strategy works through the run's `RunCalls`, so each call it makes (the classifier, the
+draft, the review, the escalation) has its own ledger rows with its `purpose`, fits the loop's
+budget windows, walks its chain's fallbacks and, with `when_over_budget: downgrade`, falls to
+cheaper plans like any call. What a strategy decided lands in a `record` dict: the run's `route`
+JSON for a prompt loop, or the entry of one `complete()` in `route.calls` for a handler.
+
+- static: the loop's tier (or model).
+- rules: a decision tree over the loop's `kind`, `stakes` and `latency` and the estimated input
+  size (`rules_tier`). No model call.
+- classify: the classifier tier labels the task with one of `LABELS`; `routing.labels` maps the
+  label to the tier of the work call. A reply that is not exactly one label (after
+  `normalise_reply`), a failed classifier call or one that does not fit the budget leaves the
+  work on the loop's own tier; each case is logged and recorded.
+- cascade: a draft on the loop's tier, a score from the review tier (`parse_score`), and below
+  `routing.threshold` (or without a parseable score) the escalation tier improves the draft.
+  When the review call itself fails or does not fit the budget, the draft is the reply (no
+  dearer call is made when the cheap tier is down or the money is short); when the escalation
+  fails or does not fit the budget, the draft is the reply too. The record says which.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+
+from agentd import routeprompts
+from agentd.config import ChainEntry, Config
+from agentd.errors import BudgetExceeded, CircuitOpen, RunFailed
+from agentd.logs import get_logger
+from agentd.loopconfig import LABELS, LoopConfig
+
+if TYPE_CHECKING:
+    from agentd.executor import CallOutcome
+    from agentd.runcalls import Plan, RunCalls
+
+KeyPath = tuple[str | int, ...]
+RAW_REPLY_CHARS = 200  # how much of an odd classifier or reviewer reply is logged and recorded
+_QUOTES = "\"'`“”‘’"
+_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
+_DENOMINATOR = re.compile(r"\s*/\s*(\d+(?:\.\d*)?|\.\d+)")
+_DEFAULT_TEMPLATES = {
+    "classifier_prompt": routeprompts.CLASSIFIER,
+    "reviewer_prompt": routeprompts.REVIEWER,
+    "escalation_prompt": routeprompts.ESCALATION,
+}
+# A call that failed or did not fit: the strategies degrade instead of failing the run.
+_STEP_FAILED = (RunFailed, CircuitOpen)
+
+
+# ---------------------------------------------------------------------------- pure decisions
+
+
+def estimate_tokens(text: str | None) -> int:
+    """Rough input tokens of a text, for routing only: UTF-8 bytes / 4, rounded up.
+
+    Four bytes per token is the usual size of English text in current tokenizers. Routing and
+    context-window checks use it; budget reservations never do (they keep the byte bound).
+    """
+    return -(-len(text.encode()) // 4) if text else 0
+
+
+def rules_tier(
+    kind: str, stakes: str, latency: str, tokens: int, short_input_tokens: int
+) -> tuple[str, list[str]]:
+    """The `rules` decision tree: (tier, reasons).
+
+    stakes high → deep; kind reasoning → deep; extraction or classification → fast when the
+    input is short (< short_input_tokens) or the stakes are low, else balanced; content and
+    code → balanced. Last, `latency: interactive` caps deep at balanced (background: any tier).
+    """
+    short = tokens < short_input_tokens
+    size = "short" if short else "not short"
+    reasons = [f"estimated input ~{tokens} tokens: {size} (short is < {short_input_tokens})"]
+    if stakes == "high":
+        tier = "deep"
+        reasons.append("stakes: high → deep")
+    elif kind == "reasoning":
+        tier = "deep"
+        reasons.append("kind: reasoning → deep")
+    elif kind in ("extraction", "classification"):
+        if short:
+            tier = "fast"
+            reasons.append(f"short {kind} → fast")
+        elif stakes == "low":
+            tier = "fast"
+            reasons.append(f"{kind} with stakes: low → fast although the input is not short")
+        else:
+            tier = "balanced"
+            reasons.append(f"{kind} of a long input → balanced")
+    else:
+        tier = "balanced"
+        reasons.append(f"kind: {kind} → balanced")
+    if tier == "deep" and latency == "interactive":
+        tier = "balanced"
+        reasons.append("latency: interactive never uses deep → balanced")
+    return tier, reasons
+
+
+def tiers_used(loop: LoopConfig) -> list[tuple[KeyPath, str, str]]:
+    """The tiers the loop's route may call beyond its own: (key path, tier, who uses it)."""
+    if loop.route == "rules":
+        assert loop.kind is not None  # the loop validator requires kind for rules
+        short = loop.routing.short_input_tokens
+        picks = {
+            rules_tier(loop.kind, loop.stakes, loop.latency, tokens, short)[0]
+            for tokens in (0, short)
+        }
+        what = f"route: rules (kind {loop.kind}, stakes {loop.stakes}, latency {loop.latency})"
+        return [(("route",), tier, what) for tier in sorted(picks)]
+    settings = loop.routing
+    if loop.route == "classify":
+        used: list[tuple[KeyPath, str, str]] = [
+            (("routing", "classifier_tier"), settings.classifier_tier, "the classifier")
+        ]
+        for label in LABELS:
+            used.append((("routing", "labels", label), settings.labels.tier(label), label))
+        return used
+    if loop.route == "cascade":
+        return [
+            (("routing", "review_tier"), settings.review_tier, "the reviewer"),
+            (("routing", "escalate_tier"), settings.escalate_tier, "the escalation"),
+        ]
+    return []
+
+
+def normalise_reply(text: str) -> str:
+    """A classifier reply as compared with the labels: lower case, without surrounding
+    whitespace, quotes or backticks, and without a trailing period."""
+    previous = None
+    while text != previous:
+        previous = text
+        text = text.strip().strip(_QUOTES).strip()
+        if text.endswith("."):
+            text = text[:-1]
+    return text.lower()
+
+
+def parse_label(reply: str) -> str | None:
+    """The label of a classifier reply, only when the whole normalised reply is one label."""
+    text = normalise_reply(reply)
+    return text if text in LABELS else None
+
+
+def parse_score(reply: str) -> float | None:
+    """A review score from 0.0 to 1.0: the FIRST number of the reply; None when there is none.
+
+    A `/ d` right after the number divides by d (`Score: 0.7/1` → 0.7, `8/10` → 0.8); a `%`
+    right after it divides by 100 (`85%` → 0.85); the result is clamped to 0–1 (`7` → 1.0).
+    A zero denominator makes the reply unparseable.
+    """
+    match = _NUMBER.search(reply)
+    if match is None:
+        return None
+    value = float(match.group())
+    rest = reply[match.end() :]
+    denominator = _DENOMINATOR.match(rest)
+    if denominator is not None:
+        divisor = float(denominator.group(1))
+        if divisor == 0:
+            return None
+        value /= divisor
+    elif rest.lstrip().startswith("%"):
+        value /= 100
+    return min(1.0, max(0.0, value))
+
+
+def context_skips(
+    config: Config, chain: Sequence[ChainEntry], input_tokens: int, max_tokens: int
+) -> tuple[tuple[ChainEntry, ...], list[dict[str, Any]]]:
+    """Split a chain into the models whose context window fits the call and the skipped ones.
+
+    A model without a known window (config `context_window` or the price table) is kept.
+    """
+    fitting: list[ChainEntry] = []
+    skipped: list[dict[str, Any]] = []
+    for entry in chain:
+        window = config.context_window(entry.alias)
+        if window is not None and window < input_tokens + max_tokens:
+            reason = (
+                f"context window of {window} tokens < ~{input_tokens} estimated input "
+                f"+ {max_tokens} max_tokens"
+            )
+            skipped.append({"alias": entry.alias, "model": entry.model.model, "reason": reason})
+        else:
+            fitting.append(entry)
+    return tuple(fitting), skipped
+
+
+def route_template(config: Config, loop_name: str, key: str) -> str:
+    """A loop's classifier, reviewer or escalation template: its override file or the default."""
+    path: str | None = getattr(config.loops[loop_name].routing, key)
+    if path is None:
+        return _DEFAULT_TEMPLATES[key]
+    return config.resolve_path(path).read_text(encoding="utf-8")
+
+
+def own_target(loop: LoopConfig) -> str:
+    """The loop's own tier or model, as reasons name it."""
+    return f"tier {loop.tier}" if loop.tier is not None else f"model {loop.model}"
+
+
+def classifier_prompt(config: Config, loop_name: str, task: str) -> str:
+    """The classifier's prompt for a task."""
+    template = route_template(config, loop_name, "classifier_prompt")
+    return routeprompts.fill(template, task=task, labels=" | ".join(LABELS))
+
+
+def reviewer_prompt(config: Config, loop_name: str, task: str, draft: str) -> str:
+    """The reviewer's prompt for a task and its draft."""
+    template = route_template(config, loop_name, "reviewer_prompt")
+    return routeprompts.fill(template, task=task, draft=draft)
+
+
+def _clip(text: str) -> str:
+    return text[:RAW_REPLY_CHARS]
+
+
+# ---------------------------------------------------------------------------- the calls
+
+
+async def route_call(
+    calls: RunCalls,
+    prompt: str,
+    *,
+    purpose: str,
+    system: str | None,
+    max_tokens: int | None,
+    record: dict[str, Any],
+) -> CallOutcome:
+    """One logical call along the loop's route; the outcome whose reply is the answer.
+
+    Raises BudgetExceeded when the answering call fits no plan, RunFailed/CircuitOpen when it
+    failed on every model; `record` gets the strategy's decision, its steps and reasons.
+    """
+    loop = calls.config.loops[calls.loop_name]
+    record.setdefault("reasons", [])
+    if loop.route == "rules":
+        return await _rules(calls, prompt, purpose, system, max_tokens, record)
+    if loop.route == "classify":
+        return await _classify(calls, prompt, purpose, system, max_tokens, record)
+    if loop.route == "cascade":
+        return await _cascade(calls, prompt, system, max_tokens, record)
+    record["reasons"].append(f"route: static uses the loop's {own_target(loop)}")
+    plans = calls.plans(prompt, max_tokens=max_tokens, system=system)
+    record["requested_tier"] = plans[0].tier
+    return await _single(calls, prompt, plans, purpose, system, record)
+
+
+async def _single(
+    calls: RunCalls,
+    prompt: str,
+    plans: Sequence[Plan],
+    purpose: str,
+    system: str | None,
+    record: dict[str, Any],
+) -> CallOutcome:
+    """The one call of static and rules, recorded at the top of `record`."""
+    outcome = await calls.call(prompt, plans, purpose=purpose, system=system, record=record)
+    if record.get("reason") != plans[0].reason:
+        record["reasons"].append(f"budget: {record['reason']}")
+    return outcome
+
+
+async def _rules(
+    calls: RunCalls,
+    prompt: str,
+    purpose: str,
+    system: str | None,
+    max_tokens: int | None,
+    record: dict[str, Any],
+) -> CallOutcome:
+    """`rules`: the decision tree picks the tier; one call there (or on its downgrades)."""
+    loop = calls.config.loops[calls.loop_name]
+    assert loop.kind is not None
+    tokens = estimate_tokens(prompt)
+    short = loop.routing.short_input_tokens
+    tier, reasons = rules_tier(loop.kind, loop.stakes, loop.latency, tokens, short)
+    record.update(
+        requested_tier=tier,
+        kind=loop.kind,
+        stakes=loop.stakes,
+        latency=loop.latency,
+        estimated_input_tokens=tokens,
+    )
+    record["reasons"].extend(reasons)
+    plans = calls.plans(
+        prompt, tier=tier, max_tokens=max_tokens, system=system, reason="chosen by rules"
+    )
+    return await _single(calls, prompt, plans, purpose, system, record)
+
+
+async def _step(
+    calls: RunCalls,
+    record: dict[str, Any],
+    prompt: str,
+    plans: Sequence[Plan],
+    purpose: str,
+    system: str | None,
+) -> tuple[CallOutcome, dict[str, Any]]:
+    """One call of a multi-call strategy, recorded as an entry of `record["steps"]`."""
+    step: dict[str, Any] = {"purpose": purpose}
+    record.setdefault("steps", []).append(step)
+    try:
+        outcome = await calls.call(prompt, plans, purpose=purpose, system=system, record=step)
+    except BudgetExceeded:
+        step["status"] = "skipped_budget"
+        raise
+    except Exception:
+        step["status"] = "failed"
+        raise
+    step["status"] = "ok"
+    return outcome, step
+
+
+def _answer(record: dict[str, Any], step: dict[str, Any]) -> None:
+    """Make a step the one whose reply is the answer (the run's tier, model and plan)."""
+    for key in ("tier", "model", "max_tokens", "reason"):
+        if key in step:
+            record[key] = step[key]
+
+
+async def classify(calls: RunCalls, task: str, record: dict[str, Any]) -> str | None:
+    """The classifier step: the tier its label maps to, or None to stay on the loop's own.
+
+    None when the reply is not exactly one label, the call failed on every model, or it did
+    not fit the budget; each case is logged and recorded (`classify` in the record).
+    """
+    config, loop_name = calls.config, calls.loop_name
+    loop = config.loops[loop_name]
+    settings = loop.routing
+    reasons: list[str] = record.setdefault("reasons", [])
+    own = own_target(loop)
+    log = get_logger(loop=loop_name)
+    # The router's prompt stands alone: the loop's system prompt is for the task ("" = none).
+    text = classifier_prompt(config, loop_name, task)
+    plans = calls.plans(
+        text,
+        tier=settings.classifier_tier,
+        max_tokens=settings.classify_max_tokens,
+        system="",
+        reason="classifier",
+    )
+    try:
+        outcome, _ = await _step(calls, record, text, plans, "classify", None)
+    except BudgetExceeded as exc:
+        record.update(classify="skipped_budget", label=None)
+        reasons.append(f"the classifier call did not fit the budget ({exc}); using the {own}")
+        log.warning("route.classify_skipped_budget", error=str(exc))
+        return None
+    except _STEP_FAILED as exc:
+        record.update(classify="failed", label=None)
+        reasons.append(f"the classifier call failed; using the loop's {own}")
+        log.warning("route.classify_failed", error=str(exc))
+        return None
+    raw = outcome.reply.text
+    label = parse_label(raw)
+    record.update(label=label, classifier_reply=_clip(raw))
+    if label is None:
+        record["classify"] = "unusable"
+        reasons.append(f"classifier reply {_clip(raw)!r} is not exactly one label; using the {own}")
+        log.warning("route.classify_unusable", reply=_clip(raw), fallback=own)
+        return None
+    tier = settings.labels.tier(label)
+    record["classify"] = "ok"
+    reasons.append(f"classifier label {label} → tier {tier}")
+    log.info("route.classified", label=label, tier=tier)
+    return tier
+
+
+async def _classify(
+    calls: RunCalls,
+    prompt: str,
+    purpose: str,
+    system: str | None,
+    max_tokens: int | None,
+    record: dict[str, Any],
+) -> CallOutcome:
+    """`classify`: the classifier step, then the work call on the label's (or own) tier."""
+    tier = await classify(calls, prompt, record)
+    if tier is None:
+        plans = calls.plans(prompt, max_tokens=max_tokens, system=system, reason="no usable label")
+    else:
+        plans = calls.plans(
+            prompt,
+            tier=tier,
+            max_tokens=max_tokens,
+            system=system,
+            reason=f"label {record['label']}",
+        )
+    record["requested_tier"] = plans[0].tier
+    try:
+        outcome, step = await _step(calls, record, prompt, plans, purpose, system)
+    finally:
+        _answer(record, record["steps"][-1])
+    if step["reason"] != plans[0].reason:
+        record["reasons"].append(f"budget: {step['reason']}")
+    return outcome
+
+
+async def _cascade(
+    calls: RunCalls,
+    prompt: str,
+    system: str | None,
+    max_tokens: int | None,
+    record: dict[str, Any],
+) -> CallOutcome:
+    """`cascade`: draft, review, and below the threshold an escalation; never worse than the
+    draft when a later step cannot be made."""
+    config, loop_name = calls.config, calls.loop_name
+    loop = config.loops[loop_name]
+    settings = loop.routing
+    reasons: list[str] = record["reasons"]
+    log = get_logger(loop=loop_name)
+    plans = calls.plans(prompt, max_tokens=max_tokens, system=system)
+    record.update(requested_tier=plans[0].tier, threshold=settings.threshold)
+    try:
+        draft, draft_step = await _step(calls, record, prompt, plans, "draft", system)
+    finally:
+        _answer(record, record["steps"][-1])
+    reasons.append(f"draft on tier {draft_step['tier']} ({draft_step['reason']})")
+    record.update(score=None, escalated=False)
+
+    text = reviewer_prompt(config, loop_name, prompt, draft.reply.text)
+    review_plans = calls.plans(
+        text,
+        tier=settings.review_tier,
+        max_tokens=settings.review_max_tokens,
+        system="",
+        reason="reviewer",
+    )
+    try:
+        review, _ = await _step(calls, record, text, review_plans, "review", None)
+    except BudgetExceeded as exc:
+        record["review"] = "skipped_budget"
+        reasons.append(f"the review call did not fit the budget ({exc}); the draft is the reply")
+        log.warning("route.review_skipped_budget", error=str(exc))
+        return draft
+    except _STEP_FAILED as exc:
+        record["review"] = "failed"
+        reasons.append("the review call failed on every model; the draft is the reply")
+        log.warning("route.review_failed", error=str(exc))
+        return draft
+    raw = review.reply.text
+    score = parse_score(raw)
+    record.update(score=score, review_reply=_clip(raw))
+    threshold = settings.threshold
+    if score is None:
+        record["review"] = "unparseable"
+        reasons.append(f"review reply {_clip(raw)!r} has no score: a failed review, escalating")
+        log.warning("route.review_unparseable", reply=_clip(raw))
+    elif score >= threshold:
+        record["review"] = "ok"
+        reasons.append(f"review score {score:g} ≥ threshold {threshold:g}: the draft is the reply")
+        log.info("route.reviewed", score=score, escalate=False)
+        return draft
+    else:
+        record["review"] = "ok"
+        reasons.append(f"review score {score:g} < threshold {threshold:g}: escalating")
+        log.info("route.reviewed", score=score, escalate=True)
+
+    template = route_template(config, loop_name, "escalation_prompt")
+    shown = "unparseable" if score is None else f"{score:g}"
+    text = routeprompts.fill(template, task=prompt, draft=draft.reply.text, score=shown)
+    # Only the escalation tier at full size: a cheaper or shorter "improvement" of the draft
+    # is not worth paying for, so when it does not fit, the draft stands.
+    escalate_plans = calls.plans(
+        text,
+        tier=settings.escalate_tier,
+        max_tokens=max_tokens,
+        system=system,
+        reason="escalation",
+        downgrade=False,
+    )
+    try:
+        improved, step = await _step(calls, record, text, escalate_plans, "escalate", system)
+    except BudgetExceeded as exc:
+        record["escalation"] = "skipped_budget"
+        reasons.append(f"the escalation did not fit the budget ({exc}); the draft is the reply")
+        log.warning("route.escalation_skipped_budget", error=str(exc))
+        return draft
+    except _STEP_FAILED as exc:
+        record["escalation"] = "failed"
+        reasons.append("the escalation failed on every model; the draft is the reply")
+        log.warning("route.escalation_failed", error=str(exc))
+        return draft
+    record.update(escalated=True, escalation="ok")
+    reasons.append(f"escalated to tier {step['tier']}: its answer is the reply")
+    _answer(record, step)
+    return improved
