@@ -245,34 +245,88 @@ def _format(as_json: bool, as_csv: bool) -> str:
 
 
 @main.group(invoke_without_command=True)
-@click.option("--since", default="24h", show_default=True, help="A span (24h, 7d) or a date.")
 @click.option(
     "--by",
     "group_by",
     default="loop",
     show_default=True,
-    type=click.Choice(["loop", "tier", "model", "provider", "day"]),
+    type=click.Choice(["loop", "tier", "model", "provider", "purpose", "day", "week", "month"]),
 )
+@click.option(
+    "--since", default=None, help="A span (24h, 7d) or a date [default: 24h, 30d with --chart]."
+)
+@click.option("--until", default=None, help="A span back from now or a date (exclusive).")
+@click.option("--loop", "loop_name", default=None, help="Only this loop.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
 @click.option("--simulated", is_flag=True, help="Report simulated calls instead of real ones.")
+@click.option("--chart", is_flag=True, help="Spend per day as a stacked bar chart.")
+@click.option("--stack", default="loop", show_default=True, type=click.Choice(["loop", "tier"]))
+@click.option("--ascii", "ascii_only", is_flag=True, help="Chart with ASCII characters only.")
 @click.pass_context
 @handle_errors
 def ledger(
-    ctx: click.Context, since: str, group_by: str, as_json: bool, as_csv: bool, simulated: bool
+    ctx: click.Context,
+    group_by: str,
+    since: str | None,
+    until: str | None,
+    loop_name: str | None,
+    as_json: bool,
+    as_csv: bool,
+    simulated: bool,
+    chart: bool,
+    stack: str,
+    ascii_only: bool,
 ) -> None:
-    """Spend summary from the ledger, grouped by loop, tier, model, provider or day."""
+    """Spend from the ledger by loop, tier, model, provider, purpose, day, week or month."""
     if ctx.invoked_subcommand is not None:
         return
-    from agentd.views import summary_report
+    from agentd.views import ledger_report
 
-    obj: Context = ctx.obj
-    fmt = _format(as_json, as_csv)
+    config, state_dir = _reading(ctx.obj)
+    since_at = _when(since or ("30d" if chart else "24h"), config, "--since")
+    until_at = _when(until, config, "--until") if until else None
     try:
-        since_at = _since(since)
+        text = ledger_report(
+            state_dir,
+            config,
+            by=group_by,
+            since=since_at,
+            until=until_at,
+            simulated=simulated,
+            fmt=_format(as_json, as_csv),
+            loop=loop_name,
+            chart=chart,
+            stack=stack,
+            ascii_only=ascii_only,
+        )
     except ValueError as exc:
-        raise click.BadParameter(str(exc), param_hint="--since") from exc
-    click.echo(summary_report(_state_dir_for_reading(obj), since_at, group_by, simulated, fmt))
+        raise click.UsageError(str(exc)) from exc
+    click.echo(text)
+
+
+@ledger.command("prune")
+@click.option("--before", required=True, help="Delete whole days before this date.")
+@click.option("--dry-run", is_flag=True, help="Say what would be deleted; delete nothing.")
+@click.option("--no-rollup", is_flag=True, help="Do not keep daily totals of what is deleted.")
+@click.option("--vacuum", is_flag=True, help="Shrink the file afterwards.")
+@click.pass_obj
+@handle_errors
+def ledger_prune(obj: Context, before: str, dry_run: bool, no_rollup: bool, vacuum: bool) -> None:
+    """Delete old rows (never those a live budget window needs), keeping daily roll-ups."""
+    from agentd.views import prune_ledger
+
+    config, state_dir = _reading(obj)
+    click.echo(
+        prune_ledger(
+            state_dir,
+            config,
+            before=_when(before, config, "--before"),
+            dry_run=dry_run,
+            rollup=not no_rollup,
+            vacuum=vacuum,
+        )
+    )
 
 
 @ledger.command("calls")
@@ -295,17 +349,111 @@ def ledger_calls(
 
 @main.command()
 @click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
 @click.option("--simulated", is_flag=True, help="Show simulated spend against the windows.")
 @click.pass_obj
 @handle_errors
-def budget(obj: Context, as_json: bool, simulated: bool) -> None:
+def budget(obj: Context, as_json: bool, as_csv: bool, simulated: bool) -> None:
     """Every budget window: limit, spent, reserved, remaining, resets at."""
     from agentd.views import budget_report
 
     config = obj.config()
+    click.echo(budget_report(config, obj.state_dir(config), simulated, _format(as_json, as_csv)))
+
+
+@main.command()
+@click.option(
+    "--html",
+    "html_path",
+    required=True,
+    type=click.Path(dir_okay=False, path_type=Path),
+    help="Write a self-contained HTML page here.",
+)
+@click.option("--since", default="30d", show_default=True, help="A span or a date.")
+@click.option("--until", default=None, help="A span back from now or a date (exclusive).")
+@click.option("--simulated", is_flag=True, help="Report simulated calls instead of real ones.")
+@click.pass_obj
+@handle_errors
+def report(obj: Context, html_path: Path, since: str, until: str | None, simulated: bool) -> None:
+    """Write spend charts and tables as one HTML file (no network assets)."""
+    from agentd.views import html_report_file
+
+    config, state_dir = _reading(obj)
     click.echo(
-        budget_report(config, obj.state_dir(config), simulated, "json" if as_json else "table")
+        html_report_file(
+            state_dir,
+            config,
+            html_path,
+            since=_when(since, config, "--since"),
+            until=_when(until, config, "--until") if until else None,
+            simulated=simulated,
+        )
     )
+
+
+@main.command()
+@click.option("--days", default=30, show_default=True, type=click.IntRange(min=1))
+@click.option("--against", type=click.Path(dir_okay=False), help="Compare with another config.")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@click.pass_obj
+@handle_errors
+def plan(obj: Context, days: int, against: str | None, as_json: bool, as_csv: bool) -> None:
+    """Projected spend of the config (from its schedules and history) against its budgets."""
+    from agentd.config import load_config
+    from agentd.views import plan_report
+
+    config = obj.config()
+    other = load_config(against) if against else None
+    click.echo(
+        plan_report(
+            config, obj.state_dir(config), days=days, against=other, fmt=_format(as_json, as_csv)
+        )
+    )
+
+
+@main.command()
+@click.option("--against", type=click.Path(dir_okay=False), help="Re-price as if on this config.")
+@click.option("--all-tier", default=None, metavar="TIER", help="Re-price everything on one tier.")
+@click.option(
+    "--all-model", default=None, metavar="ALIAS", help="Re-price everything on one model."
+)
+@click.option("--since", default="30d", show_default=True, help="A span or a date.")
+@click.option("--until", default=None, help="A span back from now or a date (exclusive).")
+@click.option("--json", "as_json", is_flag=True)
+@click.option("--csv", "as_csv", is_flag=True)
+@click.pass_obj
+@handle_errors
+def reprice(
+    obj: Context,
+    against: str | None,
+    all_tier: str | None,
+    all_model: str | None,
+    since: str,
+    until: str | None,
+    as_json: bool,
+    as_csv: bool,
+) -> None:
+    """The ledger's real tokens re-priced on another config, tier or model, beside the actual."""
+    from agentd.config import load_config
+    from agentd.views import reprice_report
+
+    config, state_dir = _reading(obj)
+    other = load_config(against) if against else None
+    try:
+        text = reprice_report(
+            state_dir,
+            config,
+            against=other,
+            all_tier=all_tier,
+            all_model=all_model,
+            since=_when(since, config, "--since"),
+            until=_when(until, config, "--until") if until else None,
+            fmt=_format(as_json, as_csv),
+        )
+    except ValueError as exc:
+        raise click.UsageError(str(exc)) from exc
+    click.echo(text)
 
 
 @main.group("config")
@@ -321,18 +469,27 @@ def config_schema() -> None:
     click.echo(json.dumps(config_json_schema(), indent=2, sort_keys=True))
 
 
-def _since(value: str) -> datetime:
+def _when(value: str, config: Any | None, option: str) -> datetime:
+    """A span back from now or a date (midnight in the config's timezone)."""
     from agentd.reports import parse_since
 
-    return parse_since(value, datetime.now(tz=UTC))
+    try:
+        return parse_since(value, datetime.now(tz=UTC), tz=config.tz if config else None)
+    except ValueError as exc:
+        raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
-def _state_dir_for_reading(obj: Context) -> Path:
-    """Reports need the state dir; the config is optional for them (it may be elsewhere)."""
+def _reading(obj: Context) -> tuple[Any | None, Path]:
+    """Reports need the state dir; the config helps but is optional (it may be elsewhere)."""
     try:
         config = obj.config()
     except ConfigError:
         if obj.state_dir_option is None:
             raise
         config = None
-    return obj.state_dir(config)
+    return config, obj.state_dir(config)
+
+
+def _state_dir_for_reading(obj: Context) -> Path:
+    """The state directory for a read-only command."""
+    return _reading(obj)[1]

@@ -269,6 +269,22 @@ class Ledger:
     ) -> None:
         self.close()
 
+    def vacuum(self) -> None:
+        """Rebuild the file to hand space freed by pruning back to the filesystem.
+
+        VACUUM cannot run inside a transaction and holds the write lock while it copies the
+        database, so the daemon's writes wait (up to the busy timeout) until it is done.
+        """
+        if self._read_only:
+            raise LedgerError(f"{self._path}: opened read-only; cannot vacuum")
+        with self._lock:
+            if self._depth:
+                raise LedgerError("cannot vacuum inside a ledger transaction")
+            try:
+                self._conn.execute("VACUUM")
+            except sqlite3.Error as exc:
+                raise LedgerError(f"{self._path}: vacuum failed: {exc}") from exc
+
     @contextmanager
     def write(self) -> Iterator[sqlite3.Connection]:
         """A `BEGIN IMMEDIATE` … `COMMIT` transaction (ROLLBACK on any exception).

@@ -142,6 +142,97 @@ def m004_indexes(db: Database) -> None:
     db.execute("CREATE INDEX runs_running ON runs (owner) WHERE status = 'running'")
 
 
+# The run statuses the partial index `runs_skipped` covers: frozen with m005 (a query uses the
+# index only when its condition names the same statuses).
+SKIPPED_INDEXED = ("skipped_budget", "skipped_noop", "skipped_inactive", "skipped_paused")
+
+
+@migration
+def m005_report_indexes(db: Database) -> None:
+    """Indexes for spend reports and pruning: runs by time, and the few fallback/skipped runs."""
+    # Pruning and the run-level report columns select runs by start time.
+    db.table("runs").create_index(["started_at"], index_name="runs_started_at")
+    # Partial indexes: fallback and skipped runs are a few per cent of all runs, so the
+    # reports' `fallbacks` and `skipped` columns read only them, not the whole table.
+    db.execute("CREATE INDEX runs_fallback ON runs (id) WHERE fallback = 1")
+    statuses = ", ".join(f"'{s}'" for s in SKIPPED_INDEXED)
+    db.execute(f"CREATE INDEX runs_skipped ON runs (started_at, loop) WHERE status IN ({statuses})")
+
+
+@migration
+def m006_daily_rollup(db: Database) -> None:
+    """Per-day totals of pruned calls and runs, so reports over pruned periods keep their sums.
+
+    A row holds what `agentd ledger prune` removed for one UTC day and one combination of
+    loop, tier, model, provider, purpose and simulated; absent values (a call without a tier,
+    a skipped run without calls) are '' so the key stays unique. Every call is counted exactly
+    once: either as a `calls` row or inside a roll-up row, since pruning moves rows from one
+    to the other in one transaction.
+    """
+    db.table("daily_rollup").create(
+        {
+            "day": str,  # UTC day, YYYY-MM-DD
+            "loop": str,
+            "tier": str,
+            "model": str,
+            "provider": str,
+            "purpose": str,
+            "simulated": int,
+            "runs": int,  # runs whose first attempt is in this row
+            "fallbacks": int,  # ... of which used a fallback
+            "skipped": int,  # runs skipped before any call (tier..purpose are '')
+            "calls": int,
+            "failed": int,
+            "input_tokens": int,
+            "output_tokens": int,
+            "cache_read_tokens": int,
+            "cache_write_tokens": int,
+            "reasoning_tokens": int,
+            "cost_micro_usd": int,
+            "latency_count": int,  # settled calls with a latency
+            "latency_ms_sum": int,
+        },
+        pk=("day", "loop", "tier", "model", "provider", "purpose", "simulated"),
+        not_null={
+            "day",
+            "loop",
+            "tier",
+            "model",
+            "provider",
+            "purpose",
+            "simulated",
+            "runs",
+            "fallbacks",
+            "skipped",
+            "calls",
+            "failed",
+            "input_tokens",
+            "output_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "reasoning_tokens",
+            "cost_micro_usd",
+            "latency_count",
+            "latency_ms_sum",
+        },
+        defaults={
+            "runs": 0,
+            "fallbacks": 0,
+            "skipped": 0,
+            "calls": 0,
+            "failed": 0,
+            "input_tokens": 0,
+            "output_tokens": 0,
+            "cache_read_tokens": 0,
+            "cache_write_tokens": 0,
+            "reasoning_tokens": 0,
+            "cost_micro_usd": 0,
+            "latency_count": 0,
+            "latency_ms_sum": 0,
+        },
+    )
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

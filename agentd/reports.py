@@ -8,7 +8,7 @@ import json
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime, timedelta, tzinfo
 from typing import Any
 
 from agentd.pricing import format_usd
@@ -26,8 +26,11 @@ class Column:
     money: bool = False
 
 
-def parse_since(value: str, now: datetime | None = None) -> datetime:
-    """`24h`, `7d`, `30m`, `2w` back from now, or an ISO date/datetime (UTC if naive)."""
+def parse_since(value: str, now: datetime | None = None, tz: tzinfo | None = None) -> datetime:
+    """`24h`, `7d`, `30m`, `2w` back from now, or an ISO date/datetime (naive: in `tz`, else UTC).
+
+    Also reads `--until`: the same forms name the (exclusive) end of a report's range.
+    """
     now = now or datetime.now(tz=UTC)
     match = _SPAN.match(value.strip())
     if match:
@@ -38,7 +41,8 @@ def parse_since(value: str, now: datetime | None = None) -> datetime:
         raise ValueError(
             f"cannot read {value!r}: use a span like 24h, 7d, 30m or a date like 2026-11-01"
         ) from exc
-    return parsed if parsed.tzinfo else parsed.replace(tzinfo=UTC)
+    # A bare date or wall-clock time means midnight / that time where the operator lives.
+    return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz or UTC)
 
 
 def _cell(row: Mapping[str, Any], column: Column) -> Any:
@@ -46,6 +50,12 @@ def _cell(row: Mapping[str, Any], column: Column) -> Any:
     if column.money:
         return None if value is None else format_usd(int(value))
     return value
+
+
+def format_cell(row: Mapping[str, Any], column: Column) -> str:
+    """A cell as the table shows it (money as a decimal string, empty for None)."""
+    value = _cell(row, column)
+    return "" if value is None else str(value)
 
 
 def _name(column: Column) -> str:
@@ -68,10 +78,14 @@ def to_csv(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
     return out.getvalue()
 
 
-def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> str:
-    """Rows as an aligned plain-text table (numbers and money right-aligned)."""
+def to_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
+    totals: Mapping[str, Any] | None = None,
+) -> str:
+    """Rows as an aligned plain-text table (numbers and money right-aligned), totals last."""
     cells = [[c.header for c in columns]]
-    for row in rows:
+    for row in [*rows, *([totals] if totals is not None else [])]:
         cells.append(["" if (v := _cell(row, c)) is None else str(v) for c in columns])
     widths = [max(len(line[i]) for line in cells) for i in range(len(columns))]
     numeric = [
@@ -84,22 +98,31 @@ def to_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column]) -> st
             text.rjust(w) if numeric[i] and n > 0 else text.ljust(w)
             for i, (text, w) in enumerate(zip(line, widths, strict=True))
         ]
+        rule = n == 0 or (totals is not None and n == len(cells) - 2)
         lines.append("  ".join(parts).rstrip())
-        if n == 0:
+        if rule:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
 
 
 def _is_number(text: str) -> bool:
-    return text == "" or re.fullmatch(r"-?\d+(\.\d+)?", text) is not None
+    # Signed numbers and percentages (`−94.6 %`) are right-aligned too.
+    return text == "" or re.fullmatch(r"[-−+]?\d+(\.\d+)?( %)?", text) is not None
 
 
-def render(rows: Sequence[Mapping[str, Any]], columns: Sequence[Column], fmt: str) -> str:
-    """Render rows as `table`, `json` or `csv`."""
+def render(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
+    fmt: str,
+    totals: Mapping[str, Any] | None = None,
+) -> str:
+    """Render rows as `table`, `json` or `csv`; a totals row appears in the table form only."""
     if fmt == "json":
         return to_json(rows, columns)
     if fmt == "csv":
         return to_csv(rows, columns).rstrip("\n")
+    if fmt != "table":
+        raise ValueError(f"unknown report format {fmt!r} (table, json or csv)")
     if not rows:
         return "(no rows)"
-    return to_table(rows, columns)
+    return to_table(rows, columns, totals)

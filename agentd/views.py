@@ -5,7 +5,8 @@ from __future__ import annotations
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from agentd import budgets
 from agentd.config import Config, missing_api_keys
@@ -290,3 +291,224 @@ def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) ->
         for s in statuses
     ]
     return render(rows, BUDGET_COLUMNS, fmt)
+
+
+# ---------------------------------------------------------------------------- spend insight
+
+
+def _zone(config: Config | None) -> ZoneInfo:
+    """The zone of calendar groupings and windows: the config's, else UTC."""
+    return config.tz if config is not None else ZoneInfo("UTC")
+
+
+def _range_text(since: datetime | None, until: datetime | None, tz: ZoneInfo) -> str:
+    start = "the beginning" if since is None else since.astimezone(tz).isoformat(timespec="minutes")
+    end = "now" if until is None else until.astimezone(tz).isoformat(timespec="minutes")
+    return f"{start} to {end} ({tz.key})"
+
+
+def ledger_report(
+    state_dir: Path,
+    config: Config | None,
+    *,
+    by: str = "loop",
+    since: datetime | None = None,
+    until: datetime | None = None,
+    simulated: bool = False,
+    fmt: str = "table",
+    loop: str | None = None,
+    chart: bool = False,
+    stack: str = "loop",
+    ascii_only: bool = False,
+) -> str:
+    """`agentd ledger`: spend grouped `by`, as a table (with totals), JSON or CSV; or a chart.
+
+    Calendar groupings and the chart's days use the config's timezone (UTC without a config).
+    """
+    from agentd.charts import text_chart
+    from agentd.spend import GROUPINGS, daily_spend, report_columns, spend_report
+
+    tz = _zone(config)
+    if by not in GROUPINGS:
+        raise ValueError(f"cannot group by {by!r} (one of {', '.join(GROUPINGS)})")
+    if chart and fmt != "table":
+        raise ValueError("--chart draws for a terminal: it does not combine with --json or --csv")
+    ledger = _open_for_reading(state_dir)
+    if chart:
+        if stack not in ("loop", "tier"):
+            raise ValueError(f"cannot stack by {stack!r} (loop or tier)")
+        stack_by: Literal["loop", "tier"] = "loop" if stack == "loop" else "tier"
+        if ledger is None:
+            return "(no spend in this period)"
+        with ledger:
+            daily = daily_spend(
+                ledger,
+                stack=stack_by,
+                since=since,
+                until=until,
+                simulated=simulated,
+                tz=tz,
+                loop=loop,
+            )
+        return text_chart(daily, ascii_only=ascii_only)
+    columns = report_columns(by, fmt)
+    if ledger is None:
+        return render([], columns, fmt)
+    with ledger:
+        report = spend_report(
+            ledger,
+            by=by,
+            since=since,
+            until=until,
+            simulated=simulated,
+            tz=tz,
+            loop=loop,
+        )
+    text = render(report.rows, columns, fmt, totals=report.total)
+    if fmt != "table" or not report.rows:
+        return text
+    kind = "simulated" if simulated else "real"
+    head = f"{kind} calls by {by}, {_range_text(since, until, tz)}"
+    if report.includes_rollup:
+        head += "; pruned days come from the daily roll-up (no p95 there)"
+    return f"{head}\n{text}"
+
+
+def html_report_file(
+    state_dir: Path,
+    config: Config | None,
+    path: Path,
+    *,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    simulated: bool = False,
+    now: datetime | None = None,
+) -> str:
+    """`agentd report --html FILE`: write the self-contained page; return a one-line note."""
+    from agentd.htmlreport import html_report, write_html_report
+
+    now = now or datetime.now(UTC)
+    ledger = _open_for_reading(state_dir)
+    try:
+        html = html_report(
+            ledger, since=since, until=until, now=now, simulated=simulated, tz=_zone(config)
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
+    write_html_report(path, html)
+    return f"wrote {path} ({len(html.encode())} bytes)"
+
+
+def plan_report(
+    config: Config,
+    state_dir: Path,
+    *,
+    days: int = 30,
+    against: Config | None = None,
+    fmt: str = "table",
+    now: datetime | None = None,
+) -> str:
+    """`agentd plan`: projected spend per loop against the budgets; `against` side by side."""
+    from agentd.projection import (
+        COMPARE_COLUMNS,
+        COMPARE_JSON_COLUMNS,
+        PLAN_COLUMNS,
+        PLAN_JSON_COLUMNS,
+        compare,
+        plan,
+    )
+
+    now = now or datetime.now(UTC)
+    ledger = _open_for_reading(state_dir)
+    try:
+        this = plan(config, ledger, days=days, now=now)
+        other = (
+            None if against is None else plan(against, ledger, days=days, now=now, reference=config)
+        )
+    finally:
+        if ledger is not None:
+            ledger.close()
+    table = fmt == "table"
+    if other is None:
+        rows, totals = this.rows[:-1], this.total
+        columns = PLAN_COLUMNS if table else PLAN_JSON_COLUMNS
+        head = f"projected spend of {config.path.name} over {days} days from {now:%Y-%m-%d}"
+        warnings = this.warnings
+    else:
+        compared = compare(this, other)
+        rows, totals = compared[:-1], compared[-1]
+        columns = COMPARE_COLUMNS if table else COMPARE_JSON_COLUMNS
+        name = other.config.path.name
+        head = f"projected spend over {days} days: this = {config.path.name}, other = {name}"
+        warnings = [f"{config.path.name}: {w}" for w in this.warnings]
+        warnings += [f"{name}: {w}" for w in other.warnings]
+    if not table:
+        # Scripts get the totals as the last row (scope `global` / name `total`).
+        return render([*rows, totals], columns, fmt)
+    return "\n".join([head, render(rows, columns, fmt, totals=totals), *warnings])
+
+
+def reprice_report(
+    state_dir: Path,
+    config: Config | None,
+    *,
+    against: Config | None = None,
+    all_tier: str | None = None,
+    all_model: str | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+    fmt: str = "table",
+) -> str:
+    """`agentd reprice`: real ok calls re-priced on another config or one tier/model."""
+    from agentd.reprice import REPRICE_COLUMNS, REPRICE_JSON_COLUMNS, reprice, resolve_target
+
+    target = resolve_target(config, against, all_tier=all_tier, all_model=all_model)
+    ledger = _open_for_reading(state_dir)
+    try:
+        result = reprice(ledger, config, target, since=since, until=until)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    if fmt != "table":
+        return render([*result.rows, result.total], REPRICE_JSON_COLUMNS, fmt)
+    if not result.rows:
+        return "(no ok calls in this period)"
+    tz = _zone(config)
+    return "\n".join(
+        [
+            f"real ok calls, {_range_text(since, until, tz)}, re-priced on {result.label}",
+            render(result.rows, REPRICE_COLUMNS, fmt, totals=result.total),
+            result.headline,
+        ]
+    )
+
+
+def prune_ledger(
+    state_dir: Path,
+    config: Config | None,
+    *,
+    before: datetime,
+    dry_run: bool = False,
+    rollup: bool = True,
+    vacuum: bool = False,
+    now: datetime | None = None,
+) -> str:
+    """`agentd ledger prune --before DATE`: delete old rows (rolled up first); describe it."""
+    from agentd.retention import prune
+
+    now = now or datetime.now(UTC)
+    ledger = _open_for_reading(state_dir)
+    if ledger is None:
+        return "nothing to prune: no ledger yet"
+    with ledger:
+        result = prune(
+            ledger,
+            before,
+            now=now,
+            tz=None if config is None else config.tz,
+            dry_run=dry_run,
+            rollup=rollup,
+            vacuum=vacuum,
+        )
+    return result.describe()

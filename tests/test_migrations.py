@@ -76,10 +76,39 @@ EXPECTED_COLUMNS = {
         ("last_run_id", "INTEGER"),
         ("consecutive_failures", "INTEGER"),
     ],
+    "daily_rollup": [
+        ("day", "TEXT"),
+        ("loop", "TEXT"),
+        ("tier", "TEXT"),
+        ("model", "TEXT"),
+        ("provider", "TEXT"),
+        ("purpose", "TEXT"),
+        ("simulated", "INTEGER"),
+        ("runs", "INTEGER"),
+        ("fallbacks", "INTEGER"),
+        ("skipped", "INTEGER"),
+        ("calls", "INTEGER"),
+        ("failed", "INTEGER"),
+        ("input_tokens", "INTEGER"),
+        ("output_tokens", "INTEGER"),
+        ("cache_read_tokens", "INTEGER"),
+        ("cache_write_tokens", "INTEGER"),
+        ("reasoning_tokens", "INTEGER"),
+        ("cost_micro_usd", "INTEGER"),
+        ("latency_count", "INTEGER"),
+        ("latency_ms_sum", "INTEGER"),
+    ],
     "_agentd_migrations": [("name", "TEXT"), ("applied_at", "TEXT")],
 }
 
-EXPECTED_STEPS = ["m001_runs", "m002_calls", "m003_loop_state", "m004_indexes"]
+EXPECTED_STEPS = [
+    "m001_runs",
+    "m002_calls",
+    "m003_loop_state",
+    "m004_indexes",
+    "m005_report_indexes",
+    "m006_daily_rollup",
+]
 
 
 @pytest.fixture
@@ -104,12 +133,25 @@ def test_fresh_database_has_exactly_the_pinned_columns(ledger: Ledger) -> None:
         assert columns(ledger.conn, table) == expected, table
 
 
+def _pk_order(row: tuple[object, ...]) -> int:
+    return int(str(row[5]))
+
+
 def test_keys_and_constraints(ledger: Ledger) -> None:
     pks = {
-        t: [r[1] for r in ledger.conn.execute(f"PRAGMA table_info({t})") if r[5]]
-        for t in ("runs", "calls", "loop_state")
+        t: [
+            r[1]
+            for r in sorted(ledger.conn.execute(f"PRAGMA table_info({t})"), key=_pk_order)
+            if r[5]
+        ]
+        for t in ("runs", "calls", "loop_state", "daily_rollup")
     }
-    assert pks == {"runs": ["id"], "calls": ["id"], "loop_state": ["loop"]}
+    assert pks == {
+        "runs": ["id"],
+        "calls": ["id"],
+        "loop_state": ["loop"],
+        "daily_rollup": ["day", "loop", "tier", "model", "provider", "purpose", "simulated"],
+    }
     fks = [tuple(r[2:5]) for r in ledger.conn.execute("PRAGMA foreign_key_list(calls)")]
     assert fks == [("runs", "run_id", "id")]
     # Foreign keys are enforced on agentd's connection.
