@@ -303,6 +303,7 @@ def settle(
     request_id: str | None = None,
     error: str | None = None,
     latency_ms: int | None = None,
+    served_model: str | None = None,
 ) -> bool:
     """Replace a call's reservation by its real cost and outcome, in one transaction.
 
@@ -328,7 +329,8 @@ def settle(
             "UPDATE calls SET status = ?, cost_micro_usd = ?, priced = ?, input_tokens = ?,"
             " output_tokens = ?, cache_read_tokens = ?, cache_write_tokens = ?,"
             " reasoning_tokens = ?, error_type = ?, http_status = ?,"
-            " request_id = COALESCE(?, request_id), error = ?, latency_ms = ?, finished_at = ?"
+            " request_id = COALESCE(?, request_id), error = ?, latency_ms = ?, finished_at = ?,"
+            " served_model = ?"
             " WHERE id = ?",
             (
                 status,
@@ -345,6 +347,7 @@ def settle(
                 None if error is None else error[:500],
                 latency_ms,
                 now_iso(),
+                served_model,
                 call_id,
             ),
         )

@@ -233,6 +233,16 @@ def m006_daily_rollup(db: Database) -> None:
     )
 
 
+@migration
+def m007_served_model(db: Database) -> None:
+    """`calls.served_model`: the model the provider says answered, beside `model` (asked for).
+
+    They differ only when the provider substitutes (an alias resolved to a dated snapshot, say);
+    recording both lets an operator see that a pin never drifted.
+    """
+    db.table("calls").add_column("served_model", str)
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -66,6 +66,7 @@ EXPECTED_COLUMNS = {
         ("finished_at", "TEXT"),
         ("latency_ms", "INTEGER"),
         ("request_id", "TEXT"),
+        ("served_model", "TEXT"),
     ],
     "loop_state": [
         ("loop", "TEXT"),
@@ -108,6 +109,7 @@ EXPECTED_STEPS = [
     "m004_indexes",
     "m005_report_indexes",
     "m006_daily_rollup",
+    "m007_served_model",
 ]
 
 
