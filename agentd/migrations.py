@@ -13,10 +13,14 @@ from __future__ import annotations
 import sqlite3
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
+from typing import TYPE_CHECKING
 
-from sqlite_utils import Database
+if TYPE_CHECKING:
+    # Imported for real only when a step runs: an up-to-date ledger (every CLI read) never
+    # pays sqlite-utils' import time.
+    from sqlite_utils import Database
 
-Migration = Callable[[Database], None]
+Migration = Callable[["Database"], None]
 
 MIGRATIONS_TABLE = "_agentd_migrations"
 
@@ -243,6 +247,22 @@ def m007_served_model(db: Database) -> None:
     db.table("calls").add_column("served_model", str)
 
 
+@migration
+def m008_budget_covering_indexes(db: Database) -> None:
+    """Covering indexes for the budget sums every reservation makes (global and per loop).
+
+    A reservation sums the window's settled and reserved money; with every column it reads in
+    the index, SQLite never visits the table rows (about half the time on a large window).
+    """
+    columns = ["started_at", "status", "cost_micro_usd", "reserved_micro_usd"]
+    db.table("calls").create_index(
+        ["simulated", *columns], index_name="calls_budget_global", if_not_exists=True
+    )
+    db.table("calls").create_index(
+        ["loop", "simulated", *columns], index_name="calls_budget_loop", if_not_exists=True
+    )
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
@@ -306,6 +326,8 @@ def migrate(
         "(name TEXT PRIMARY KEY, applied_at TEXT NOT NULL)"
     )
     # recursive_triggers/plugins would change the connection's settings: leave them alone.
+    from sqlite_utils import Database
+
     db = Database(conn, recursive_triggers=False, execute_plugins=False)
     done = set(applied(conn))
     ran: list[str] = []

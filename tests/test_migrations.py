@@ -110,6 +110,7 @@ EXPECTED_STEPS = [
     "m005_report_indexes",
     "m006_daily_rollup",
     "m007_served_model",
+    "m008_budget_covering_indexes",
 ]
 
 

@@ -1,0 +1,258 @@
+"""Ledger throughput: settled calls per second (reserve + settle) on a real WAL ledger.
+
+What agentd really does: `budgets.reserve` and `budgets.settle` are synchronous calls made on
+the event loop by `Executor._attempt` (not in a worker thread). So "K concurrent tasks" here
+are K asyncio tasks on one loop, each doing reserve → `await asyncio.sleep(0)` (the model
+call, zero latency) → settle, for its own loop name (a loop never runs twice at once). The
+4-process case runs 4 such processes (8 tasks each) on one ledger file; throughput there is
+total calls over the wall time from a common start barrier to the last finish.
+
+Every reservation checks three windows (its loop per day, global per day and per month), as
+a budgeted loop under global caps does; `--no-windows` measures an unbudgeted loop (no sums).
+Each measurement starts from an empty ledger, because a reservation sums every row of its
+windows: `--scaling` times one reserve + settle against windows already holding 0 … N rows,
+and with `--try-covering-index` repeats that with an experimental covering index created in
+the benchmark's own temp ledger (agentd's schema is not changed).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import multiprocessing as mp
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _common import emit_json, fmt_mmm, print_machine
+
+COVERING_INDEXES = (
+    "CREATE INDEX IF NOT EXISTS bench_calls_window ON calls (simulated, started_at, status,"
+    " cost_micro_usd, reserved_micro_usd)",
+    "CREATE INDEX IF NOT EXISTS bench_calls_loop_window ON calls (loop, simulated, started_at,"
+    " status, cost_micro_usd, reserved_micro_usd)",
+)
+
+
+def _windows(loop: str, with_windows: bool) -> list[Any]:
+    from agentd.budgets import GLOBAL, Window
+
+    if not with_windows:
+        return []
+    big = 10**15  # never refuses: we measure the bookkeeping, not refusals
+    return [Window(loop, "day", big), Window(GLOBAL, "day", big), Window(GLOBAL, "month", big)]
+
+
+async def _tasks(state: Path, tasks: int, per_task: int, with_windows: bool, tag: str) -> int:
+    """`tasks` asyncio tasks, each reserving and settling `per_task` calls; returns the count."""
+    from zoneinfo import ZoneInfo
+
+    from agentd import budgets
+    from agentd.budgets import CallStart
+    from agentd.ledger import Ledger
+    from agentd.providers.base import Usage
+
+    tz = ZoneInfo("UTC")
+    usage = Usage(input_tokens=120, output_tokens=16)
+    with Ledger.open(state) as ledger:
+
+        async def worker(i: int) -> int:
+            loop = f"{tag}loop{i}"
+            windows = _windows(loop, with_windows)
+            for n in range(per_task):
+                start = CallStart(
+                    run_id=None,
+                    loop=loop,
+                    purpose="work",
+                    tier="fast",
+                    alias="haiku",
+                    provider="anthropic",
+                    model="claude-haiku-4-5",
+                    attempt=n + 1,
+                    simulated=False,
+                )
+                call_id = budgets.reserve(ledger, start, 1_000, windows, tz)
+                await asyncio.sleep(0)  # the model call
+                budgets.settle(
+                    ledger,
+                    call_id,
+                    status="ok",
+                    usage=usage,
+                    cost_micro_usd=200,
+                    priced=True,
+                    latency_ms=1,
+                    request_id=f"req_{call_id}",
+                )
+            return per_task
+
+        done = await asyncio.gather(*(worker(i) for i in range(tasks)))
+    return sum(done)
+
+
+def _one_process(state: Path, tasks: int, per_task: int, with_windows: bool) -> float:
+    """Calls per second for K tasks in this process, on a fresh ledger."""
+    from agentd.ledger import Ledger
+
+    Ledger.open(state).close()  # create + migrate outside the timing
+    t0 = time.perf_counter()
+    n = asyncio.run(_tasks(state, tasks, per_task, with_windows, "p0"))
+    return n / (time.perf_counter() - t0)
+
+
+def _proc_worker(
+    state: str, idx: int, tasks: int, per_task: int, with_windows: bool, barrier: Any, out: Any
+) -> None:
+    barrier.wait()
+    start = time.time()
+    n = asyncio.run(_tasks(Path(state), tasks, per_task, with_windows, f"p{idx}"))
+    out.put((start, time.time(), n))
+
+
+def _processes(state: Path, procs: int, tasks: int, per_task: int, with_windows: bool) -> float:
+    """Calls per second for `procs` processes × `tasks` tasks on one fresh ledger."""
+    from agentd.ledger import Ledger
+
+    Ledger.open(state).close()
+    ctx = mp.get_context("spawn")
+    barrier = ctx.Barrier(procs)
+    out = ctx.Queue()
+    workers = [
+        ctx.Process(
+            target=_proc_worker,
+            args=(str(state), i, tasks, per_task, with_windows, barrier, out),
+        )
+        for i in range(procs)
+    ]
+    for w in workers:
+        w.start()
+    results = [out.get(timeout=600) for _ in workers]
+    for w in workers:
+        w.join()
+        if w.exitcode != 0:
+            raise RuntimeError(f"worker exited {w.exitcode}")
+    start = min(r[0] for r in results)
+    end = max(r[1] for r in results)
+    return sum(r[2] for r in results) / (end - start)
+
+
+def _fill(state: Path, rows: int, loops: int = 50) -> None:
+    """Insert `rows` settled calls inside today's (and this month's) windows, fast."""
+    from agentd.ledger import Ledger, utc_iso
+
+    now = datetime.now(UTC)
+    # Inside the last hour (or since midnight, if that is nearer) and never in the future.
+    span = min(timedelta(hours=1), now - now.replace(hour=0, minute=0, second=0, microsecond=0))
+    with Ledger.open(state) as ledger, ledger.write() as conn:
+        conn.executemany(
+            "INSERT INTO calls (loop, purpose, tier, alias, provider, model, attempt, status,"
+            " reserved_micro_usd, cost_micro_usd, priced, simulated, batch, started_at,"
+            " finished_at, input_tokens, output_tokens)"
+            " VALUES (?, 'work', 'fast', 'haiku', 'anthropic', 'claude-haiku-4-5', 1, 'ok',"
+            " 1000, 200, 1, 0, 0, ?, ?, 120, 16)",
+            (
+                (
+                    f"fill{i % loops}",
+                    ts := utc_iso(now - span * (i / max(rows, 1))),
+                    ts,
+                )
+                for i in range(rows)
+            ),
+        )
+
+
+def _scaling_point(state: Path, rows: int, covering: bool, n: int) -> float:
+    """Mean ms of one reserve + settle (3 windows) with `rows` rows already in the windows."""
+    from agentd.ledger import Ledger
+
+    Ledger.open(state).close()
+    if covering:
+        with Ledger.open(state) as ledger, ledger.write() as conn:
+            for sql in COVERING_INDEXES:
+                conn.execute(sql)
+    _fill(state, rows)
+    t0 = time.perf_counter()
+    asyncio.run(_tasks(state, 1, n, True, "x"))
+    return (time.perf_counter() - t0) / n * 1000
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--calls", type=int, default=20000, help="settled calls per measurement")
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--no-windows", action="store_true", help="only unbudgeted calls")
+    parser.add_argument("--scaling", action="store_true", help="reserve cost vs rows in window")
+    parser.add_argument("--scaling-rows", default="0,10000,100000,1000000")
+    parser.add_argument("--try-covering-index", action="store_true")
+    parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
+    parser.add_argument("--json", help="write results as JSON to this path")
+    args = parser.parse_args(argv)
+    if args.smoke:
+        args.calls, args.repeats = 256, 1
+        args.scaling, args.scaling_rows, args.try_covering_index = True, "0,2000", True
+    print_machine()
+    modes = [("budgeted (3 windows)", True)]
+    if args.no_windows:
+        modes = [("unbudgeted (no sums)", False)]
+    elif not args.smoke:
+        modes.append(("unbudgeted (no sums)", False))
+    results: dict[str, Any] = {"throughput": {}, "scaling": {}}
+    print(
+        f"# settled calls/s (reserve + settle), {args.calls} calls per measurement, "
+        f"median (min–max) of {args.repeats}, fresh ledger each"
+    )
+    print("| case | budgeted (3 windows) | unbudgeted |\n|---|---|---|")
+    cases = [
+        ("1 task", 1, 1),
+        ("8 tasks", 1, 8),
+        ("64 tasks", 1, 64),
+        ("4 processes × 8 tasks", 4, 8),
+    ]
+    for label, procs, tasks in cases:
+        cells = []
+        for mode, with_windows in modes:
+            rates = []
+            for _ in range(args.repeats):
+                with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+                    per_task = max(1, args.calls // (procs * tasks))
+                    if procs == 1:
+                        rate = _one_process(Path(tmp), tasks, per_task, with_windows)
+                    else:
+                        rate = _processes(Path(tmp), procs, tasks, per_task, with_windows)
+                rates.append(rate)
+            results["throughput"].setdefault(label, {})[mode] = rates
+            cells.append(fmt_mmm(rates, 0))
+        while len(cells) < 2:
+            cells.append("—")
+        print(f"| {label} | {cells[0]} | {cells[1]} |")
+    if args.scaling:
+        rows_list = [int(r) for r in args.scaling_rows.split(",")]
+        print(
+            "\n# ms per reserve + settle (3 windows) vs rows already in the windows "
+            "(mean of 300, 30 or 5 calls)"
+        )
+        variants = [("agentd schema", False)]
+        if args.try_covering_index:
+            variants.append(("+ covering indexes (experiment)", True))
+        print("| rows in window | " + " | ".join(v for v, _ in variants) + " |")
+        print("|---|" + "---|" * len(variants))
+        for rows in rows_list:
+            cells = []
+            # Fewer samples where each one is slow: a reservation sums every row in its windows.
+            n = 50 if args.smoke else 300 if rows <= 10_000 else 30 if rows <= 100_000 else 5
+            for name, covering in variants:
+                with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+                    ms = _scaling_point(Path(tmp), rows, covering, n)
+                results["scaling"].setdefault(name, {})[rows] = ms
+                cells.append(f"{ms:.3f}")
+            print(f"| {rows:,} | " + " | ".join(cells) + " |")
+    emit_json(args.json, {"benchmark": "ledger", **results})
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
