@@ -29,6 +29,7 @@ from pydantic import (
 from agentd.errors import ConfigError, MissingKeyError
 from agentd.loopconfig import (
     _STRICT,
+    AnomalyConfig,
     BudgetConfig,
     LoopConfig,
 )
@@ -142,6 +143,48 @@ class CircuitBreakerConfig(BaseModel):
     billing_cooldown_s: float = Field(3600, gt=0, description="Cooldown after billing errors")
 
 
+class GuardrailsConfig(BaseModel):
+    """Guardrails over all loops: the anomaly breaker and cost warnings (`check`, reload)."""
+
+    model_config = _STRICT
+    anomaly: AnomalyConfig = Field(
+        default_factory=AnomalyConfig, description="Defaults of every loop's anomaly breaker"
+    )
+    warn_unbudgeted_usd_per_month: _Usd = Field(
+        Decimal(10), description="Warn when a loop without a budget is projected above this"
+    )
+    reload_increase_warn: _Usd = Field(
+        Decimal("0.25"),
+        description="Warn on a reload that raises the projected monthly total by more than "
+        "this share (0.25 = 25 %)",
+    )
+
+
+class AlertSink(BaseModel):
+    """Where alert events go: POSTed as JSON to a webhook, or on a command's stdin."""
+
+    model_config = _STRICT
+    webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
+    command: list[str] | None = Field(None, min_length=1, description="argv; gets JSON on stdin")
+    timeout_s: float = Field(10, gt=0, description="Command / webhook timeout")
+
+    @model_validator(mode="after")
+    def _exactly_one(self) -> AlertSink:
+        if (self.webhook is None) == (self.command is None):
+            raise ConfigProblem((), "give exactly one of webhook, command")
+        return self
+
+
+class AlertsConfig(BaseModel):
+    """Alerts an operator must not miss: budget at 80 % / 100 %, pauses, chain failures."""
+
+    model_config = _STRICT
+    sinks: list[AlertSink] = Field(default_factory=list, description="Where alerts go")
+    min_interval_s: float = Field(
+        3600, ge=0, description="The same event (key) is sent at most once per this many seconds"
+    )
+
+
 @dataclass(frozen=True)
 class ChainEntry:
     """One model a loop's call may use, in chain order, with the tier it came from."""
@@ -168,6 +211,8 @@ class Config(BaseModel):
     budgets: BudgetConfig | None = Field(None, description="Global caps over all loops")
     circuit_breaker: CircuitBreakerConfig = Field(default_factory=CircuitBreakerConfig)
     daemon: DaemonConfig = Field(default_factory=DaemonConfig)
+    guardrails: GuardrailsConfig = Field(default_factory=GuardrailsConfig)
+    alerts: AlertsConfig = Field(default_factory=AlertsConfig)
     loops: dict[str, LoopConfig] = Field(min_length=1)
 
     # Set by load_config (validation context "path"); programmatic configs live in the cwd.
@@ -256,11 +301,18 @@ class Config(BaseModel):
                     "resolve against the config file's directory)",
                 ) from None
         route_entries = self._check_route(name, loop, check_prompt)
-        if loop.budget is None and self.budgets is None:
+        usd_cap = loop.limits is not None and loop.limits.max_usd_per_run is not None
+        if loop.budget is None and self.budgets is None and not usd_cap:
             return
         for entry in [*self.chain(name), *route_entries]:
             if self.price(entry.alias) is None:
-                whose = "this loop's budget" if loop.budget is not None else "the global budgets"
+                whose = (
+                    "this loop's budget"
+                    if loop.budget is not None
+                    else "the global budgets"
+                    if self.budgets is not None
+                    else "limits.max_usd_per_run"
+                )
                 raise ConfigProblem(
                     where,
                     f"model {entry.alias!r} ({entry.model.model} on provider "

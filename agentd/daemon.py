@@ -48,7 +48,7 @@ from agentd.logs import get_logger
 from agentd.loopconfig import LoopConfig
 from agentd.looplock import loop_lock
 from agentd.notify import Notifier, watchdog_interval
-from agentd.reload import ConfigChange, check_primary_keys, diff_configs
+from agentd.reload import ConfigChange, check_primary_keys, diff_configs, reload_cost_warning
 
 if TYPE_CHECKING:
     from apscheduler.triggers.base import BaseTrigger
@@ -353,7 +353,15 @@ class Daemon(DaemonView):
             return {"ok": False, "message": message, "changed": {}}
         change = self._apply(old, new)
         self._log.info("daemon.reloaded", source=source, **change.as_dict())
-        return {"ok": True, "message": change.summary(), "changed": change.as_dict()}
+        body: dict[str, Any] = {
+            "ok": True,
+            "message": change.summary(),
+            "changed": change.as_dict(),
+        }
+        increase = reload_cost_warning(old, new, self.ledger)
+        if increase is not None:
+            body["cost_increase"] = increase
+        return body
 
     def _apply(self, old: Config, new: Config) -> ConfigChange:
         """Swap in the new config and reschedule what changed; unchanged jobs are left alone."""

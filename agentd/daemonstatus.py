@@ -12,6 +12,7 @@ from typing import Any
 from agentd import budgets, loopstate, scheduling
 from agentd.config import Config
 from agentd.errors import LedgerError
+from agentd.guardrails import anomaly_run_id
 from agentd.ledger import EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
 from agentd.loopconfig import LoopConfig
 from agentd.owner import current_owner
@@ -202,6 +203,8 @@ class DaemonView:
         if "paused" not in entry:
             reason = loopstate.paused_reason(self.ledger, name, now)
             entry.update(paused=reason is not None, paused_reason=reason)
+        # An anomaly pause names the run that tripped it (`agentd resume LOOP` clears it).
+        entry["paused_run_id"] = anomaly_run_id(entry.get("paused_reason"))
         entry.update(
             loop=name,
             tier=loop.tier,

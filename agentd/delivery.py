@@ -115,7 +115,7 @@ async def _to_file(
     return DeliveryOutcome("file", str(path), True)
 
 
-async def _to_command(
+async def send_to_command(
     config: Config, state_dir: Path, delivery: Delivery, reply: str
 ) -> DeliveryOutcome:
     assert delivery.command is not None
@@ -169,7 +169,7 @@ def _post(url: str, body: bytes, timeout_s: float) -> int:
         return int(response.status)
 
 
-async def _to_webhook(delivery: Delivery, payload: Mapping[str, Any]) -> DeliveryOutcome:
+async def post_to_webhook(delivery: Delivery, payload: Mapping[str, Any]) -> DeliveryOutcome:
     assert delivery.webhook is not None
     url = delivery.webhook
     target = redact_url(url)
@@ -207,8 +207,8 @@ async def _one(
     if delivery.file is not None:
         return await _to_file(state_dir, delivery.file, loop_name, run_id, reply)
     if delivery.command is not None:
-        return await _to_command(config, state_dir, delivery, reply)
-    return await _to_webhook(delivery, payload)
+        return await send_to_command(config, state_dir, delivery, reply)
+    return await post_to_webhook(delivery, payload)
 
 
 async def deliver(

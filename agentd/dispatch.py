@@ -13,6 +13,7 @@ from datetime import UTC, datetime, timedelta
 from typing import Any
 
 from agentd import loopstate, scheduling
+from agentd.alerts import Alerter
 from agentd.config import Config
 from agentd.errors import ConfigError, LoopBusy, LoopPaused, MissingKeyError
 from agentd.executor import Executor
@@ -55,6 +56,8 @@ class Dispatcher:
         self._closing: set[asyncio.Task[None]] = set()
         self._on_settled = on_settled
         self._log = get_logger()
+        # Alert memory (rate limits, budget levels sent) lives as long as the daemon.
+        self.alerter = Alerter(config, ledger.path.parent)
 
     @property
     def config(self) -> Config:
@@ -79,6 +82,7 @@ class Dispatcher:
             breakers=old.executor.breakers if same else None,
         )
         self.current = Generation(config, executor)
+        self.alerter.config = config
         old.retired = True
         if old.runs == 0:
             self._close_later(old)
@@ -223,7 +227,8 @@ class Dispatcher:
         return None
 
     def _after_run(self, gen: Generation, name: str, result: RunResult, log: Any) -> None:
-        """Back off or pause a failing loop; wake the loop named by `on_reply`."""
+        """Back off or pause a failing loop; alerts; wake the loop named by `on_reply`."""
+        self.alerter.after_run(self.ledger, result)
         if result.status == "failed":
             loop = gen.config.loops[name]
             failures = loopstate.get_state(self.ledger, name).consecutive_failures
@@ -239,6 +244,7 @@ class Dispatcher:
                     run_id=result.run_id,
                     note=f"agentd resume {name} clears it",
                 )
+                self.alerter.loop_paused(name, reason, result.run_id)
             else:
                 delay = loopstate.backoff_delay(loop.on_failure, failures)
                 log.warning(

@@ -62,6 +62,10 @@ class RunTrace:
     skipped: list[dict[str, Any]] = field(default_factory=list)
 
     numbered: int = 0
+    tokens: int = 0  # settled input + output tokens of the run's attempts so far
+    # Called before each attempt with (trace, reservation in micro-USD); raises to refuse it
+    # before anything is reserved (the run's ceilings, `agentd.guardrails.RunGuard`).
+    guard: Callable[[RunTrace, int], None] | None = field(default=None, repr=False)
 
     @property
     def cost_micro_usd(self) -> int:
@@ -320,6 +324,8 @@ class Executor:
             raise BudgetExceeded(f"{entry.alias} has no known price", window="")
         reserved = amount or 0
         async with self._semaphore(entry.provider_name, entry.provider.max_concurrency):
+            if trace.guard is not None:
+                trace.guard(trace, reserved)
             number = trace.next_attempt()
             call_id = budgets.reserve(
                 self.ledger,
@@ -375,13 +381,10 @@ class Executor:
                     ),
                     usage=reply.usage,
                     priced=priced,
+                    served_model=reply.model,
                 )
                 settled = True
                 self.breakers.record_success(f"{entry.provider_name}/{entry.model.model}")
-                if cost > reserved and windows:
-                    self._log.warning(
-                        "call.cost_above_reservation", cost_micro_usd=cost, reserved=reserved
-                    )
                 return reply, cost
             except ProviderError as exc:
                 # A request that reached the provider without a usage report may be billed.
@@ -421,7 +424,13 @@ class Executor:
                     )
 
     def _settle(
-        self, trace: RunTrace, attempt: Attempt, *, usage: Usage | None, priced: bool
+        self,
+        trace: RunTrace,
+        attempt: Attempt,
+        *,
+        usage: Usage | None,
+        priced: bool,
+        served_model: str | None = None,
     ) -> None:
         """Write an attempt's outcome to its ledger row, the run's trace and the log."""
         budgets.settle(
@@ -436,10 +445,12 @@ class Executor:
             request_id=attempt.request_id,
             error=attempt.error,
             latency_ms=attempt.latency_ms,
+            served_model=served_model,
         )
         trace.attempts.append(attempt)
         tokens: dict[str, int] = {}
         if usage is not None:
+            trace.tokens += usage.input_tokens + usage.output_tokens
             tokens = {
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,

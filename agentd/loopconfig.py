@@ -154,6 +154,70 @@ class OnFailure(BaseModel):
     pause_after: int = Field(5, ge=1, description="Consecutive failures that pause the loop")
 
 
+class Precheck(BaseModel):
+    """A command run before the model: exit 0 = work to do, 1 = nothing to do, else failed."""
+
+    model_config = _STRICT
+    command: list[str] = Field(min_length=1, description="argv; run without a shell")
+    timeout: float | None = Field(None, gt=0, description="Seconds before it is killed (10)")
+    timeout_s: float | None = Field(None, gt=0, description="Same as timeout")
+    max_bytes: int = Field(65536, gt=0, description="Cap on the stdout fed to {precheck}")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _argv_form(cls, value: Any) -> Any:
+        # `precheck: [argv...]` is short for `precheck: {command: [argv...]}`.
+        return {"command": value} if isinstance(value, list) else value
+
+    @model_validator(mode="after")
+    def _one_timeout(self) -> Precheck:
+        if self.timeout is not None and self.timeout_s is not None:
+            raise ConfigProblem(("timeout_s",), "give timeout or timeout_s, not both")
+        return self
+
+    @property
+    def timeout_seconds(self) -> float:
+        """The timeout in seconds (default 10)."""
+        return self.timeout or self.timeout_s or 10.0
+
+
+class RunLimits(BaseModel):
+    """Per-run ceilings; checked before every attempt (a reached ceiling fails the run).
+
+    Handler loops get defaults for the keys they leave out (see `guardrails.run_limits`);
+    a key set to null means no ceiling.
+    """
+
+    model_config = _STRICT
+    max_calls_per_run: int | None = Field(None, gt=0, description="Attempts per run")
+    max_tokens_per_run: int | None = Field(
+        None, gt=0, description="Settled input + output tokens per run"
+    )
+    max_usd_per_run: _Limit | None = Field(
+        None, description="USD per run: spent + the next attempt's worst case"
+    )
+
+
+class AnomalyConfig(BaseModel):
+    """Anomaly breaker: pause a loop whose ok run costs more than factor × its recent median."""
+
+    model_config = _STRICT
+    enabled: bool = Field(True, description="Whether the breaker watches this loop")
+    factor: Annotated[Decimal, Field(gt=1)] = Field(
+        Decimal(5), description="A run costing more than factor × the median pauses the loop"
+    )
+    min_runs: int = Field(10, ge=1, description="ok runs needed before the breaker acts")
+    history: int = Field(20, ge=1, description="How many recent ok runs the median is over")
+
+    @model_validator(mode="after")
+    def _min_le_history(self) -> AnomalyConfig:
+        if self.min_runs > self.history:
+            raise ConfigProblem(
+                ("min_runs",), f"must not exceed history ({self.history}) (got {self.min_runs})"
+            )
+        return self
+
+
 ROUTES = ("static", "rules", "classify", "cascade")
 Route = Literal["static", "rules", "classify", "cascade"]
 TaskKind = Literal["extraction", "classification", "content", "code", "reasoning"]
@@ -281,6 +345,13 @@ class LoopConfig(BaseModel):
         None, description="Python loop: package.module:function or path/to/file.py:function"
     )
     on_failure: OnFailure = Field(default_factory=OnFailure)
+    precheck: Precheck | None = Field(
+        None, description="argv or {command, timeout}: exit 1 skips the run (skipped_noop)"
+    )
+    limits: RunLimits | None = Field(None, description="Per-run ceilings (calls, tokens, USD)")
+    anomaly: AnomalyConfig | None = Field(
+        None, description="Overrides of guardrails.anomaly for this loop (keys given win)"
+    )
 
     @field_validator("every", "jitter", mode="before")
     @classmethod

@@ -4,9 +4,12 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import Any
 
 from agentd.config import Config
 from agentd.errors import MissingKeyError
+from agentd.ledger import Ledger
+from agentd.logs import get_logger
 from agentd.scheduling import schedule_key
 
 
@@ -78,6 +81,21 @@ def diff_configs(old: Config, new: Config) -> ConfigChange:
     return ConfigChange(
         tuple(added), tuple(removed), tuple(changed), tuple(rescheduled), tuple(settings)
     )
+
+
+def reload_cost_warning(old: Config, new: Config, ledger: Ledger | None) -> dict[str, Any] | None:
+    """After a reload: warn (`daemon.reload_cost_increase`) when the projected monthly total
+    rises by more than `guardrails.reload_increase_warn`; the figures, or None.
+
+    Never fails the reload: a projection problem is logged and ignored.
+    """
+    from agentd.guardrails import reload_cost_change
+
+    try:
+        return reload_cost_change(old, new, ledger)
+    except Exception as exc:  # the new config is already in force; a warning must not undo it
+        get_logger().warning("daemon.reload_projection_failed", error=str(exc))
+        return None
 
 
 def check_primary_keys(

@@ -11,6 +11,7 @@ from agentd import budgets
 from agentd.config import ChainEntry, Config
 from agentd.errors import AgentdError, BudgetExceeded, RunFailed
 from agentd.executor import CallOutcome, Executor, RunTrace
+from agentd.guardrails import RunGuard, run_limits
 from agentd.logs import get_logger
 from agentd.providers.base import Message
 from agentd.routing import context_skips, estimate_tokens
@@ -149,9 +150,21 @@ class RunCalls:
         self.refusals: list[str] = []
         self.last_refusal: BudgetExceeded | None = None
         self.outcomes: list[CallOutcome] = []
+        # The run's ceilings, checked by the executor before every attempt.
+        self.guard = RunGuard(run_limits(config.loops[loop_name]))
+        trace.guard = self._check_limits
         # A handler may gather() several complete()s; the executor numbers attempts from the
         # trace's length, so the run's calls are made one at a time to keep numbers unique.
         self._lock = asyncio.Lock()
+
+    def _check_limits(self, trace: RunTrace, reserve: int) -> None:
+        """The executor's hook before each attempt: refuse it when it would pass a ceiling."""
+        self.guard.before_attempt(trace.numbered, trace.tokens, trace.cost_micro_usd, reserve)
+
+    @property
+    def limit_reached(self) -> str | None:
+        """Why a ceiling stopped this run, or None."""
+        return self.guard.reached
 
     def plans(
         self,
@@ -191,6 +204,7 @@ class RunCalls:
         model that answered. Models whose context window cannot hold the call are skipped (not
         attempts; listed in the route's `skipped`); RunFailed when no plan has any model left.
         """
+        self.guard.refuse_if_reached()
         record = self.route if record is None else record
         messages = (Message("user", prompt),)
         tokens = estimate_tokens(prompt) + estimate_tokens(system)
@@ -255,6 +269,7 @@ class RunCalls:
         A call that names neither tier nor model follows the loop's `route:` (with a router);
         one that names them goes where it asks.
         """
+        self.guard.refuse_if_reached()  # a handler that swallowed it gets it again
         loop = self.config.loops[self.loop_name]
         system = loop.system if system is None else system
         if tier is None and model is None and loop.route != "static" and self.router:

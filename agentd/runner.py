@@ -2,14 +2,14 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agentd import budgets, loopstate
+from agentd import budgets, guardrails, loopstate, precheck
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
 from agentd.context import (
@@ -55,6 +55,7 @@ class RunResult:
     route: dict[str, Any] = field(default_factory=dict)
     attempts: tuple[Attempt, ...] = ()
     wake: str | None = None  # the loop `on_reply` asks to run next (trigger `on_reply`)
+    paused_reason: str | None = None  # set when a guardrail paused the loop after this run
 
     @property
     def exit_code(self) -> int:
@@ -103,6 +104,13 @@ async def run_loop(
             config, ledger, executor, loop_name, trigger=trigger, slot=slot, now=now
         )
     loopstate.record_run(ledger, loop_name, result.run_id, result.status, slot)
+    if result.status == "ok":
+        # The anomaly breaker: the run is done and paid for; a pause stops the next ones.
+        reason = guardrails.check_anomaly(
+            config, ledger, loop_name, result.run_id, simulated=result.simulated
+        )
+        if reason is not None:
+            result = replace(result, paused_reason=reason)
     return result
 
 
@@ -138,12 +146,21 @@ async def _run_locked(
     executor.provider_for(config.chain(loop_name)[0])
     for tier in {tier for _, tier, _ in tiers_used(loop)}:
         executor.provider_for(config.tier_chain(tier)[0])  # the route's primaries need keys too
+    # Step 0: a tick with nothing to do costs nothing (no context commands, no model call).
+    check = await precheck.run_precheck(config, loop_name)
+    if check.decision != "work":
+        return _record_precheck(ledger, loop_name, trigger, slot, simulated, check)
     last_reply = last_ok_reply(ledger, loop_name, simulated=simulated)
     # Context first: its text is part of the prompt, so the reservation counts it.
     sources = await gather_sources(config, loop_name, last_reply=last_reply)
+    if check.source is not None:
+        sources.append(check.source)
     prompt = None
     if loop.prompt is not None:
         template = config.prompt_path(loop_name).read_text()
+        if check.source is None and loop.precheck is not None:
+            # A precheck that printed nothing leaves an empty {precheck}, not the literal.
+            template = template.replace("{" + precheck.PRECHECK_PLACEHOLDER + "}", "")
         prompt = render_prompt(template, loop=loop_name, now=now, tz=config.tz, sources=sources)
     windows = budgets.windows_for(
         loop_name,
@@ -153,10 +170,10 @@ async def _run_locked(
     run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
     structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
-    route: dict[str, Any] = {"strategy": loop.route}
+    route: dict[str, Any] = {"strategy": loop.route, **check.route}
     if handler is not None:
         # A handler's calls that name no tier or model follow `route:` (see RunCalls.complete).
-        route = {"strategy": "handler", "handler": loop.handler}
+        route = {"strategy": "handler", "handler": loop.handler, **check.route}
         if loop.route != "static":
             route["route"] = loop.route
     calls = RunCalls(config, executor, loop_name, trace, windows, route, router=route_call)
@@ -179,6 +196,10 @@ async def _run_locked(
         else:
             assert prompt is not None
             done = await _run_prompt(calls, ledger, prompt)
+        if calls.limit_reached is not None:
+            # A ceiling stopped the run: failed, whatever the handler made of the exception.
+            route["limit_reached"] = calls.limit_reached
+            done = _Done("failed", "run.limit_reached", error=calls.limit_reached)
         wake = None
         if done.status == "ok":
             wake = wake_for(loop, done.reply)
@@ -259,6 +280,44 @@ async def _run_handler(
     )
 
 
+def _record_precheck(
+    ledger: Ledger,
+    loop_name: str,
+    trigger: str,
+    slot: str | None,
+    simulated: bool,
+    check: precheck.PrecheckOutcome,
+) -> RunResult:
+    """A run decided by step 0: `skipped_noop` (nothing to do) or `failed` (precheck broke)."""
+    status = "skipped_noop" if check.decision == "noop" else "failed"
+    route = dict(check.route)
+    run_id = ledger.record_skipped_run(
+        loop=loop_name,
+        trigger=trigger,
+        simulated=simulated,
+        status=status,
+        route=route,
+        error=check.reason,
+        slot=slot,
+    )
+    log = get_logger().info if status == "skipped_noop" else get_logger().warning
+    log(
+        "run.skipped_noop" if status == "skipped_noop" else "run.failed",
+        loop=loop_name,
+        run_id=run_id,
+        status=status,
+        error=check.reason,
+    )
+    return RunResult(
+        run_id=run_id,
+        loop=loop_name,
+        status=status,
+        simulated=simulated,
+        error=check.reason,
+        route=route,
+    )
+
+
 def _over_budget(calls: RunCalls, ledger: Ledger, error: str) -> _Done:
     """No plan fitted: skip the run, and with `when_over_budget: pause` pause the loop."""
     loop = calls.config.loops[calls.loop_name]
@@ -334,6 +393,20 @@ async def run_once(
     with Ledger.open(state_dir) as ledger:
         executor = Executor(config, ledger, simulate=simulate)
         try:
-            return await run_loop(config, ledger, executor, loop_name, trigger="manual")
+            result = await run_loop(config, ledger, executor, loop_name, trigger="manual")
         finally:
             await executor.aclose()
+        await _alert_once(config, ledger, result)
+        return result
+
+
+async def _alert_once(config: Config, ledger: Ledger, result: RunResult) -> None:
+    """`agentd once`: the run's alerts, waited for (bounded by the sinks' timeouts)."""
+    if not config.alerts.sinks:
+        return
+    from agentd.alerts import Alerter
+
+    alerter = Alerter(config, ledger.path.parent)
+    alerter.after_run(ledger, result)  # budget levels, a failed chain, an anomaly pause
+    wait = max((s.timeout_s for s in config.alerts.sinks), default=0) + 2
+    await alerter.drain(wait)

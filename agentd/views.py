@@ -13,6 +13,7 @@ from agentd.config import Config, missing_api_keys
 from agentd.context import check_context
 from agentd.delivery import redact_url
 from agentd.errors import LedgerError
+from agentd.guardrails import check_projection
 from agentd.handlers import load_handler
 from agentd.ledger import Ledger, utc_iso
 from agentd.pricing import format_usd
@@ -33,6 +34,7 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
         caps = ", ".join(f"{_usd(v)}/{p}" for p, v in config.budgets.limits().items())
         lines.append(f"global budget: {caps}")
     warnings = list(missing_api_keys(config))
+    projections, projection_warnings = check_projection(config, state_dir)
     now = datetime.now(tz=UTC)
     for name, loop in config.loops.items():
         schedule = f"every {loop.every}" if loop.every else f"cron {loop.cron!r}"
@@ -47,6 +49,8 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             "  chain: "
             + " -> ".join(f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain)
         )
+        if loop.route != "static":
+            lines.append(f"  route: {loop.route}")
         lines.extend(_loop_io_lines(config, name))
         warnings.extend(check_context(config, name))
         for entry in chain:
@@ -62,11 +66,15 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             lines.append(
                 "  budget: none (global caps only)" if config.budgets else "  budget: none"
             )
+        for line in projections.get(name, []):
+            # The budget line of the projection is the loop's budget as a monthly rate.
+            shown = "monthly" + line.removeprefix("budget") if line.startswith("budget:") else line
+            lines.append(f"  {shown}")
         fires = next_fire_times(loop, tz, 3, now)
         lines.append(
             "  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes") for f in fires)
         )
-    return "\n".join(lines), warnings
+    return "\n".join(lines), warnings + projection_warnings
 
 
 def _loop_io_lines(config: Config, name: str) -> list[str]:
@@ -144,6 +152,7 @@ def once_result_json(result: RunResult) -> str:
             "route": result.route,
             "attempts": [_attempt_dict(a) for a in result.attempts],
             "wake": result.wake,
+            "paused_reason": result.paused_reason,
         },
         indent=2,
     )
@@ -167,6 +176,8 @@ def once_result_text(result: RunResult) -> str:
         parts.append(f"-- {result.error}")
     if result.wake:
         parts.append(f"-- would wake {result.wake} (on_reply)")
+    if result.paused_reason:
+        parts.append(f"-- loop paused: {result.paused_reason}")
     return "\n".join(parts)
 
 

@@ -78,6 +78,8 @@ def test_one_call_exact_row_and_cost(tmp_path: Path, fake_server: FakeServer) ->
     [call] = harness.calls(result.run_id)
     assert call["status"] == "ok"
     assert call["model"] == "claude-haiku-4-5"
+    # Pins never drift: the model asked for and the model the provider says served it.
+    assert call["served_model"] == "claude-haiku-4-5"
     assert call["alias"] == "haiku"
     assert call["provider"] == "anthropic"
     assert call["tier"] == "fast"

@@ -1,0 +1,179 @@
+"""Alerts: budget levels, pauses and chain failures reach webhook and command sinks."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import sys
+import threading
+from collections.abc import Iterator
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+from typing import Any
+
+import pytest
+from builders import TEST_ENV, base_config, merge, write_config
+from fakeserver import FakeServer, error, ok
+
+from agentd.alerts import Alerter
+from agentd.config import Config, load_config
+from agentd.dispatch import Dispatcher
+from agentd.ledger import Ledger
+from agentd.runner import run_once
+
+
+class Sink:
+    """A webhook on 127.0.0.1 that keeps the JSON bodies it receives."""
+
+    def __init__(self) -> None:
+        self.bodies: list[dict[str, Any]] = []
+        sink = self
+
+        class Handler(BaseHTTPRequestHandler):
+            def log_message(self, format: str, *args: Any) -> None:
+                pass
+
+            def do_POST(self) -> None:
+                length = int(self.headers.get("content-length", 0))
+                sink.bodies.append(json.loads(self.rfile.read(length)))
+                self.send_response(204)
+                self.end_headers()
+
+        self.server = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.server.server_address[1]}/hooks/alerts"
+        self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def events(self, name: str) -> list[dict[str, Any]]:
+        return [b for b in self.bodies if b["event"] == name]
+
+
+@pytest.fixture
+def sink() -> Iterator[Sink]:
+    s = Sink()
+    s.thread.start()
+    yield s
+    s.server.shutdown()
+    s.server.server_close()
+
+
+@pytest.fixture(autouse=True)
+def keys(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in TEST_ENV.items():
+        monkeypatch.setenv(name, value)
+
+
+def make_config(tmp_path: Path, server: FakeServer, patch: dict[str, Any]) -> Config:
+    data = merge(base_config(server.url), patch)
+    return load_config(write_config(tmp_path / "conf", data))
+
+
+def test_budget_80_and_100_percent(tmp_path: Path, fake_server: FakeServer, sink: Sink) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {
+            "alerts": {"sinks": [{"webhook": sink.url, "timeout_s": 5}]},
+            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": "0.001"}}},
+        },
+    )
+    state = tmp_path / "state"
+    # 200 input × $1 + 150 output × $5 per MTok = 950 micro-USD: 95 % of the day's 1000.
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=200, output_tokens=150))
+    first = asyncio.run(run_once(config, state, "work"))
+    assert first.status == "ok" and first.cost_micro_usd == 950
+    [eighty] = sink.events("budget_threshold")
+    assert eighty["level_pct"] == 80
+    assert eighty["window"] == "loop work per day"
+    assert (eighty["limit_usd"], eighty["used_usd"]) == ("0.001000", "0.000950")
+    assert eighty["run_id"] == first.run_id
+    # The next call's worst case does not fit in what is left: refused, and that is 100 %.
+    second = asyncio.run(run_once(config, state, "work"))
+    assert second.status == "skipped_budget"
+    levels = [e["level_pct"] for e in sink.events("budget_threshold")]
+    assert levels == [80, 100]
+    assert sink.events("budget_threshold")[1]["window_start"] == eighty["window_start"]
+    assert fake_server.count() == 1
+    # No secret in any body.
+    dump = json.dumps(sink.bodies)
+    assert TEST_ENV["TEST_ANTHROPIC_KEY"] not in dump and sink.url not in dump
+
+
+def test_pause_and_chain_failure_in_the_daemon(
+    tmp_path: Path, fake_server: FakeServer, sink: Sink
+) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {
+            "alerts": {"sinks": [{"webhook": sink.url}]},
+            "loops": {"work": {"on_failure": {"pause_after": 1}}},
+        },
+    )
+    fake_server.script("claude-haiku-4-5", error(400))
+    fake_server.script("gpt-4o-mini", error(400))
+
+    async def go() -> None:
+        with Ledger.open(tmp_path / "state") as ledger:
+            dispatch = Dispatcher(config, ledger, simulate=False)
+            assert dispatch.spawn("work", "manual", None)
+            while dispatch.active:
+                await asyncio.sleep(0.02)
+            await dispatch.alerter.drain(10)
+            await dispatch.close()
+
+    asyncio.run(go())
+    [chain] = sink.events("chain_failed")
+    assert chain["loop"] == "work" and "every model failed" in chain["error"]
+    [paused] = sink.events("loop_paused")
+    assert paused["loop"] == "work" and paused["run_id"] == chain["run_id"]
+    assert paused["reason"].startswith("1 consecutive failures")
+
+
+def test_rate_limit_per_key(tmp_path: Path, fake_server: FakeServer, sink: Sink) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {"alerts": {"sinks": [{"webhook": sink.url}], "min_interval_s": 60}},
+    )
+    now = [1000.0]
+    alerter = Alerter(config, tmp_path, clock=lambda: now[0])
+
+    async def go() -> list[bool]:
+        sent = [alerter.emit("test", "k1"), alerter.emit("test", "k1"), alerter.emit("test", "k2")]
+        now[0] += 61
+        sent.append(alerter.emit("test", "k1"))
+        await alerter.drain(10)
+        return sent
+
+    assert asyncio.run(go()) == [True, False, True, True]
+    assert [b["key"] for b in sink.bodies if b["event"] == "test"].count("k1") == 2
+
+
+def test_command_sink_gets_json_on_stdin(tmp_path: Path, fake_server: FakeServer) -> None:
+    out = tmp_path / "alert.json"
+    code = f"import sys; open({str(out)!r}, 'w').write(sys.stdin.read())"
+    config = make_config(
+        tmp_path, fake_server, {"alerts": {"sinks": [{"command": [sys.executable, "-c", code]}]}}
+    )
+    alerter = Alerter(config, tmp_path / "state")
+
+    async def go() -> None:
+        alerter.loop_paused("work", "anomaly: run 7 cost ...", 7)
+        await alerter.drain(10)
+
+    asyncio.run(go())
+    body = json.loads(out.read_text())
+    assert body["event"] == "loop_paused" and body["run_id"] == 7 and body["loop"] == "work"
+
+
+def test_a_dead_sink_never_fails_the_run(tmp_path: Path, fake_server: FakeServer) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {
+            "alerts": {"sinks": [{"webhook": "http://127.0.0.1:9/x", "timeout_s": 1}]},
+            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": "0.001"}}},
+        },
+    )
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=200, output_tokens=150))
+    assert asyncio.run(run_once(config, tmp_path / "state", "work")).status == "ok"

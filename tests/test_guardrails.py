@@ -1,0 +1,315 @@
+"""Guardrails: per-run ceilings, the anomaly breaker, projections for `check` and reload."""
+
+from __future__ import annotations
+
+import textwrap
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import pytest
+from builders import base_config, merge, write_config
+from fakeserver import FakeServer, error, ok
+from structlog.testing import capture_logs
+from test_executor import Harness
+
+from agentd import loopstate
+from agentd.config import load_config
+from agentd.errors import ConfigError, LoopPaused
+from agentd.guardrails import (
+    anomaly_run_id,
+    check_projection,
+    median,
+    reload_cost_change,
+    run_limits,
+)
+
+FOREVER = """
+    async def run(ctx):
+        while True:
+            await ctx.complete("x" * 80)
+"""
+
+SWALLOWS = """
+    async def run(ctx):
+        made = 0
+        for _ in range(60):
+            try:
+                await ctx.complete("x" * 80)
+                made += 1
+            except Exception:
+                pass
+        return f"made {made} calls and carried on"
+"""
+
+
+def handler_harness(
+    tmp_path: Path, server: FakeServer, code: str, limits: dict[str, Any] | None = None
+) -> Harness:
+    loop: dict[str, Any] = {"handler": "handler.py:run"}
+    if limits is not None:
+        loop["limits"] = limits
+    h = Harness(tmp_path, server, {"loops": {"work": loop}})
+    (h.config.dir / "handler.py").write_text(textwrap.dedent(code))
+    return h
+
+
+def pending(h: Harness) -> int:
+    (count,) = h.ledger.conn.execute(
+        "SELECT COUNT(*) FROM calls WHERE status IN ('pending', 'submitted')"
+    ).fetchone()
+    return int(count)
+
+
+@pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
+def test_default_call_ceiling_stops_a_runaway_handler(
+    tmp_path: Path, fake_server: FakeServer, code: str
+) -> None:
+    h = handler_harness(tmp_path, fake_server, code)
+    result = h.run()
+    assert result.status == "failed"
+    assert result.error == "limit max_calls_per_run=20 reached"
+    assert len(h.calls()) == 20 and fake_server.count() == 20
+    assert pending(h) == 0
+    row = h.run_row(result.run_id)
+    assert row["status"] == "failed" and row["error"] == "limit max_calls_per_run=20 reached"
+    assert row["route"]["limit_reached"] == "limit max_calls_per_run=20 reached"
+
+
+@pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
+def test_token_ceiling(tmp_path: Path, fake_server: FakeServer, code: str) -> None:
+    # Each call: 80 bytes → 20 input tokens and 16 output tokens (the fake server's default).
+    h = handler_harness(tmp_path, fake_server, code, {"max_tokens_per_run": 100})
+    result = h.run()
+    assert result.status == "failed"
+    assert result.error == "limit max_tokens_per_run=100 reached (108 tokens used)"
+    assert len(h.calls()) == 3
+    assert pending(h) == 0
+
+
+@pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
+def test_usd_ceiling_refuses_the_call_that_could_pass_it(
+    tmp_path: Path, fake_server: FakeServer, code: str
+) -> None:
+    h = handler_harness(tmp_path, fake_server, code, {"max_usd_per_run": "0.0015"})
+    result = h.run()
+    assert result.status == "failed"
+    assert (result.error or "").startswith("limit max_usd_per_run=0.0015 reached (spent $")
+    calls = h.calls()
+    costs = [c["cost_micro_usd"] for c in calls]
+    reserve = calls[0]["reserved_micro_usd"]
+    # Every call made fitted with its worst case; the next one would not have.
+    assert len(calls) >= 2
+    assert sum(costs[:-1]) + reserve <= 1500 < sum(costs) + reserve
+    assert pending(h) == 0
+    assert h.run_row(result.run_id)["cost_micro_usd"] == sum(costs) <= 1500
+
+
+def test_calls_are_attempts_for_a_prompt_loop(tmp_path: Path, fake_server: FakeServer) -> None:
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"limits": {"max_calls_per_run": 1}}}})
+    fake_server.script("claude-haiku-4-5", error(529), ok("fine"))
+    result = h.run()
+    assert result.status == "failed"
+    assert result.error == "limit max_calls_per_run=1 reached"
+    assert [c["status"] for c in h.calls()] == ["error"]
+    assert fake_server.count() == 1 and pending(h) == 0
+
+
+def test_prompt_loops_have_no_default_ceilings_handlers_do(tmp_path: Path) -> None:
+    data = merge(
+        base_config("http://127.0.0.1:9"),
+        {
+            "loops": {
+                "h": {
+                    "every": "1h",
+                    "tier": "fast",
+                    "max_tokens": 10,
+                    "handler": "h.py:run",
+                    "prompt": "work.md",
+                },
+                "off": {
+                    "every": "1h",
+                    "tier": "fast",
+                    "max_tokens": 10,
+                    "handler": "h.py:run",
+                    "prompt": "work.md",
+                    "limits": {"max_calls_per_run": None, "max_usd_per_run": 1},
+                },
+            }
+        },
+    )
+    config = load_config(write_config(tmp_path, data))
+    assert run_limits(config.loops["work"]).model_dump() == {
+        "max_calls_per_run": None,
+        "max_tokens_per_run": None,
+        "max_usd_per_run": None,
+    }
+    assert run_limits(config.loops["h"]).max_calls_per_run == 20
+    assert run_limits(config.loops["h"]).max_tokens_per_run == 200_000
+    off = run_limits(config.loops["off"])
+    assert (off.max_calls_per_run, off.max_tokens_per_run) == (None, 200_000)
+    assert str(off.max_usd_per_run) == "1"
+
+
+def test_usd_ceiling_needs_prices(tmp_path: Path) -> None:
+    data = merge(
+        base_config("http://127.0.0.1:9"),
+        {
+            "models": {"local": {"provider": "openai", "model": "no-such-model-xyz"}},
+            "loops": {"work": {"tier": None, "model": "local", "limits": {"max_usd_per_run": 1}}},
+        },
+    )
+    with pytest.raises(ConfigError, match=r"limits\.max_usd_per_run"):
+        load_config(write_config(tmp_path, data))
+
+
+# ---------------------------------------------------------------------------- anomaly
+
+
+def seeded(h: Harness, runs: int, input_tokens: int = 100, output_tokens: int = 20) -> None:
+    """`runs` ok runs of 100 in + 20 out on haiku-4-5: 100 + 100 = 200 micro-USD each."""
+    for _ in range(runs):
+        h.server.script(
+            "claude-haiku-4-5", ok(input_tokens=input_tokens, output_tokens=output_tokens)
+        )
+        assert h.run().status == "ok"
+
+
+def test_a_run_ten_times_the_median_pauses_the_loop(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server)
+    seeded(h, 10)
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=1000, output_tokens=200))
+    with capture_logs() as logs:
+        result = h.run()
+    assert result.status == "ok" and result.cost_micro_usd == 2000
+    reason = loopstate.paused_reason(h.ledger, "work", datetime.now(UTC))
+    assert reason == (
+        f"anomaly: run {result.run_id} cost $0.0020 = 10.0× the median $0.0002 "
+        "of the loop's last 10 ok runs (limit 5×)"
+    )
+    assert result.paused_reason == reason
+    assert anomaly_run_id(reason) == result.run_id
+    [event] = [e for e in logs if e["event"] == "guardrail.anomaly"]
+    assert event["run_id"] == result.run_id and event["ratio"] == "10.0"
+    with pytest.raises(LoopPaused):
+        h.run()
+    assert loopstate.resume(h.ledger, "work")
+    assert h.run().status == "ok"
+
+
+def test_no_breaker_before_min_runs_nor_below_the_factor(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server)
+    seeded(h, 9)
+    seeded(h, 1, input_tokens=1000, output_tokens=200)  # 10×, but only 9 runs of history
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
+    seeded(h, 1, input_tokens=500, output_tokens=100)  # 1000 = 5× the median: not above
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
+
+
+def test_per_loop_anomaly_settings(tmp_path: Path, fake_server: FakeServer) -> None:
+    patch = {
+        "guardrails": {"anomaly": {"factor": 50}},
+        "loops": {"work": {"anomaly": {"min_runs": 2, "factor": 2}}},
+    }
+    h = Harness(tmp_path, fake_server, patch)
+    seeded(h, 2)
+    seeded(h, 1, input_tokens=300, output_tokens=20)  # 400 = 2.0×: not above 2
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
+    seeded(h, 1, input_tokens=400, output_tokens=20)  # 500 = 2.5× the median 200
+    assert "= 2.5× the median $0.0002" in (
+        loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) or ""
+    )
+
+
+def test_median() -> None:
+    assert median([3, 1, 2]) == 2
+    assert str(median([1, 2, 3, 4])) == "2.5"
+
+
+# ---------------------------------------------------------------------------- projections
+
+NOW = datetime(2030, 1, 1, 12, 0, tzinfo=UTC)
+
+
+def projection_config(tmp_path: Path, url: str, patch: dict[str, Any]) -> Any:
+    data = merge(base_config(url), patch)
+    return load_config(write_config(tmp_path / "conf", data, prompt="Say hello."))
+
+
+def test_check_projection_simulated_starved_and_unbudgeted(tmp_path: Path) -> None:
+    config = projection_config(
+        tmp_path,
+        "http://127.0.0.1:9",
+        {
+            "guardrails": {"warn_unbudgeted_usd_per_month": 1},
+            "loops": {
+                "work": {"budget": {"per_day_usd": "0.01"}},
+                "free": {"every": "30m", "tier": "fast", "max_tokens": 200, "prompt": "work.md"},
+                "daily": {
+                    "cron": "0 7 * * *",
+                    "tier": "fast",
+                    "max_tokens": 200,
+                    "prompt": "work.md",
+                },
+            },
+        },
+    )
+    lines, warnings = check_projection(config, tmp_path / "no-state", now=NOW)
+    # "Say hello." = 10 bytes → 2 + 4 + 3 = 9 input tokens, plus all 200 output tokens on
+    # claude-haiku-4-5 ($1 / $5 per MTok): 9 + 1000 = 1009 micro-USD a run; 1439 runs of an
+    # every-30m loop in the next 30 days (the first one 30 minutes from now).
+    assert lines["work"] == [
+        "projected: $1.4520/month (47.97 runs/day × estimate $0.0010 (simulated estimate: "
+        "no history))",
+        "budget: $0.3000/month (per_day_usd 0.01 × 30)",
+    ]
+    assert lines["daily"][0] == (
+        "projected: $0.0303/month (1 runs/day × estimate $0.0010 (simulated estimate: no history))"
+    )
+    assert warnings == [
+        "loop work: projected $1.4520/month exceeds its budget $0.3000/month "
+        "(per_day_usd 0.01 × 30): the loop would be starved (when_over_budget: skip)",
+        "loop free: no budget, projected $1.4520/month is above "
+        "guardrails.warn_unbudgeted_usd_per_month $1: add a budget",
+    ]
+
+
+def test_check_projection_uses_the_median_of_the_ledger(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {"loops": {"work": {"every": None, "cron": "0 7 * * *", "budget": {"per_month_usd": 1}}}},
+    )
+    seeded(h, 2)
+    seeded(h, 1, input_tokens=1000, output_tokens=200)
+    lines, warnings = check_projection(h.config, tmp_path / "state", now=NOW)
+    assert lines["work"] == [
+        "projected: $0.0060/month (1 runs/day × median $0.0002 from 3 runs)",
+        "budget: $1.0000/month (per_month_usd 1)",
+    ]
+    assert warnings == []
+
+
+def test_reload_cost_increase_is_a_warning(tmp_path: Path) -> None:
+    old = projection_config(tmp_path / "a", "http://127.0.0.1:9", {})
+    new = projection_config(
+        tmp_path / "b", "http://127.0.0.1:9", {"loops": {"work": {"every": "10m"}}}
+    )
+    with capture_logs() as logs:
+        figures = reload_cost_change(old, new, None, now=NOW)
+    assert figures == {
+        "before_usd_per_month": "1.451951",
+        "after_usd_per_month": "4.357871",  # 4319 runs in 30 days
+        "increase_pct": "200.1",
+        "threshold_pct": "25",
+    }
+    [event] = [e for e in logs if e["event"] == "daemon.reload_cost_increase"]
+    assert event["log_level"] == "warning" and event["after_usd_per_month"] == "4.357871"
+    # A small change stays quiet.
+    assert reload_cost_change(old, old, None, now=NOW) is None
