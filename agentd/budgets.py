@@ -328,7 +328,7 @@ def settle(
         conn.execute(
             "UPDATE calls SET status = ?, cost_micro_usd = ?, priced = ?, input_tokens = ?,"
             " output_tokens = ?, cache_read_tokens = ?, cache_write_tokens = ?,"
-            " reasoning_tokens = ?, error_type = ?, http_status = ?,"
+            " cache_write_1h_tokens = ?, reasoning_tokens = ?, error_type = ?, http_status = ?,"
             " request_id = COALESCE(?, request_id), error = ?, latency_ms = ?, finished_at = ?,"
             " served_model = ?"
             " WHERE id = ?",
@@ -340,6 +340,7 @@ def settle(
                 None if u is None else u.output_tokens,
                 None if u is None else u.cache_read_tokens,
                 None if u is None else u.cache_write_tokens,
+                None if u is None else u.cache_write_1h_tokens,
                 None if u is None else u.reasoning_tokens,
                 error_type,
                 http_status,

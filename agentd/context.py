@@ -351,6 +351,22 @@ def render_template(
     return text
 
 
+def stable_prefix(template: str, *, loop: str, sources: Sequence[SourceText] = ()) -> str:
+    """The head of the filled template that is the same every run (the prompt-cache prefix).
+
+    It ends before the first placeholder whose value changes between runs (`{now}`, `{today}`,
+    `{context}`, a source's); `{loop}` and unknown `{...}` are constant. With no changing
+    placeholder it is the whole template: the context, if any, is appended after it.
+    """
+    changing = (set(merge_sources(sources)) | set(BUILTIN_PLACEHOLDERS)) - {"loop"}
+    end = next(
+        (m.start() for m in _PLACEHOLDER.finditer(template) if m.group(1) in changing),
+        None,
+    )
+    head = template.rstrip("\n") if end is None else template[:end]
+    return _PLACEHOLDER.sub(lambda m: loop if m.group(1) == "loop" else m.group(0), head)
+
+
 def check_context(config: Config, loop_name: str) -> list[str]:
     """Warnings about a loop's context sources that `agentd check` may show (names, files)."""
     warnings = []

@@ -23,7 +23,7 @@ from agentd.errors import (
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.providers import build_provider
-from agentd.providers.base import Message, Provider, Reply, Request, Usage
+from agentd.providers.base import CacheMark, Message, Provider, Reply, Request, Usage
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -176,8 +176,11 @@ class Executor:
         messages: Sequence[Message],
         max_tokens: int,
         windows: Sequence[Window],
+        cache: CacheMark | None = None,
     ) -> CallOutcome:
         """Get one reply from the first model of `chain` that works and fits the budget.
+
+        `cache` marks the prompt's stable prefix for the provider's cache (`agentd.caching`).
 
         Raises BudgetExceeded when no model fitted and none was tried, MissingKeyError when the
         primary model's key is missing, and RunFailed (or CircuitOpen) when every model failed or
@@ -217,6 +220,7 @@ class Executor:
                     messages,
                     max_tokens,
                     windows,
+                    cache,
                 )
             except BudgetExceeded as exc:
                 self._skip(trace, entry, str(exc))
@@ -264,6 +268,7 @@ class Executor:
         messages: Sequence[Message],
         max_tokens: int,
         windows: Sequence[Window],
+        cache: CacheMark | None = None,
     ) -> tuple[Reply, int]:
         """Attempt one model, retrying transient errors with capped backoff."""
         entry = model_try.entry
@@ -273,7 +278,15 @@ class Executor:
         while True:
             try:
                 return await self._attempt(
-                    trace, model_try, provider, purpose, system, messages, max_tokens, windows
+                    trace,
+                    model_try,
+                    provider,
+                    purpose,
+                    system,
+                    messages,
+                    max_tokens,
+                    windows,
+                    cache,
                 )
             except ProviderError as exc:
                 model_try.last_error = str(exc)
@@ -315,6 +328,7 @@ class Executor:
         messages: Sequence[Message],
         max_tokens: int,
         windows: Sequence[Window],
+        cache: CacheMark | None = None,
     ) -> tuple[Reply, int]:
         """Reserve, call, settle: exactly one `calls` row, settled on every exit path."""
         entry = model_try.entry
@@ -351,6 +365,7 @@ class Executor:
                 max_tokens=max_tokens,
                 system=system,
                 timeout_s=entry.provider.timeout_s,
+                cache=cache,
             )
             started = time.monotonic()
             pending = Attempt(
@@ -456,6 +471,7 @@ class Executor:
                 "output_tokens": usage.output_tokens,
                 "cache_read_tokens": usage.cache_read_tokens,
                 "cache_write_tokens": usage.cache_write_tokens,
+                "cache_write_1h_tokens": usage.cache_write_1h_tokens,
                 "reasoning_tokens": usage.reasoning_tokens,
             }
         emit = self._log.info if attempt.status == "ok" else self._log.warning

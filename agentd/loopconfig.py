@@ -352,6 +352,10 @@ class LoopConfig(BaseModel):
     anomaly: AnomalyConfig | None = Field(
         None, description="Overrides of guardrails.anomaly for this loop (keys given win)"
     )
+    cache: Literal["auto", "none", "5m", "1h"] = Field(
+        "auto",
+        description="Prompt caching of the stable prefix: auto (when it pays), none, 5m or 1h",
+    )
 
     @field_validator("every", "jitter", mode="before")
     @classmethod

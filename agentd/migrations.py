@@ -263,6 +263,16 @@ def m008_budget_covering_indexes(db: Database) -> None:
     )
 
 
+@migration
+def m009_cache_write_1h(db: Database) -> None:
+    """`calls.cache_write_1h_tokens`: the part of `cache_write_tokens` written with a 1-hour TTL.
+
+    1-hour writes cost 2× the input price against 1.25× for 5-minute ones; without the split a
+    report cannot re-price or explain them. NULL on rows written before this step (read as 0).
+    """
+    db.table("calls").add_column("cache_write_1h_tokens", int)
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

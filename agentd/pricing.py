@@ -57,8 +57,22 @@ def cost_usd(price: Price, usage: Usage) -> Decimal:
     total = (
         Decimal(usage.uncached_input_tokens) * rates.input
         + Decimal(usage.cache_read_tokens) * rates.cache_read
-        + Decimal(usage.cache_write_tokens) * rates.cache_write
+        + Decimal(usage.cache_write_5m_tokens) * rates.cache_write
+        + Decimal(usage.cache_write_1h_tokens) * rates.cache_write_1h
         + Decimal(usage.output_tokens) * rates.output
+    )
+    return total / MTOK
+
+
+def cache_saving_usd(rates: Rates, cache_read: int, write_5m: int, write_1h: int) -> Decimal:
+    """What caching saved against list price: reads' discount less writes' surcharge (exact).
+
+    Negative when writes were never read back enough to pay for themselves.
+    """
+    total = (
+        Decimal(cache_read) * (rates.input - rates.cache_read)
+        - Decimal(write_5m) * (rates.cache_write - rates.input)
+        - Decimal(write_1h) * (rates.cache_write_1h - rates.input)
     )
     return total / MTOK
 

@@ -13,6 +13,10 @@ tier. Which tier is the loop's own is read from the current config; without one,
 Loops OTHER does not have are reported as "not in other config" and left out of the
 comparison's totals.
 
+Each loop also shows what prompt caching saved on its actual calls against the list price of
+the model that made them (`pricing.cache_saving_usd`: reads' discount less writes' surcharge,
+1-hour writes at their own rate; negative when writes were not read back enough).
+
 Arithmetic is exact `Decimal`: token sums × USD-per-million rates, per price band (a model
 whose price changes above some input size is priced per band of calls). Money is shown in
 micro-USD rounded up, like the ledger; percentages are (actual − other) / other, one decimal.
@@ -28,7 +32,14 @@ from typing import Any
 
 from agentd.config import ChainEntry, Config
 from agentd.ledger import Ledger, utc_iso
-from agentd.pricing import MTOK, Price, format_usd, from_micro_usd, to_micro_usd
+from agentd.pricing import (
+    MTOK,
+    Price,
+    cache_saving_usd,
+    format_usd,
+    from_micro_usd,
+    to_micro_usd,
+)
 from agentd.reports import Column
 
 NOT_IN_OTHER = "not in other config"
@@ -117,17 +128,29 @@ def _bands(prices: Iterable[Price]) -> list[int]:
 
 
 def band_cost(price: Price, band: int, thresholds: Sequence[int], sums: Sequence[int]) -> Decimal:
-    """Exact USD of summed tokens (uncached input, cache read, cache write, output) in a band."""
-    # Calls in band b have input in (thresholds[b-1], thresholds[b]]: rates are constant there.
-    representative = 0 if band == 0 else thresholds[band - 1] + 1
-    rates = price.rates_for(representative)
-    uncached, cache_read, cache_write, output = sums
+    """Exact USD of summed tokens (uncached, cache read, 5m write, 1h write, output) in a band."""
+    rates = price.rates_for(_representative(band, thresholds))
+    uncached, cache_read, write_5m, write_1h, output = sums
     return (
         Decimal(uncached) * rates.input
         + Decimal(cache_read) * rates.cache_read
-        + Decimal(cache_write) * rates.cache_write
+        + Decimal(write_5m) * rates.cache_write
+        + Decimal(write_1h) * rates.cache_write_1h
         + Decimal(output) * rates.output
     ) / MTOK
+
+
+def _representative(band: int, thresholds: Sequence[int]) -> int:
+    # Calls in band b have input in (thresholds[b-1], thresholds[b]]: rates are constant there.
+    return 0 if band == 0 else thresholds[band - 1] + 1
+
+
+# Cache writes split by TTL; rows from before migration m009 have no 1h count (all 5m).
+_SUMS = (
+    " SUM(input_tokens - cache_read_tokens - cache_write_tokens), SUM(cache_read_tokens),"
+    " SUM(cache_write_tokens - COALESCE(cache_write_1h_tokens, 0)),"
+    " SUM(COALESCE(cache_write_1h_tokens, 0)), SUM(output_tokens)"
+)
 
 
 def percent_change(actual: Decimal, other: Decimal) -> Decimal | None:
@@ -181,18 +204,17 @@ def reprice(
             band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
             groups = conn.execute(
                 _select(
-                    f"loop, tier, {band},"
-                    " COUNT(*), SUM(cost_micro_usd),"
-                    " SUM(input_tokens - cache_read_tokens - cache_write_tokens),"
-                    " SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(output_tokens)",
+                    f"loop, tier, {band}, COUNT(*), SUM(cost_micro_usd)," + _SUMS,
                     since,
                     until,
                     group="loop, tier, 3",
                 ),
                 _params(since, until),
             ).fetchall()
+            savings = _cache_savings(conn, current, since, until)
     else:
         thresholds = []
+        savings = {}
     per_loop: dict[str, dict[str, Any]] = {}
     for loop, tier, band_no, count, actual, *sums in groups:
         row = per_loop.setdefault(
@@ -202,6 +224,7 @@ def reprice(
         )  # fmt: skip
         row["calls"] += int(count)
         row["actual"] += int(actual or 0)
+        row["cache_saving"] = savings.get(loop)
         entry = entries[(loop, tier)]
         if entry is None:
             row["note"] = NOT_IN_OTHER
@@ -213,6 +236,47 @@ def reprice(
             continue
         row["other"] += band_cost(price, int(band_no), thresholds, [int(v or 0) for v in sums])
     return _result(target.label, sorted(per_loop.values(), key=lambda r: r["loop"]))
+
+
+def _cache_savings(
+    conn: Any, current: Config | None, since: datetime | None, until: datetime | None
+) -> dict[str, Decimal | None]:
+    """Per loop, what caching saved on its actual calls at their models' list prices.
+
+    None for a loop with a call on a model the current config cannot price.
+    """
+    if current is None:
+        return {}
+    aliases = [
+        r[0]
+        for r in conn.execute(_select("alias", since, until, group="alias"), _params(since, until))
+    ]
+    prices = {a: current.price(a) if a in current.models else None for a in aliases}
+    thresholds = _bands(p for p in prices.values() if p is not None)
+    band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
+    rows = conn.execute(
+        _select(
+            f"loop, alias, {band}, SUM(cache_read_tokens),"
+            " SUM(cache_write_tokens - COALESCE(cache_write_1h_tokens, 0)),"
+            " SUM(COALESCE(cache_write_1h_tokens, 0))",
+            since,
+            until,
+            group="loop, alias, 3",
+        ),
+        _params(since, until),
+    ).fetchall()
+    savings: dict[str, Decimal | None] = {}
+    for loop, alias, band_no, read, write_5m, write_1h in rows:
+        price = prices.get(alias)
+        if price is None:
+            savings[loop] = None
+            continue
+        if loop in savings and savings[loop] is None:
+            continue
+        rates = price.rates_for(_representative(int(band_no), thresholds))
+        saved = cache_saving_usd(rates, int(read or 0), int(write_5m or 0), int(write_1h or 0))
+        savings[loop] = (savings.get(loop) or Decimal(0)) + saved
+    return savings
 
 
 def _select(what: str, since: datetime | None, until: datetime | None, *, group: str) -> str:
@@ -234,7 +298,10 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
     actual_cmp = 0
     other_cmp = Decimal(0)
     missing = []
+    saving_all = Decimal(0)
     for r in loops:
+        saving = r.get("cache_saving")
+        saving_all += saving or 0
         comparable = r["note"] is None
         other = to_micro_usd(r["other"]) if comparable else None
         actual_all += r["actual"]
@@ -253,6 +320,7 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
                 "other_micro_usd": other,
                 "actual_vs_other_pct": None if pct is None else str(pct),
                 "change": format_percent(pct),
+                "cache_saving_usd": _signed_usd(saving),
                 "note": r["note"],
             }
         )
@@ -265,6 +333,7 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
         "other_micro_usd": to_micro_usd(other_cmp),
         "actual_vs_other_pct": None if pct is None else str(pct),
         "change": format_percent(pct),
+        "cache_saving_usd": _signed_usd(saving_all),
         "note": f"compares {len(loops) - len(missing)} loop(s)" if missing else None,
     }
     headline = (
@@ -276,6 +345,11 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
             f"; not compared: {', '.join(missing)} (actual ${_short_usd(actual_all - actual_cmp)})"
         )
     return RepriceResult(label=label, rows=rows, total=total, headline=headline)
+
+
+def _signed_usd(usd: Decimal | None) -> str | None:
+    """Exact USD to six places as a string (negative when caching cost more); None unknown."""
+    return None if usd is None else f"{usd.normalize():f}"
 
 
 def _short_usd(micro: int) -> str:
@@ -293,6 +367,7 @@ REPRICE_COLUMNS = [
     Column("target", "repriced on"),
     Column("other_micro_usd", "other_usd", money=True),
     Column("change", "actual vs other"),
+    Column("cache_saving_usd", "cache saved"),
     Column("note", "note"),
 ]
 REPRICE_JSON_COLUMNS = [c for c in REPRICE_COLUMNS if c.key != "change"] + [

@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agentd import budgets
+from agentd.caching import CacheDecision
 from agentd.config import ChainEntry, Config
 from agentd.errors import AgentdError, BudgetExceeded, RunFailed
 from agentd.executor import CallOutcome, Executor, RunTrace
@@ -150,6 +151,8 @@ class RunCalls:
         self.refusals: list[str] = []
         self.last_refusal: BudgetExceeded | None = None
         self.outcomes: list[CallOutcome] = []
+        # The run's prompt-cache decision (set by the runner); None: nothing is marked.
+        self.cache: CacheDecision | None = None
         # The run's ceilings, checked by the executor before every attempt.
         self.guard = RunGuard(run_limits(config.loops[loop_name]))
         trace.guard = self._check_limits
@@ -219,6 +222,7 @@ class RunCalls:
                     f"+ {plan.max_tokens} output tokens"
                 )
                 continue
+            mark = None if self.cache is None else self.cache.mark(prompt, chain[0].alias)
             try:
                 outcome = await self.executor.call(
                     self.trace,
@@ -228,6 +232,7 @@ class RunCalls:
                     messages=messages,
                     max_tokens=plan.max_tokens,
                     windows=self.windows,
+                    cache=mark,
                 )
             except BudgetExceeded as exc:
                 refused.append(f"{plan.reason}: {exc}")

@@ -9,7 +9,7 @@ from typing import Any
 
 import structlog
 
-from agentd import budgets, guardrails, loopstate, precheck
+from agentd import budgets, caching, guardrails, loopstate, precheck
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
 from agentd.context import (
@@ -17,6 +17,7 @@ from agentd.context import (
     last_ok_reply,
     merge_sources,
     render_template,
+    stable_prefix,
 )
 from agentd.delivery import deliver_reply, wake_for
 from agentd.errors import (
@@ -156,17 +157,21 @@ async def _run_locked(
     if check.source is not None:
         sources.append(check.source)
     prompt = None
+    prefix = ""
     if loop.prompt is not None:
         template = config.prompt_path(loop_name).read_text()
         if check.source is None and loop.precheck is not None:
             # A precheck that printed nothing leaves an empty {precheck}, not the literal.
             template = template.replace("{" + precheck.PRECHECK_PLACEHOLDER + "}", "")
         prompt = render_prompt(template, loop=loop_name, now=now, tz=config.tz, sources=sources)
+        prefix = stable_prefix(template, loop=loop_name, sources=sources)
     windows = budgets.windows_for(
         loop_name,
         loop.budget.limits() if loop.budget else None,
         config.budgets.limits() if config.budgets else None,
     )
+    # Decided before the run row exists, so nothing here can leave a run unfinished.
+    cache = caching.decide_for_run(config, loop_name, prefix, now)
     run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
     structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
@@ -177,6 +182,9 @@ async def _run_locked(
         if loop.route != "static":
             route["route"] = loop.route
     calls = RunCalls(config, executor, loop_name, trace, windows, route, router=route_call)
+    calls.cache = cache
+    route["cache"] = cache.route()
+    get_logger().info("cache.decision", loop=loop_name, run_id=run_id, **route["cache"])
     done: _Done | None = None
     try:
         if handler is not None:

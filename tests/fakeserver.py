@@ -37,6 +37,7 @@ class Ok:
     cache_write: int = 0
     reasoning: int = 0
     stop_reason: str = "end_turn"
+    cache_write_1h: int = 0  # the part of cache_write written with a 1-hour TTL (Anthropic)
 
 
 @dataclass(frozen=True)
@@ -86,6 +87,7 @@ def ok(
     cache_write: int = 0,
     reasoning: int = 0,
     stop_reason: str = "end_turn",
+    cache_write_1h: int = 0,
 ) -> Ok:
     """A successful reply.
 
@@ -94,9 +96,21 @@ def ok(
     `completion_tokens_details.reasoning_tokens` / Anthropic's `output_tokens_details.
     thinking_tokens`, part of `output_tokens`. Left as None, the counts are derived from the
     request so that they never exceed agentd's reservation bound: input = max(1, UTF-8 bytes
-    of the prompt // 4), output = min(max_tokens, 16).
+    of the prompt // 4), output = min(max_tokens, 16). `cache_write_1h` (Anthropic) is the part
+    of `cache_write` written with a 1-hour TTL, reported as `usage.cache_creation`.
     """
-    return Ok(text, input_tokens, output_tokens, cache_read, cache_write, reasoning, stop_reason)
+    if not 0 <= cache_write_1h <= cache_write:
+        raise ValueError("cache_write_1h is part of cache_write")
+    return Ok(
+        text,
+        input_tokens,
+        output_tokens,
+        cache_read,
+        cache_write,
+        reasoning,
+        stop_reason,
+        cache_write_1h,
+    )
 
 
 def error(
@@ -203,7 +217,9 @@ def _prompt_bytes(api: Api, body: Any) -> int:
     for message in body.get("messages") or []:
         if isinstance(message, dict):
             parts.append(message.get("content"))
-    return sum(len(p.encode()) for p in parts if isinstance(p, str))
+    # Content may be a string or a list of text blocks (cache_control splits a prompt in two).
+    texts = [b.get("text") for p in parts if isinstance(p, list) for b in p if isinstance(b, dict)]
+    return sum(len(t.encode()) for t in [*parts, *texts] if isinstance(t, str))
 
 
 def _ok_body(api: Api, step: Ok, body: Any, request_id: str, with_usage: bool) -> dict[str, Any]:
@@ -226,6 +242,11 @@ def _ok_body(api: Api, step: Ok, body: Any, request_id: str, with_usage: bool) -
             "cache_read_input_tokens": step.cache_read,
             "service_tier": "standard",
         }
+        if step.cache_write_1h:
+            usage["cache_creation"] = {
+                "ephemeral_5m_input_tokens": step.cache_write - step.cache_write_1h,
+                "ephemeral_1h_input_tokens": step.cache_write_1h,
+            }
         if step.reasoning:
             usage["output_tokens_details"] = {"thinking_tokens": step.reasoning}
         reply: dict[str, Any] = {

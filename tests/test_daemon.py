@@ -370,7 +370,8 @@ def test_shipped_config_simulated_one_daemon_per_state_dir_and_control(
         assert second.wait(30) == 75
         assert "already running" in second.log() and str(proc.popen.pid) in second.log()
 
-        client = pytest.importorskip("agentd.control_client")
+        from agentd import control_client as client
+
         sock = state / "agentd.sock"
         code, body = client.request(sock, "GET", "/status")
         assert code == 200 and body["simulated"] is True

@@ -67,6 +67,7 @@ EXPECTED_COLUMNS = {
         ("latency_ms", "INTEGER"),
         ("request_id", "TEXT"),
         ("served_model", "TEXT"),
+        ("cache_write_1h_tokens", "INTEGER"),
     ],
     "loop_state": [
         ("loop", "TEXT"),
@@ -111,6 +112,7 @@ EXPECTED_STEPS = [
     "m006_daily_rollup",
     "m007_served_model",
     "m008_budget_covering_indexes",
+    "m009_cache_write_1h",
 ]
 
 

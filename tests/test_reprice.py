@@ -67,6 +67,12 @@ def test_all_deep(config: Config, state: Path) -> None:
     assert result.total["other_micro_usd"] == 181_575
     assert result.total["actual_vs_other_pct"] == "-86.8"
     assert result.headline == "actual $0.02405 vs all-deep $0.181575 (−86.8 %)"
+    # What caching saved at the actual models' list prices, 1h writes apart (none here):
+    # alpha A1 on haiku: 300 reads × (1 − 0.1) − 100 writes × (1.25 − 1) = 245 per MTok;
+    # beta's sonnet call: 1000 reads × (3 − 0.3) = 2700 per MTok.
+    assert rows["alpha"]["cache_saving_usd"] == "0.000245"
+    assert rows["beta"]["cache_saving_usd"] == "0.0027"
+    assert result.total["cache_saving_usd"] == "0.002945"
 
 
 def test_all_model(config: Config, state: Path) -> None:

@@ -6,12 +6,12 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 
 from agentd.errors import MalformedResponse
-from agentd.providers.base import Message, Reply, Request, Usage
+from agentd.providers.base import CacheMark, Message, Reply, Request, Usage
 from agentd.providers.errormap import CallContext, SdkErrors, map_exception
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
-    from anthropic.types import MessageParam
+    from anthropic.types import CacheControlEphemeralParam, MessageParam, TextBlockParam
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 # A keyless provider (a local Anthropic-compatible proxy) still needs an explicit credential,
@@ -74,9 +74,14 @@ class AnthropicProvider:
         client, errors = self._sdk()
         ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
         kwargs: dict[str, Any] = {}
+        messages = [_message_param(m) for m in request.messages]
+        mark = request.cache
         if request.system:
             kwargs["system"] = request.system
-        messages = [_message_param(m) for m in request.messages]
+            if mark is not None and mark.prefix_chars == 0:
+                kwargs["system"] = [_text_block(request.system, mark)]
+        if mark is not None and mark.prefix_chars > 0 and messages:
+            messages[0] = _split_first(request.messages[0], mark)
         request_id: str | None = None
         status: int | None = None
         try:
@@ -108,6 +113,9 @@ class AnthropicProvider:
             )
         cache_read = usage.cache_read_input_tokens or 0
         cache_write = usage.cache_creation_input_tokens or 0
+        # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
+        split = getattr(usage, "cache_creation", None)
+        write_1h = min(getattr(split, "ephemeral_1h_input_tokens", None) or 0, cache_write)
         details = getattr(usage, "output_tokens_details", None)
         return Reply(
             text="".join(
@@ -121,6 +129,7 @@ class AnthropicProvider:
                 output_tokens=usage.output_tokens,
                 cache_read_tokens=cache_read,
                 cache_write_tokens=cache_write,
+                cache_write_1h_tokens=write_1h,
                 # 2.x reports thinking separately; it is already part of output_tokens.
                 reasoning_tokens=(getattr(details, "thinking_tokens", None) or 0),
             ),
@@ -141,6 +150,27 @@ def _message_param(message: Message) -> MessageParam:
     if message.role == "user":
         return {"role": "user", "content": message.content}
     return {"role": "assistant", "content": message.content}
+
+
+def _text_block(text: str, mark: CacheMark | None = None) -> TextBlockParam:
+    """A text content block; with a mark, the end of the cached prefix (`cache_control`)."""
+    block: TextBlockParam = {"type": "text", "text": text}
+    if mark is not None:
+        control: CacheControlEphemeralParam = {"type": "ephemeral"}
+        if mark.ttl == "1h":
+            control["ttl"] = "1h"  # 5m is the API's default: leave it unsaid
+        block["cache_control"] = control
+    return block
+
+
+def _split_first(message: Message, mark: CacheMark) -> MessageParam:
+    """The first message as two blocks: the stable prefix (marked), then the changing rest."""
+    head, tail = message.content[: mark.prefix_chars], message.content[mark.prefix_chars :]
+    # The API refuses empty text blocks: a prompt that is all prefix is one marked block.
+    blocks = [_text_block(head, mark)] + ([_text_block(tail)] if tail else [])
+    if message.role == "user":
+        return {"role": "user", "content": blocks}
+    return {"role": "assistant", "content": blocks}
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
