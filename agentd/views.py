@@ -9,8 +9,9 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from agentd import budgets
+from agentd.caching import decide_for_run
 from agentd.config import Config, missing_api_keys
-from agentd.context import check_context
+from agentd.context import check_context, stable_prefix
 from agentd.delivery import redact_url
 from agentd.errors import LedgerError
 from agentd.guardrails import check_projection
@@ -66,6 +67,10 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             lines.append(
                 "  budget: none (global caps only)" if config.budgets else "  budget: none"
             )
+        if loop.prompt is not None:
+            prefix = stable_prefix(config.prompt_path(name).read_text(), loop=name)
+            decision = decide_for_run(config, name, prefix, now)
+            lines.append(f"  prompt cache: {decision.ttl or 'none'} ({decision.reason})")
         for line in projections.get(name, []):
             # The budget line of the projection is the loop's budget as a monthly rate.
             shown = "monthly" + line.removeprefix("budget") if line.startswith("budget:") else line
