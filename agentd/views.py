@@ -9,8 +9,9 @@ from typing import Any, Literal
 from zoneinfo import ZoneInfo
 
 from agentd import budgets
+from agentd.apikeys import missing_api_keys
 from agentd.caching import decide_for_run
-from agentd.config import Config, missing_api_keys
+from agentd.config import Config
 from agentd.context import check_context, stable_prefix
 from agentd.delivery import redact_url
 from agentd.errors import LedgerError

@@ -10,6 +10,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from agentd.apikeys import missing_api_keys, read_api_key
 from agentd.config import (
     ChainEntry,
     Config,
@@ -17,9 +18,7 @@ from agentd.config import (
     config_json_schema,
     config_json_schema_text,
     load_config,
-    missing_api_keys,
     parse_config,
-    read_api_key,
     resolve_config_path,
     resolve_state_dir,
 )
