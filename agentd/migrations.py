@@ -273,6 +273,44 @@ def m009_cache_write_1h(db: Database) -> None:
     db.table("calls").add_column("cache_write_1h_tokens", int)
 
 
+@migration
+def m010_report_hours(db: Database) -> None:
+    """A derived cache of per-UTC-hour call sums for fast reports (see `spendcache`).
+
+    `report_hours` holds, for each cached hour and combination of loop, tier, model,
+    provider, purpose and simulated, the sums a spend report needs and a latency histogram
+    (`l00`…); `report_days` the same per whole cached UTC day; `report_cache` the watermark
+    (hours before it were considered) and the last call id seen; `report_holes` the hours
+    before it that are not cached (unsettled calls, pruned, or a back-dated call).
+    Everything here can be rebuilt from `calls`; nothing else reads it.
+    """
+    from agentd.spendcache import HIST_COLUMNS
+
+    hist = ", ".join(f"{c} INTEGER NOT NULL" for c in HIST_COLUMNS)
+    db.execute(
+        "CREATE TABLE report_hours (hour TEXT NOT NULL, loop TEXT, tier TEXT, model TEXT,"
+        " provider TEXT, purpose TEXT, simulated INTEGER, calls INTEGER, failed INTEGER,"
+        " runs INTEGER, input_tokens INTEGER, cache_read_tokens INTEGER,"
+        " cache_write_tokens INTEGER, output_tokens INTEGER, reasoning_tokens INTEGER,"
+        f" cost_micro_usd INTEGER, latency_count INTEGER, latency_ms_sum INTEGER, {hist})"
+    )
+    db.execute("CREATE INDEX report_hours_hour ON report_hours (hour)")
+    db.execute(
+        "CREATE TABLE report_days (day TEXT NOT NULL, loop TEXT, tier TEXT, model TEXT,"
+        " provider TEXT, purpose TEXT, simulated INTEGER, calls INTEGER, failed INTEGER,"
+        " runs INTEGER, input_tokens INTEGER, cache_read_tokens INTEGER,"
+        " cache_write_tokens INTEGER, output_tokens INTEGER, reasoning_tokens INTEGER,"
+        f" cost_micro_usd INTEGER, latency_count INTEGER, latency_ms_sum INTEGER, {hist})"
+    )
+    db.execute("CREATE INDEX report_days_day ON report_days (day)")
+    db.execute(
+        "CREATE TABLE report_cache (id INTEGER PRIMARY KEY, through TEXT NOT NULL,"
+        " last_id INTEGER NOT NULL)"
+    )
+    db.execute("CREATE TABLE report_holes (hour TEXT PRIMARY KEY)")
+    db.execute("CREATE INDEX calls_latency ON calls (latency_ms) WHERE latency_ms IS NOT NULL")
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -30,6 +30,7 @@ from agentd.budgets import PERIODS, window_bounds
 from agentd.errors import EXIT_USAGE, AgentdError
 from agentd.ledger import SKIPPED_RUN_STATUSES, Ledger, parse_iso, utc_iso
 from agentd.pricing import format_usd
+from agentd.spendcache import forget_day
 
 # The widest UTC offset east (UTC+14): a local midnight is at most this much before UTC's.
 _MAX_EAST = timedelta(hours=14)
@@ -235,6 +236,7 @@ def prune(
                     conn.execute(_ROLLUP_CALLS, step)
                     conn.execute(_ROLLUP_SKIPPED, step)
                 conn.execute(_DELETE_CALLS, step)
+                forget_day(conn, day, min(following, cutoff))
                 conn.execute(_DELETE_RUNS, step)
         if n_runs or n_calls:
             days += 1

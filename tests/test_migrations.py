@@ -100,6 +100,52 @@ EXPECTED_COLUMNS = {
         ("latency_count", "INTEGER"),
         ("latency_ms_sum", "INTEGER"),
     ],
+    "report_hours": [
+        ("hour", "TEXT"),
+        *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
+        *[
+            (c, "INTEGER")
+            for c in (
+                "simulated",
+                "calls",
+                "failed",
+                "runs",
+                "input_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "output_tokens",
+                "reasoning_tokens",
+                "cost_micro_usd",
+                "latency_count",
+                "latency_ms_sum",
+            )
+        ],
+        *[(f"l{i:02d}", "INTEGER") for i in range(64)],
+    ],
+    "report_days": [
+        ("day", "TEXT"),
+        *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
+        *[
+            (c, "INTEGER")
+            for c in (
+                "simulated",
+                "calls",
+                "failed",
+                "runs",
+                "input_tokens",
+                "cache_read_tokens",
+                "cache_write_tokens",
+                "output_tokens",
+                "reasoning_tokens",
+                "cost_micro_usd",
+                "latency_count",
+                "latency_ms_sum",
+            )
+        ],
+        *[(f"l{i:02d}", "INTEGER") for i in range(64)],
+    ],
+    "report_cache": [("id", "INTEGER"), ("through", "TEXT"), ("last_id", "INTEGER")],
+    "report_holes": [("hour", "TEXT")],
     "_agentd_migrations": [("name", "TEXT"), ("applied_at", "TEXT")],
 }
 
@@ -113,6 +159,7 @@ EXPECTED_STEPS = [
     "m007_served_model",
     "m008_budget_covering_indexes",
     "m009_cache_write_1h",
+    "m010_report_hours",
 ]
 
 

@@ -1,0 +1,232 @@
+"""A derived cache of per-UTC-hour call sums, so reports over long ranges skip most raw rows.
+
+`report_hours` holds one row per cached hour and (loop, tier, model, provider, purpose,
+simulated): the sums a spend report needs and a histogram of latencies over fixed buckets
+(`HIST_BOUNDS`). The exact p95 merges the histograms to find the bucket holding the rank,
+then reads only that bucket's raw latencies through the `calls_latency` index.
+
+`report_days` holds the same sums per UTC day, for days whose every hour is cached (a day
+with a hole has none), so long ranges read a row per day and key rather than per hour.
+
+Which hours are cached: every hour before the watermark `report_cache.through` except the
+`report_holes`. An hour is cached only once it is *closed*: it ended more than `SETTLE_MARGIN`
+ago (new calls are written with `started_at` = now) and it holds no `pending`/`submitted`
+call. A settled call never changes again (the ledger is append-only history plus the
+`pending → ok|error|aborted` transition; `reconcile_abandoned` and the daemon's shutdown only
+touch unsettled rows), so a cached hour stays exact until `prune` deletes raw rows: prune
+deletes the cached hours it covers and turns them into holes (its roll-up carries the pruned
+calls; what it keeps is read raw). An hour with unsettled calls becomes a hole and is retried
+on the next fill. Runs (fallbacks, skipped) are never cached: a run's fallback flag is set
+when the run ends, possibly hours after its first attempt.
+
+Calendar groupings in zones whose offsets are not whole hours read raw rows (see `spend`).
+The cache is filled lazily by reports (`refresh`), in chunks of `CHUNK` per write transaction
+so the daemon's writers never wait long; a read-only ledger uses what is cached and reads the
+rest raw.
+"""
+
+from __future__ import annotations
+
+import bisect
+import json
+import sqlite3
+from datetime import UTC, datetime, timedelta
+
+from agentd.ledger import Ledger
+
+HIST_BOUNDS: tuple[int, ...] = (0, *sorted({int(50 * 1.15**i) for i in range(63)}))
+HIST_COLUMNS: tuple[str, ...] = tuple(f"l{i:02d}" for i in range(len(HIST_BOUNDS)))
+SETTLE_MARGIN = timedelta(hours=1)
+CHUNK = timedelta(days=7)
+_UNSETTLED = "status IN ('pending', 'submitted')"
+_KEY = "loop, tier, model, provider, purpose, simulated"
+SUM_NAMES = (
+    "calls",
+    "failed",
+    "runs",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_micro_usd",
+    "latency_count",
+    "latency_ms_sum",
+)
+
+
+def _hist_sql() -> str:
+    parts = []
+    for i, lo in enumerate(HIST_BOUNDS):
+        cond = "latency_ms < " + str(HIST_BOUNDS[1]) if i == 0 else f"latency_ms >= {lo}"
+        if 0 < i < len(HIST_BOUNDS) - 1:
+            cond += f" AND latency_ms < {HIST_BOUNDS[i + 1]}"
+        parts.append(f"COALESCE(SUM({cond}), 0)")
+    return ", ".join(parts)
+
+
+_FILL = (
+    f"INSERT INTO report_hours (hour, {_KEY}, {', '.join(SUM_NAMES)}, {', '.join(HIST_COLUMNS)})"
+    f" SELECT substr(started_at, 1, 13), {_KEY}, COUNT(*), SUM(status IN ('error', 'aborted')),"
+    " SUM(attempt = 1 AND run_id IS NOT NULL), SUM(input_tokens), SUM(cache_read_tokens),"
+    " SUM(cache_write_tokens), SUM(output_tokens), SUM(reasoning_tokens),"
+    " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms),"
+    f" {_hist_sql()}"
+    " FROM calls INDEXED BY calls_started_at WHERE started_at >= ? AND started_at < ?"
+    " AND substr(started_at, 1, 13) NOT IN (SELECT value FROM json_each(?))"
+    f" GROUP BY 1, {_KEY}"
+)
+
+
+_ROLL_DAY = (
+    f"INSERT INTO report_days (day, {_KEY}, {', '.join(SUM_NAMES)}, {', '.join(HIST_COLUMNS)})"
+    f" SELECT substr(hour, 1, 10), {_KEY},"
+    f" {', '.join(f'SUM({c})' for c in (*SUM_NAMES, *HIST_COLUMNS))}"
+    f" FROM report_hours WHERE hour >= ? AND hour < ? GROUP BY 1, {_KEY}"
+)
+
+
+def _roll_days(conn: sqlite3.Connection, days: set[str]) -> None:
+    """Rebuild the day sums of days whose every hour is cached (drop the others')."""
+    if not days:
+        return
+    through, holes = state(conn)
+    hole_days = {h[:10] for h in holes}
+    for day in sorted(days):
+        start = hour_start(day + "T00")
+        following = hour_key(start + timedelta(days=1))
+        conn.execute("DELETE FROM report_days WHERE day = ?", (day,))
+        if following <= through and day not in hole_days:
+            conn.execute(_ROLL_DAY, (day + "T00", following))
+
+
+def _days(start: str, end: str) -> set[str]:
+    """The UTC days overlapping hours [start, end)."""
+    out, cur = set(), hour_start(start[:10] + "T00")
+    while hour_key(cur) < end:
+        out.add(cur.date().isoformat())
+        cur += timedelta(days=1)
+    return out
+
+
+def bucket_of(ms: int) -> int:
+    """The histogram bucket of a latency."""
+    return max(0, bisect.bisect_right(HIST_BOUNDS, ms) - 1)
+
+
+def bucket_range(index: int) -> tuple[int | None, int | None]:
+    """The [low, high) latency bounds of a bucket (None: unbounded)."""
+    low = None if index == 0 else HIST_BOUNDS[index]
+    high = HIST_BOUNDS[index + 1] if index + 1 < len(HIST_BOUNDS) else None
+    return low, high
+
+
+def hour_key(at: datetime) -> str:
+    """`YYYY-MM-DDTHH` of an instant (UTC)."""
+    return at.astimezone(UTC).strftime("%Y-%m-%dT%H")
+
+
+def hour_start(key: str) -> datetime:
+    """The instant an hour key starts."""
+    return datetime.fromisoformat(key + ":00").replace(tzinfo=UTC)
+
+
+def state(conn: sqlite3.Connection) -> tuple[str, set[str]]:
+    """The watermark and the holes (cached hours are those before it, minus the holes).
+
+    Calls written since the last fill (id above `last_id`) into hours before the watermark
+    (a back-dated row: clock skew, an import) make their hours holes until the next fill.
+    """
+    row = conn.execute("SELECT through, last_id FROM report_cache WHERE id = 1").fetchone()
+    if row is None:
+        return "", set()
+    through, last_id = str(row[0]), int(row[1])
+    holes = {str(r[0]) for r in conn.execute("SELECT hour FROM report_holes")}
+    holes |= _late_hours(conn, through, last_id)
+    return through, holes
+
+
+def _late_hours(conn: sqlite3.Connection, through: str, last_id: int) -> set[str]:
+    return {
+        str(r[0])
+        for r in conn.execute(
+            # `+` keeps the planner on the primary key: few rows are newer than last_id.
+            "SELECT DISTINCT substr(started_at, 1, 13) FROM calls WHERE id > ? AND +started_at < ?",
+            (last_id, through),
+        )
+    }
+
+
+def _unsettled_hours(conn: sqlite3.Connection) -> set[str]:
+    return {
+        str(r[0])
+        for r in conn.execute(
+            f"SELECT DISTINCT substr(started_at, 1, 13) FROM calls WHERE {_UNSETTLED}"
+        )
+    }
+
+
+def _fill(conn: sqlite3.Connection, start: str, end: str, skip: set[str]) -> None:
+    conn.execute(_FILL, (start, end, json.dumps(sorted(skip))))
+
+
+def _set_state(conn: sqlite3.Connection, through: str, last_id: int) -> None:
+    conn.execute(
+        "INSERT INTO report_cache (id, through, last_id) VALUES (1, ?, ?)"
+        " ON CONFLICT (id) DO UPDATE SET through = excluded.through, last_id = excluded.last_id",
+        (through, last_id),
+    )
+
+
+def refresh(ledger: Ledger, now: datetime) -> None:
+    """Cache every closed hour not cached yet (a no-op on a read-only ledger)."""
+    if ledger.read_only:
+        return
+    target = hour_key(now - SETTLE_MARGIN)  # hours before it ended at least the margin ago
+    with ledger.write() as conn:
+        through, holes = state(conn)  # includes the hours of back-dated calls
+        last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
+        unsettled = _unsettled_hours(conn)
+        for hour in sorted(holes):
+            end = hour_key(hour_start(hour) + timedelta(hours=1))
+            conn.execute("DELETE FROM report_hours WHERE hour = ?", (hour,))
+            if hour in unsettled:
+                conn.execute("INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", (hour,))
+            else:
+                _fill(conn, hour, end, set())
+                conn.execute("DELETE FROM report_holes WHERE hour = ?", (hour,))
+        _set_state(conn, through, int(last_id))
+        _roll_days(conn, {h[:10] for h in holes})
+    while True:
+        with ledger.write() as conn:
+            through, _ = state(conn)
+            last_id = conn.execute("SELECT last_id FROM report_cache WHERE id = 1").fetchone()[0]
+            first = conn.execute(
+                "SELECT MIN(started_at) FROM calls WHERE started_at >= ?", (through,)
+            ).fetchone()[0]
+            start = max(through, first[:13] if first else target)
+            if start >= target:
+                _set_state(conn, max(through, target), int(last_id))
+                return
+            end = min(target, hour_key(hour_start(start) + CHUNK))
+            skip = {h for h in _unsettled_hours(conn) if start <= h < end}
+            _fill(conn, start, end, skip)
+            conn.executemany(
+                "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in skip]
+            )
+            _set_state(conn, end, int(last_id))
+            _roll_days(conn, _days(start, end))
+
+
+def forget_day(conn: sqlite3.Connection, day: datetime, following: datetime) -> None:
+    """Inside prune's transaction: the hours of [day, following) are no longer cached."""
+    through, _ = state(conn)
+    start, stop = hour_key(day), hour_key(following)
+    conn.execute("DELETE FROM report_hours WHERE hour >= ? AND hour < ?", (start, stop))
+    conn.execute("DELETE FROM report_days WHERE day >= ? AND day < ?", (start[:10], stop[:10]))
+    hours, cur = [], day
+    while cur < following:
+        if hour_key(cur) < through:
+            hours.append((hour_key(cur),))
+        cur += timedelta(hours=1)
+    conn.executemany("INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", hours)

@@ -1,0 +1,683 @@
+"""Where spend report sums come from: raw ledger rows, pruned days' roll-ups and the report
+cache (`spendcache`), merged into groups without counting any call twice.
+
+`agentd.spend` turns what this module collects into report rows; see its docstring for what
+each column means.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import sqlite3
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+from datetime import UTC, datetime, timedelta
+from typing import Any, Literal, get_args
+from zoneinfo import ZoneInfo
+
+from agentd import spendcache
+from agentd.budgets import window_bounds
+from agentd.errors import LedgerError
+from agentd.ledger import SKIPPED_RUN_STATUSES, Ledger, parse_iso, utc_iso
+from agentd.migrations import SKIPPED_INDEXED
+
+Grouping = Literal["loop", "tier", "model", "provider", "purpose", "day", "week", "month"]
+GROUPINGS: tuple[Grouping, ...] = get_args(Grouping)
+Period = Literal["day", "week", "month"]
+PERIODS: tuple[Period, ...] = ("day", "week", "month")
+COLUMNS = ("loop", "tier", "model", "provider", "purpose")
+# Skipped runs have a loop and a time but no call, so no tier, model, provider or purpose.
+RUN_GROUPINGS = frozenset({"loop", "day", "week", "month"})
+UTC_ZONE = ZoneInfo("UTC")
+
+_SKIPPED = "(" + ", ".join(f"'{s}'" for s in SKIPPED_RUN_STATUSES) + ")"
+_SKIPS_INDEXED = tuple(SKIPPED_RUN_STATUSES) == SKIPPED_INDEXED
+_UNSETTLED = "status IN ('pending', 'submitted')"
+# A quarter-hour bucket of a ledger timestamp: `YYYY-MM-DDTHH:q` with q in 0..3.
+_QUARTER = "substr({c}, 1, 13) || ':' || (CAST(substr({c}, 15, 2) AS INTEGER) / 15)"
+SUMS = (
+    "runs",
+    "fallbacks",
+    "skipped",
+    "calls",
+    "failed",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_micro_usd",
+    "reserved_micro_usd",
+    "latency_count",
+    "latency_ms_sum",
+    "rolled_up_calls",
+)
+
+Key = tuple[str | None, str | None]  # (period label, column value)
+
+
+@dataclass
+class Acc:
+    """Running sums of one group."""
+
+    sums: dict[str, int] = field(default_factory=lambda: dict.fromkeys(SUMS, 0))
+
+    def add(self, names: Sequence[str], values: Iterable[Any]) -> None:
+        for name, value in zip(names, values, strict=True):
+            self.sums[name] += int(value or 0)
+
+
+def nearest_rank(n: int) -> int:
+    """The 1-based rank of the p95 among n sorted values: ⌈0.95·n⌉ (integers only)."""
+    return (95 * n + 99) // 100
+
+
+def mean_ms(total: int, count: int) -> int | None:
+    """An integer mean rounded half up, without floats; None for no values."""
+    return None if count == 0 else (2 * total + count) // (2 * count)
+
+
+def _is_utc(tz: ZoneInfo) -> bool:
+    return tz.key in {"UTC", "Etc/UTC", "Etc/Universal", "Universal", "Zulu", "Etc/Zulu"}
+
+
+class _Periods:
+    """Maps SQL time buckets and roll-up days to local period labels (cached), and back."""
+
+    def __init__(self, period: Period, tz: ZoneInfo) -> None:
+        self.period = period
+        self.tz = tz
+        self.utc = _is_utc(tz)
+        self.bounds: dict[str, tuple[datetime, datetime]] = {}
+        self._cache: dict[str, str] = {}
+
+    def bucket_sql(self, column: str) -> str:
+        """SQL for the bucket of a timestamp column; buckets never straddle two periods."""
+        if self.utc and self.period == "month":
+            return f"substr({column}, 1, 7)"
+        if self.utc:
+            return f"substr({column}, 1, 10)"
+        return _QUARTER.format(c=column)
+
+    def label_of(self, at: datetime) -> str:
+        """The period label of an instant: `2026-03-10`, `2026-W11` or `2026-03`."""
+        local = at.astimezone(self.tz)
+        if self.period == "day":
+            label = local.date().isoformat()
+        elif self.period == "week":
+            year, week, _ = local.isocalendar()
+            label = f"{year:04d}-W{week:02d}"
+        else:
+            label = f"{local.year:04d}-{local.month:02d}"
+        if label not in self.bounds:
+            self.bounds[label] = window_bounds(self.period, at, self.tz)
+        return label
+
+    def bucket_label(self, bucket: str) -> str:
+        """The period label of a bucket from `bucket_sql`."""
+        label = self._cache.get(bucket)
+        if label is None:
+            if len(bucket) == 7:  # YYYY-MM
+                at = datetime.fromisoformat(bucket + "-01").replace(tzinfo=UTC)
+            elif len(bucket) == 13:  # YYYY-MM-DDTHH
+                at = spendcache.hour_start(bucket)
+            elif len(bucket) == 10:  # YYYY-MM-DD
+                at = datetime.fromisoformat(bucket).replace(tzinfo=UTC)
+            else:  # YYYY-MM-DDTHH:q
+                hour, quarter = bucket.rsplit(":", 1)
+                at = datetime.fromisoformat(hour + ":00").replace(tzinfo=UTC)
+                at += timedelta(minutes=15 * int(quarter))
+            label = self._cache[bucket] = self.label_of(at)
+        return label
+
+    def day_label(self, day: str) -> str:
+        """The period of a rolled-up UTC day: the one holding its noon."""
+        return self.label_of(datetime.fromisoformat(day).replace(tzinfo=UTC) + timedelta(hours=12))
+
+    def fill(self, labels: Iterable[str]) -> list[str]:
+        """Every period from the first to the last of `labels`, in order, gaps included."""
+        known = sorted(set(labels), key=lambda label: self.bounds[label][0])
+        if not known:
+            return []
+        out = [known[0]]
+        end = self.bounds[known[-1]][0]
+        while self.bounds[out[-1]][0] < end:
+            out.append(self.label_of(self.bounds[out[-1]][1]))
+        return out
+
+
+@dataclass(frozen=True)
+class Filter:
+    since: datetime | None
+    until: datetime | None
+    simulated: bool
+    loop: str | None
+
+    def sql(self, alias: str = "", time_column: str = "started_at") -> tuple[str, list[Any]]:
+        p = f"{alias}." if alias else ""
+        clauses = [f"{p}simulated = ?"]
+        params: list[Any] = [int(self.simulated)]
+        if self.since is not None:
+            clauses.append(f"{p}{time_column} >= ?")
+            params.append(utc_iso(self.since))
+        if self.until is not None:
+            clauses.append(f"{p}{time_column} < ?")
+            params.append(utc_iso(self.until))
+        if self.loop is not None:
+            clauses.append(f"{p}loop = ?")
+            params.append(self.loop)
+        return " AND ".join(clauses), params
+
+    def rollup_sql(self) -> tuple[str, list[Any]]:
+        # A rolled-up UTC day is in the range when its noon is.
+        clauses = ["simulated = ?"]
+        params: list[Any] = [int(self.simulated)]
+        noon = "day || 'T12:00:00.000000Z'"
+        if self.since is not None:
+            clauses.append(f"{noon} >= ?")
+            params.append(utc_iso(self.since))
+        if self.until is not None:
+            clauses.append(f"{noon} < ?")
+            params.append(utc_iso(self.until))
+        if self.loop is not None:
+            clauses.append("loop = ?")
+            params.append(self.loop)
+        return " AND ".join(clauses), params
+
+    def keeps(self, simulated: int, started_at: str, loop: str) -> bool:
+        """The same filter in Python, for rows read through a partial index."""
+        if bool(simulated) != self.simulated or (self.loop is not None and loop != self.loop):
+            return False
+        at = parse_iso(started_at)
+        return (self.since is None or at >= self.since) and (self.until is None or at < self.until)
+
+
+_CALL_SUMS = (
+    "COUNT(*), SUM(status IN ('error', 'aborted')), SUM(attempt = 1 AND run_id IS NOT NULL),"
+    " SUM(input_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(output_tokens),"
+    " SUM(reasoning_tokens),"
+    # In-flight rows count their reservation here; they are moved to `reserved` afterwards
+    # from the small partial index, which is cheaper than a CASE on every row.
+    " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms)"
+)
+_CALL_NAMES = (
+    "calls",
+    "failed",
+    "runs",
+    "input_tokens",
+    "cache_read_tokens",
+    "cache_write_tokens",
+    "output_tokens",
+    "reasoning_tokens",
+    "cost_micro_usd",
+    "latency_count",
+    "latency_ms_sum",
+)
+# The roll-up's columns carry the same names as the sums above.
+_ROLLUP_SUMS = ", ".join(f"SUM({n})" for n in _CALL_NAMES)
+
+
+class _Collector:
+    """Folds the sources of one report into groups keyed by (period label, column value)."""
+
+    def __init__(
+        self, conn: Any, flt: Filter, period: Period | None, column: str | None, tz: ZoneInfo
+    ) -> None:
+        if column is not None and column not in COLUMNS:
+            raise ValueError(f"cannot group by {column!r}")
+        self.conn = conn
+        self.flt = flt
+        self.periods = None if period is None else _Periods(period, tz)
+        self.column = column
+        self.groups: dict[Key, Acc] = {}
+        self.hists: dict[Key, list[int]] = {}
+        self.raw = [flt]  # the parts of the range read from raw rows
+        # Cached parts of the range: (table, time column, first key or None, end key).
+        self.cached: list[tuple[str, str, str | None, str]] = []
+        self.moved: list[str] = []  # cached hours outside the local period of their UTC day
+
+    def use_cache(self) -> None:
+        """Read the cached hours of the range from `report_hours`, the rest raw."""
+        periods = self.periods
+        if periods is not None and not periods.utc and not _whole_hours(periods.tz.key):
+            return  # local periods do not start on UTC hours: raw rows only
+        through, holes = spendcache.state(self.conn)
+        if not through:
+            return
+        flt = self.flt
+        first = None if flt.since is None else _ceil_hour(flt.since)
+        end = spendcache.hour_start(through)
+        if flt.until is not None:
+            end = min(end, _floor_hour(flt.until))
+        if first is not None and first >= end:
+            return
+        raw = []
+        if flt.since is not None and first is not None and flt.since < first:
+            raw.append(Filter(flt.since, first, flt.simulated, flt.loop))
+        first_key = None if first is None else spendcache.hour_key(first)
+        end_key = spendcache.hour_key(end)
+        for hole in sorted(holes):
+            if (first_key is None or hole >= first_key) and hole < end_key:
+                start = spendcache.hour_start(hole)
+                raw.append(Filter(start, start + timedelta(hours=1), flt.simulated, flt.loop))
+        raw.append(Filter(end, flt.until, flt.simulated, flt.loop))
+        self.raw = raw
+        self.cached = self._cached_parts(first_key, end_key, holes)
+
+    def _cached_parts(
+        self, first: str | None, end: str, holes: set[str]
+    ) -> list[tuple[str, str, str | None, str]]:
+        """Split cached hours [first, end) into whole UTC days (`report_days`) and hours."""
+        start = first
+        if start is None:
+            row = self.conn.execute("SELECT MIN(hour) FROM report_hours").fetchone()
+            if row[0] is None:
+                return []
+            start = str(row[0])
+        day = spendcache.hour_start(start[:10] + "T00")
+        if start[11:13] != "00":
+            day += timedelta(days=1)
+        stop = spendcache.hour_start(end[:10] + "T00")
+        days: list[str] = []
+        hole_days = {h[:10] for h in holes}
+        while day < stop:
+            key = day.date().isoformat()
+            periods = self.periods
+            if key not in hole_days:
+                days.append(key)
+                if periods is not None and not periods.utc:
+                    # A UTC day counts in the period of its noon; its hours in another period
+                    # move there (added to theirs, subtracted from the day's).
+                    noon = periods.day_label(key)
+                    for h in range(24):
+                        if periods.label_of(day + timedelta(hours=h)) != noon:
+                            self.moved.append(spendcache.hour_key(day + timedelta(hours=h)))
+            day += timedelta(days=1)
+        # Hours to skip in `report_hours`: the holes (read raw) and the days read whole.
+        skips: list[tuple[str, str, str | None]] = []  # (first hour, end hour, day part)
+        for hole in holes:
+            if (first is None or hole >= first) and hole < end:
+                after = spendcache.hour_key(spendcache.hour_start(hole) + timedelta(hours=1))
+                skips.append((hole, after, None))
+        i = 0
+        while i < len(days):
+            j = i
+            while j + 1 < len(days) and _next_day(days[j]) == days[j + 1]:
+                j += 1
+            skips.append((days[i] + "T00", _next_day(days[j]) + "T00", days[i]))
+            i = j + 1
+        parts: list[tuple[str, str, str | None, str]] = []
+        cursor = first
+        for low, high, day_first in sorted(skips):
+            parts.append(("report_hours", "hour", cursor, low))
+            if day_first is not None:
+                parts.append(("report_days", "day", day_first, high[:10]))
+            cursor = high
+        parts.append(("report_hours", "hour", cursor, end))
+        return parts
+
+    @property
+    def _ranged(self) -> bool:
+        return self.flt.since is not None or self.flt.until is not None
+
+    def _key_sql(self, alias: str = "", time_column: str = "started_at") -> tuple[str, str]:
+        """The (bucket, column) select items and the GROUP BY clause that goes with them."""
+        p = f"{alias}." if alias else ""
+        bucket = "''" if self.periods is None else self.periods.bucket_sql(p + time_column)
+        column = "''" if self.column is None else p + self.column
+        # Constants stay out of GROUP BY: they would keep SQLite from reading an index in
+        # group order and force a sort of every row.
+        grouped = [e for e in (bucket, column) if e != "''"]
+        group_by = f" GROUP BY {', '.join(grouped)}" if grouped else ""
+        return f"{bucket}, {column}", group_by
+
+    def _key(self, bucket: str, value: str | None, rolled_up: bool = False) -> Key:
+        label = None
+        if self.periods is not None:
+            label = (
+                self.periods.day_label(bucket) if rolled_up else self.periods.bucket_label(bucket)
+            )
+        if self.column is None:
+            return label, None
+        return label, (value or None) if rolled_up else value
+
+    def _acc(self, key: Key) -> Acc:
+        acc = self.groups.get(key)
+        if acc is None:
+            acc = self.groups[key] = Acc()
+        return acc
+
+    def collect(self, *, runs: bool) -> None:
+        """Read every source into the groups; `runs` adds fallback and skipped run counts."""
+        select, group_by = self._key_sql()
+        for flt in self.raw:
+            where, params = flt.sql()
+            # With a range, walk the time index: the planner would otherwise scan a whole
+            # (loop, started_at) index to get group order for free, which costs far more.
+            ranged = flt.since is not None or flt.until is not None
+            hint = "INDEXED BY calls_started_at" if ranged else ""
+            for bucket, value, *sums in self.conn.execute(
+                f"SELECT {select}, {_CALL_SUMS} FROM calls {hint} WHERE {where}{group_by}",
+                params,
+            ):
+                self._acc(self._key(bucket, value)).add(_CALL_NAMES, sums)
+        for part in self.cached:
+            self._collect_cached(*part)
+        if self.moved:
+            self._collect_moved()
+        for key in [k for k, acc in self.groups.items() if acc.sums["calls"] == 0]:
+            # Only cached sums can net to nothing (a day whose calls all moved out).
+            del self.groups[key]
+            self.hists.pop(key, None)
+        # Alone, this condition lets SQLite use the small partial index `calls_unsettled`.
+        for bucket, value, simulated, started_at, loop, reserved in self.conn.execute(
+            f"SELECT {select}, simulated, started_at, loop, reserved_micro_usd"
+            f" FROM calls WHERE {_UNSETTLED}"
+        ):
+            if self.flt.keeps(simulated, started_at, loop):
+                acc = self._acc(self._key(bucket, value))
+                acc.sums["cost_micro_usd"] -= int(reserved)
+                acc.sums["reserved_micro_usd"] += int(reserved)
+        if runs:
+            self._collect_runs()
+        self._collect_rollup()
+
+    def _collect_cached(self, table: str, time: str, first: str | None, end: str) -> None:
+        if first is not None and first >= end:
+            return
+        clauses = ["simulated = ?", f"{time} < ?"]
+        params: list[Any] = [int(self.flt.simulated), end]
+        if first is not None:
+            clauses.append(f"{time} >= ?")
+            params.append(first)
+        if self.flt.loop is not None:
+            clauses.append("loop = ?")
+            params.append(self.flt.loop)
+        if time == "day" and self.periods is not None:
+            # Whole UTC days, each in the local period of its noon (see `moved`).
+            column = "''" if self.column is None else self.column
+            group_by = " GROUP BY day" + ("" if self.column is None else f", {column}")
+            select = f"day, {column}"
+        else:
+            select, group_by = self._key_sql(time_column=time)
+        sums = ", ".join(f"SUM({n})" for n in (*spendcache.SUM_NAMES, *spendcache.HIST_COLUMNS))
+        width = len(spendcache.SUM_NAMES)
+        for bucket, value, *values in self.conn.execute(
+            f"SELECT {select}, {sums} FROM {table} WHERE {' AND '.join(clauses)}{group_by}",
+            params,
+        ):
+            key: Key
+            if time == "day" and self.periods is not None:
+                key = (self.periods.day_label(bucket), None if self.column is None else value)
+            else:
+                key = self._key(bucket, value)
+            # An hour must lie in one local period (zones with whole-hour offsets).
+            periods = self.periods
+            if (
+                periods is not None
+                and not periods.utc
+                and time == "hour"
+                and periods.bucket_label(bucket[:-1] + "3") != key[0]
+            ):
+                raise _NotWholeHours
+            self._acc(key).add(spendcache.SUM_NAMES, values[:width])
+            hist = self.hists.setdefault(key, [0] * len(spendcache.HIST_COLUMNS))
+            for i, count in enumerate(values[width:]):
+                hist[i] += int(count or 0)
+
+    def _fold(self, key: Key, values: Sequence[Any], sign: int) -> None:
+        width = len(spendcache.SUM_NAMES)
+        sums = self._acc(key).sums
+        for name, value in zip(spendcache.SUM_NAMES, values[:width], strict=True):
+            sums[name] += sign * int(value or 0)
+        hist = self.hists.setdefault(key, [0] * len(spendcache.HIST_COLUMNS))
+        for i, count in enumerate(values[width:]):
+            hist[i] += sign * int(count or 0)
+
+    def _collect_moved(self) -> None:
+        assert self.periods is not None
+        clauses = ["simulated = ?", "hour IN (SELECT value FROM json_each(?))"]
+        params: list[Any] = [int(self.flt.simulated), json.dumps(self.moved)]
+        if self.flt.loop is not None:
+            clauses.append("loop = ?")
+            params.append(self.flt.loop)
+        column = "''" if self.column is None else self.column
+        group_by = "hour" + ("" if self.column is None else f", {column}")
+        sums = ", ".join(f"SUM({n})" for n in (*spendcache.SUM_NAMES, *spendcache.HIST_COLUMNS))
+        for hour, value, *values in self.conn.execute(
+            f"SELECT hour, {column}, {sums} FROM report_hours"
+            f" WHERE {' AND '.join(clauses)} GROUP BY {group_by}",
+            params,
+        ):
+            value = None if self.column is None else value
+            label = self.periods.label_of(spendcache.hour_start(hour))
+            self._fold((label, value), values, 1)
+            self._fold((self.periods.day_label(hour[:10]), value), values, -1)
+
+    def _collect_runs(self) -> None:
+        where, params = self.flt.sql("c")
+        select, group_by = self._key_sql("c")
+        # CROSS JOIN fixes the join order: over a range, the range's calls look up their run;
+        # over all time, the few fallback runs (a partial index) look up their first call.
+        if self._ranged:
+            source = "calls c INDEXED BY calls_started_at CROSS JOIN runs r ON r.id = c.run_id"
+        else:
+            source = (
+                "runs r INDEXED BY runs_fallback"
+                " CROSS JOIN calls c INDEXED BY calls_run_id ON c.run_id = r.id"
+            )
+        for bucket, value, count in self.conn.execute(
+            f"SELECT {select}, COUNT(*) FROM {source}"
+            f" WHERE c.attempt = 1 AND r.fallback = 1 AND {where}{group_by}",
+            params,
+        ):
+            self._acc(self._key(bucket, value)).sums["fallbacks"] += int(count)
+        if self.column not in (None, "loop"):
+            return  # a skipped run has no tier, model, provider or purpose
+        where, params = self.flt.sql()
+        select, group_by = self._key_sql()
+        # The partial index holds only skipped runs; the planner would rather walk a whole
+        # (loop, started_at) index for its order. (If the skip statuses ever outgrow the
+        # index, the query still runs, without it.)
+        hint = "INDEXED BY runs_skipped" if _SKIPS_INDEXED else ""
+        for bucket, value, count in self.conn.execute(
+            f"SELECT {select}, COUNT(*) FROM runs {hint}"
+            f" WHERE status IN {_SKIPPED} AND {where}{group_by}",
+            params,
+        ):
+            self._acc(self._key(bucket, value)).sums["skipped"] += int(count)
+
+    def _collect_rollup(self) -> None:
+        where, params = self.flt.rollup_sql()
+        bucket = "day" if self.periods is not None else "''"
+        column = self.column or "''"
+        grouped = [e for e in (bucket, column) if e != "''"]
+        group_by = f" GROUP BY {', '.join(grouped)}" if grouped else ""
+        if self.column not in (None, "loop"):
+            where += " AND calls > 0"  # skipped-run rows have no tier, model, ...
+        names = (*_CALL_NAMES, "fallbacks", "skipped")
+        for day, value, *sums in self.conn.execute(
+            f"SELECT {bucket}, {column}, {_ROLLUP_SUMS}, SUM(fallbacks), SUM(skipped)"
+            f" FROM daily_rollup WHERE {where}{group_by}",
+            params,
+        ):
+            acc = self._acc(self._key(day, value, rolled_up=True))
+            acc.add(names, sums)
+            acc.sums["rolled_up_calls"] += int(sums[0] or 0)
+
+    def latencies(self) -> dict[Key, list[int]]:
+        """Every raw settled call's latency in the range, by group (for exact percentiles).
+
+        One pass fetching the values beats one sorting query per group: SQLite's sorter costs
+        more per row than Python's list sort, and the range is read once instead of per group.
+        """
+        select, _ = self._key_sql()
+        out: dict[Key, list[int]] = {}
+        for flt in self.raw:
+            where, params = flt.sql()
+            ranged = flt.since is not None or flt.until is not None
+            hint = "INDEXED BY calls_started_at" if ranged else ""
+            for bucket, value, ms in self.conn.execute(
+                f"SELECT {select}, latency_ms FROM calls {hint}"
+                f" WHERE {where} AND latency_ms IS NOT NULL",
+                params,
+            ):
+                out.setdefault(self._key(bucket, value), []).append(int(ms))
+        return out
+
+    def p95s(
+        self, keys: Sequence[Key], latencies: dict[Key, list[int]]
+    ) -> tuple[dict[Key, int | None], int | None]:
+        """The exact p95 of each group and of all of them (the total).
+
+        Raw values are sorted directly; where cached histograms are involved, they locate the
+        bucket holding the rank and only that bucket's raw latencies are read (by index).
+        """
+        nb = len(spendcache.HIST_COLUMNS)
+        total_hist = [0] * nb
+        for hist in self.hists.values():
+            for i, count in enumerate(hist):
+                total_hist[i] += count
+        wanted: dict[tuple[Key | None, int], int] = {}  # (group or None: total, bucket) → rank
+        out: dict[Key, int | None] = {}
+        total: int | None = None
+
+        def plan(target: Key | None, hist: list[int], values: list[int]) -> int | None:
+            if not any(hist):
+                return percentile_95(values)
+            merged = list(hist)
+            for ms in values:
+                merged[spendcache.bucket_of(ms)] += 1
+            rank = nearest_rank(sum(merged))
+            for index, count in enumerate(merged):
+                if rank <= count:
+                    wanted[(target, index)] = rank
+                    return None
+                rank -= count
+            raise AssertionError("rank beyond the histogram")
+
+        for key in keys:
+            out[key] = plan(key, self.hists.get(key, [0] * nb), latencies.get(key, []))
+        total = plan(None, total_hist, [ms for values in latencies.values() for ms in values])
+        if wanted:
+            found = self._bucket_values({index for _, index in wanted})
+            for (target, index), rank in wanted.items():
+                if target is None:
+                    pool = [ms for (_, i), v in found.items() if i == index for ms in v]
+                else:
+                    pool = found.get((target, index), [])
+                pool.sort()
+                if target is None:
+                    total = pool[rank - 1]
+                else:
+                    out[target] = pool[rank - 1]
+        return out, total
+
+    def _bucket_values(self, buckets: set[int]) -> dict[tuple[Key, int], list[int]]:
+        """Every raw latency in the range that falls in one of the buckets, by group."""
+        where, params = self.flt.sql()
+        select, _ = self._key_sql()
+        found: dict[tuple[Key, int], list[int]] = {}
+        if self._ranged and sum(sum(h) for h in self.hists.values()) < _SCAN_RANGE:
+            # A short range: one pass over its rows beats probing the buckets ledger-wide.
+            for bucket, value, ms in self.conn.execute(
+                f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_started_at"
+                f" WHERE {where} AND latency_ms IS NOT NULL",
+                params,
+            ):
+                index = spendcache.bucket_of(int(ms))
+                if index in buckets:
+                    found.setdefault((self._key(bucket, value), index), []).append(int(ms))
+            return found
+        for index in sorted(buckets):
+            low, high = spendcache.bucket_range(index)
+            clauses = [where, "latency_ms IS NOT NULL"]
+            extra: list[Any] = []
+            if low is not None:
+                clauses.append("latency_ms >= ?")
+                extra.append(low)
+            if high is not None:
+                clauses.append("latency_ms < ?")
+                extra.append(high)
+            for bucket, value, ms in self.conn.execute(
+                f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_latency"
+                f" WHERE {' AND '.join(clauses)}",
+                [*params, *extra],
+            ):
+                found.setdefault((self._key(bucket, value), index), []).append(int(ms))
+        return found
+
+
+_SCAN_RANGE = 100_000  # cached latencies in a range below which it is scanned, not probed
+
+
+class _NotWholeHours(Exception):
+    """A cached hour straddles two local periods: read raw rows instead."""
+
+
+@functools.lru_cache(maxsize=32)
+def _whole_hours(zone: str) -> bool:
+    """True when the zone's offset is a whole number of hours (sampled twice a month)."""
+    tz = ZoneInfo(zone)
+    for year in range(1990, 2050):
+        for month in range(1, 13):
+            for day in (1, 15):
+                offset = datetime(year, month, day, tzinfo=UTC).astimezone(tz).utcoffset()
+                if offset is None or offset.total_seconds() % 3600:
+                    return False
+    return True
+
+
+def _next_day(day: str) -> str:
+    return (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
+
+
+def _floor_hour(at: datetime) -> datetime:
+    at = at.astimezone(UTC)
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(at: datetime) -> datetime:
+    floor = _floor_hour(at)
+    return floor if floor == at else floor + timedelta(hours=1)
+
+
+def collected(
+    ledger: Ledger,
+    conn: sqlite3.Connection,
+    flt: Filter,
+    period: Period | None,
+    column: str | None,
+    tz: ZoneInfo,
+    *,
+    runs: bool,
+    cache: bool = True,
+) -> _Collector:
+    """A collector that has read every source, from the cache where it can (and may)."""
+    collector = _Collector(conn, flt, period, column, tz)
+    if not cache:
+        collector.collect(runs=runs)
+        return collector
+    collector.use_cache()
+    try:
+        collector.collect(runs=runs)
+    except _NotWholeHours:
+        collector = _Collector(conn, flt, period, column, tz)
+        collector.collect(runs=runs)
+    return collector
+
+
+def refresh_cache(ledger: Ledger) -> None:
+    # Busy or read-only: the report reads raw rows where the cache is missing.
+    with contextlib.suppress(LedgerError, sqlite3.OperationalError):
+        spendcache.refresh(ledger, datetime.now(UTC))
+
+
+def percentile_95(values: list[int]) -> int | None:
+    """The exact nearest-rank p95 of the values (sorts them in place); None when empty."""
+    if not values:
+        return None
+    values.sort()
+    return values[nearest_rank(len(values)) - 1]
