@@ -32,7 +32,7 @@ from zoneinfo import ZoneInfo
 
 from agentd.ledger import Ledger
 from agentd.reports import Column
-from agentd.spendsources import (
+from agentd.spendgroups import (
     COLUMNS,
     GROUPINGS,
     PERIODS,
@@ -44,12 +44,11 @@ from agentd.spendsources import (
     Grouping,
     Key,
     Period,
-    collected,
     mean_ms,
     nearest_rank,
     percentile_95,
-    refresh_cache,
 )
+from agentd.spendsources import collected, refresh_cache
 
 __all__ = [
     "COLUMNS",
