@@ -36,7 +36,7 @@ async def run(ctx: LoopContext) -> str | None:
         f"numbered 1. to {QUESTIONS}, nothing else.",
         tier="fast",
         max_tokens=QUESTION_TOKENS,
-        purpose="draft",
+        purpose="work",
     )
     questions = parse_questions(listing)
     if not questions:

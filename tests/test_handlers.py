@@ -371,7 +371,7 @@ def test_shipped_research_handler_runs_simulated(tmp_path: Path) -> None:
     assert "Questions considered:\n1. " in out["reply"]
     attempts = [(a["purpose"], a["attempt"], a["tier"]) for a in out["attempts"]]
     # The answer call follows research's `route: cascade`: draft, review, maybe escalate.
-    assert attempts[:3] == [("draft", 1, "fast"), ("draft", 2, "balanced"), ("review", 3, "fast")]
+    assert attempts[:3] == [("work", 1, "fast"), ("draft", 2, "balanced"), ("review", 3, "fast")]
     assert attempts[3:] in ([], [("escalate", 4, "deep")])
     assert out["route"]["strategy"] == "handler" and out["route"]["route"] == "cascade"
 

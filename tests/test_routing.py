@@ -425,7 +425,7 @@ def test_shipped_routed_loops_run_simulated(tmp_path: Path, loop: str) -> None:
     if loop == "research":
         calls = result.route["calls"]
         assert calls[1]["strategy"] == "cascade" and calls[1]["score"] is not None
-        assert purposes[:3] == ["draft", "draft", "review"]
+        assert purposes[:3] == ["work", "draft", "review"]
         assert purposes[3:] == (["escalate"] if calls[1]["escalated"] else [])
     else:
         assert result.route["strategy"] == "rules" and result.tier == "deep"
