@@ -44,19 +44,8 @@ _CALL_SUMS = (
     # from the small partial index, which is cheaper than a CASE on every row.
     " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms)"
 )
-_CALL_NAMES = (
-    "calls",
-    "failed",
-    "runs",
-    "input_tokens",
-    "cache_read_tokens",
-    "cache_write_tokens",
-    "output_tokens",
-    "reasoning_tokens",
-    "cost_micro_usd",
-    "latency_count",
-    "latency_ms_sum",
-)
+# The same sums, in the same order, as the report cache keeps (one list serves both).
+_CALL_NAMES = spendcache.SUM_NAMES
 # The roll-up's columns carry the same names as the sums above.
 _ROLLUP_SUMS = ", ".join(f"SUM({n})" for n in _CALL_NAMES)
 
