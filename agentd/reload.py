@@ -10,6 +10,7 @@ from agentd.config import Config
 from agentd.errors import MissingKeyError
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
+from agentd.routing import tiers_used
 from agentd.scheduling import schedule_key
 
 
@@ -101,7 +102,7 @@ def reload_cost_warning(old: Config, new: Config, ledger: Ledger | None) -> dict
 def check_primary_keys(
     config: Config, *, simulate: bool, env: Mapping[str, str] | None = None
 ) -> None:
-    """MissingKeyError when an enabled loop's primary model has no API key (not with simulate).
+    """MissingKeyError when a primary model an enabled loop needs has no API key (not simulated).
 
     Fallback models may lack keys (the executor skips them); a loop whose first model cannot
     be called is a configuration error, found at start or reload rather than at its first run.
@@ -111,8 +112,12 @@ def check_primary_keys(
     for name, loop in config.loops.items():
         if not loop.enabled:
             continue
-        entry = config.chain(name)[0]
-        try:
-            config.api_key(entry.provider_name, env)
-        except MissingKeyError as exc:
-            raise MissingKeyError(f"loop {name!r}: {exc}") from None
+        # The loop's primary model, and the primary of every tier its route can reach (a
+        # classifier, reviewer or escalation), as the runner checks before each run.
+        primaries = [config.chain(name)[0]]
+        primaries += [config.tier_chain(tier)[0] for _, tier, _ in tiers_used(loop)]
+        for entry in primaries:
+            try:
+                config.api_key(entry.provider_name, env)
+            except MissingKeyError as exc:
+                raise MissingKeyError(f"loop {name!r}: {exc}") from None
