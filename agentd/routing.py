@@ -315,6 +315,38 @@ async def _step(
     return outcome, step
 
 
+async def _optional_step(
+    calls: RunCalls,
+    record: dict[str, Any],
+    prompt: str,
+    plans: Sequence[Plan],
+    purpose: str,
+    system: str | None,
+    *,
+    key: str,
+    what: str,
+    instead: str,
+) -> tuple[CallOutcome, dict[str, Any]] | None:
+    """A step the run can do without: None (recorded under `key`, logged) when it cannot be made.
+
+    A classifier, review or escalation that does not fit the budget or fails on every model
+    leaves the run on what it already has (`instead`); it never fails the run.
+    """
+    reasons: list[str] = record["reasons"]
+    log = get_logger(loop=calls.loop_name)
+    try:
+        return await _step(calls, record, prompt, plans, purpose, system)
+    except BudgetExceeded as exc:
+        record[key] = "skipped_budget"
+        reasons.append(f"the {what} did not fit the budget ({exc}); {instead}")
+        log.warning(f"route.{key}_skipped_budget", error=str(exc))
+    except _STEP_FAILED as exc:
+        record[key] = "failed"
+        reasons.append(f"the {what} failed on every model; {instead}")
+        log.warning(f"route.{key}_failed", error=str(exc))
+    return None
+
+
 def _answer(record: dict[str, Any], step: dict[str, Any]) -> None:
     """Make a step the one whose reply is the answer (the run's tier, model and plan)."""
     for key in ("tier", "model", "max_tokens", "reason"):
@@ -343,19 +375,21 @@ async def classify(calls: RunCalls, task: str, record: dict[str, Any]) -> str | 
         system="",
         reason="classifier",
     )
-    try:
-        outcome, _ = await _step(calls, record, text, plans, "classify", None)
-    except BudgetExceeded as exc:
-        record.update(classify="skipped_budget", label=None)
-        reasons.append(f"the classifier call did not fit the budget ({exc}); using the {own}")
-        log.warning("route.classify_skipped_budget", error=str(exc))
+    done = await _optional_step(
+        calls,
+        record,
+        text,
+        plans,
+        "classify",
+        None,
+        key="classify",
+        what="classifier call",
+        instead=f"using the {own}",
+    )
+    if done is None:
+        record["label"] = None
         return None
-    except _STEP_FAILED as exc:
-        record.update(classify="failed", label=None)
-        reasons.append(f"the classifier call failed; using the loop's {own}")
-        log.warning("route.classify_failed", error=str(exc))
-        return None
-    raw = outcome.reply.text
+    raw = done[0].reply.text
     label = parse_label(raw)
     record.update(label=label, classifier_reply=_clip(raw))
     if label is None:
@@ -431,19 +465,20 @@ async def _cascade(
         system="",
         reason="reviewer",
     )
-    try:
-        review, _ = await _step(calls, record, text, review_plans, "review", None)
-    except BudgetExceeded as exc:
-        record["review"] = "skipped_budget"
-        reasons.append(f"the review call did not fit the budget ({exc}); the draft is the reply")
-        log.warning("route.review_skipped_budget", error=str(exc))
+    reviewed = await _optional_step(
+        calls,
+        record,
+        text,
+        review_plans,
+        "review",
+        None,
+        key="review",
+        what="review call",
+        instead="the draft is the reply",
+    )
+    if reviewed is None:
         return draft
-    except _STEP_FAILED as exc:
-        record["review"] = "failed"
-        reasons.append("the review call failed on every model; the draft is the reply")
-        log.warning("route.review_failed", error=str(exc))
-        return draft
-    raw = review.reply.text
+    raw = reviewed[0].reply.text
     score = parse_score(raw)
     record.update(score=score, review_reply=_clip(raw))
     threshold = settings.threshold
@@ -474,18 +509,20 @@ async def _cascade(
         reason="escalation",
         downgrade=False,
     )
-    try:
-        improved, step = await _step(calls, record, text, escalate_plans, "escalate", system)
-    except BudgetExceeded as exc:
-        record["escalation"] = "skipped_budget"
-        reasons.append(f"the escalation did not fit the budget ({exc}); the draft is the reply")
-        log.warning("route.escalation_skipped_budget", error=str(exc))
+    escalated = await _optional_step(
+        calls,
+        record,
+        text,
+        escalate_plans,
+        "escalate",
+        system,
+        key="escalation",
+        what="escalation",
+        instead="the draft is the reply",
+    )
+    if escalated is None:
         return draft
-    except _STEP_FAILED as exc:
-        record["escalation"] = "failed"
-        reasons.append("the escalation failed on every model; the draft is the reply")
-        log.warning("route.escalation_failed", error=str(exc))
-        return draft
+    improved, step = escalated
     record.update(escalated=True, escalation="ok")
     reasons.append(f"escalated to tier {step['tier']}: its answer is the reply")
     _answer(record, step)
