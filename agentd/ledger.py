@@ -13,7 +13,7 @@ from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
 from types import TracebackType
-from typing import Any, Literal
+from typing import Any
 
 import structlog
 
@@ -38,7 +38,6 @@ EFFECTIVE_COST_SQL = (
     "ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END"
 )
 
-SummaryKey = Literal["loop", "tier", "model", "provider", "day"]
 _SUMMARY_KEYS: dict[str, str] = {
     "loop": "loop",
     "tier": "tier",
@@ -455,46 +454,6 @@ class Ledger:
                 )
             )
         return [_call_dict(r) for r in rows]
-
-    def summary(
-        self, *, since: str | None, by: SummaryKey, simulated: bool = False
-    ) -> list[dict[str, Any]]:
-        """Calls grouped by `by`, summed in SQL: one dict per group, the key under the name `by`.
-
-        `cost_micro_usd` is settled spend (aborted rows at their reservation); reservations of
-        calls still in flight are in `reserved_micro_usd`. `day` is the UTC day.
-        """
-        key = _SUMMARY_KEYS.get(by)
-        if key is None:
-            raise ValueError(f"cannot group by {by!r}")
-        where, params = _filters(simulated=simulated)
-        if since is not None:
-            # Normalize to the ledger's fixed-width text so the comparison orders correctly.
-            where += " AND started_at >= ?"
-            params.append(utc_iso(parse_iso(since)))
-        order = "group_key" if by == "day" else "cost_micro_usd DESC, group_key"
-        sql = f"""
-            SELECT {key} AS group_key,
-                   COUNT(*) AS calls,
-                   SUM(CASE WHEN status IN ('error', 'aborted') THEN 1 ELSE 0 END) AS failed,
-                   COALESCE(SUM(input_tokens), 0) AS input_tokens,
-                   COALESCE(SUM(output_tokens), 0) AS output_tokens,
-                   COALESCE(SUM(cache_read_tokens), 0) AS cache_read_tokens,
-                   COALESCE(SUM(cache_write_tokens), 0) AS cache_write_tokens,
-                   COALESCE(SUM(reasoning_tokens), 0) AS reasoning_tokens,
-                   COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted') THEN 0
-                       ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END), 0)
-                       AS cost_micro_usd,
-                   COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted')
-                       THEN reserved_micro_usd ELSE 0 END), 0) AS reserved_micro_usd,
-                   COUNT(DISTINCT run_id) AS runs
-            FROM calls {where}
-            GROUP BY group_key
-            ORDER BY {order}
-        """
-        with self.read() as conn:
-            rows = _rows(conn.execute(sql, params))
-        return [{by: r.pop("group_key"), **r} for r in rows]
 
 
 def _rowid(cur: sqlite3.Cursor) -> int:

@@ -17,7 +17,7 @@ from agentd.delivery import redact_url
 from agentd.errors import LedgerError
 from agentd.guardrails import check_projection
 from agentd.handlers import load_handler
-from agentd.ledger import Ledger, utc_iso
+from agentd.ledger import Ledger
 from agentd.pricing import format_usd
 from agentd.reports import Column, render
 from agentd.runner import RunResult
@@ -194,31 +194,6 @@ def _open_for_reading(state_dir: Path) -> Ledger | None:
         if not (state_dir / "ledger.db").exists():
             return None
         raise
-
-
-SUMMARY_COLUMNS = [
-    Column("runs", "runs"),
-    Column("calls", "calls"),
-    Column("failed", "failed"),
-    Column("input_tokens", "input"),
-    Column("cache_read_tokens", "cache read"),
-    Column("cache_write_tokens", "cache write"),
-    Column("output_tokens", "output"),
-    Column("reasoning_tokens", "reasoning"),
-    Column("cost_micro_usd", "cost_usd", money=True),
-]
-
-
-def summary_report(state_dir: Path, since: datetime, by: str, simulated: bool, fmt: str) -> str:
-    """`agentd ledger`: spend grouped by loop, tier, model, provider or day."""
-    columns = [Column(by, by), *SUMMARY_COLUMNS]
-    ledger = _open_for_reading(state_dir)
-    if ledger is None:
-        rows: list[dict[str, Any]] = []
-    else:
-        with ledger:
-            rows = ledger.summary(since=utc_iso(since), by=by, simulated=simulated)  # type: ignore[arg-type]
-    return render(rows, columns, fmt)
 
 
 CALL_COLUMNS = [

@@ -5,7 +5,7 @@ daemon-like mix, spread over the last `--days` days up to now) or, if that modul
 there, by a simpler generator here. Each command is then timed as a fresh process (hyperfine
 when installed, else a subprocess loop): the default `--since 24h`, the whole ledger
 (`--since` before the first row) by loop and by day, and `--json`. The query alone
-(`Ledger.summary` in-process, no start-up) is timed too, to split start-up from SQL.
+(`spend.spend_report` in-process, no start-up) is timed too, to split start-up from SQL.
 """
 
 from __future__ import annotations
@@ -80,15 +80,16 @@ def _simple_generate(state: Path, calls: int, days: int, end: datetime) -> None:
                 )
 
 
-def _query_only(state: Path, since: str, by: str, n: int) -> list[float]:
-    """ms of `Ledger.summary` alone (opened once), n times."""
+def _query_only(state: Path, since: datetime, by: str, n: int) -> list[float]:
+    """ms of `spend.spend_report` alone (the report rows, ledger opened once), n times."""
     from agentd.ledger import Ledger
+    from agentd.spend import spend_report
 
     out = []
     with Ledger.open(state, create=False) as ledger:
         for _ in range(n):
             t0 = time.perf_counter()
-            ledger.summary(since=since, by=by)  # type: ignore[arg-type]
+            spend_report(ledger, by=by, since=since)  # type: ignore[arg-type]
             out.append((time.perf_counter() - t0) * 1000)
     return out
 
@@ -137,14 +138,12 @@ def main(argv: list[str] | None = None) -> int:
         }
         env = agentd_env(AGENTD_CONFIG=str(Path(tmp) / "none.yaml"))
         samples, tool = time_commands(commands, runs=args.runs, warmup=args.warmup, env=env)
-        from agentd.ledger import utc_iso
-
-        since_all = utc_iso(datetime.fromisoformat(all_since).replace(tzinfo=UTC))
+        since_all = datetime.fromisoformat(all_since).replace(tzinfo=UTC)
         queries = {
-            "Ledger.summary by loop, all rows (query only)": _query_only(
+            "spend_report by loop, all rows (in-process)": _query_only(
                 state, since_all, "loop", args.runs
             ),
-            "Ledger.summary by day, all rows (query only)": _query_only(
+            "spend_report by day, all rows (in-process)": _query_only(
                 state, since_all, "day", args.runs
             ),
         }

@@ -11,7 +11,7 @@ import tempfile
 import textwrap
 import threading
 from collections.abc import Iterator
-from datetime import UTC, datetime, timedelta, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from zoneinfo import ZoneInfo
 
@@ -167,100 +167,6 @@ def test_calls_for_run_and_recent_calls(ledger: Ledger) -> None:
     assert [c["id"] for c in ledger.recent_calls(loop="alpha")] == [second, first]
     assert [c["id"] for c in ledger.recent_calls(simulated=True)] == [sim]
     assert [c["id"] for c in ledger.recent_calls(simulated=False)] == [second, first]
-
-
-@pytest.fixture
-def populated(ledger: Ledger) -> Ledger:
-    """Calls over two days, two loops, two tiers, two providers, plus simulated noise."""
-    day1, day2 = T0, T0 + timedelta(days=1)
-    r1 = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
-    r2 = ledger.start_run(loop="beta", trigger="manual", simulated=False)
-    r3 = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
-    usage = Usage(
-        input_tokens=1_000,
-        output_tokens=200,
-        cache_read_tokens=300,
-        cache_write_tokens=50,
-        reasoning_tokens=20,
-    )
-    settle_ok(ledger, reserve(ledger, r1, 5_000, at=day1), 1_000, usage)
-    err = reserve(ledger, r1, 5_000, at=day1, attempt=2, model="gpt-4o", provider="openai")
-    budgets.settle(ledger, err, status="error", usage=None, cost_micro_usd=0, priced=True)
-    settle_ok(
-        ledger,
-        reserve(ledger, r2, 9_000, loop="beta", tier="deep", at=day2, model="claude-opus-4-1"),
-        8_000,
-        usage,
-    )
-    ab = reserve(ledger, r3, 4_000, at=day2)
-    budgets.settle(ledger, ab, status="aborted", usage=None, cost_micro_usd=4_000, priced=True)
-    reserve(ledger, r3, 600, at=day2, attempt=2)  # in flight
-    sim_run = ledger.start_run(loop="alpha", trigger="manual", simulated=True)
-    settle_ok(ledger, reserve(ledger, sim_run, 70_000, simulated=True, at=day1), 50_000, usage)
-    return ledger
-
-
-def test_summary_by_loop(populated: Ledger) -> None:
-    rows = populated.summary(since=None, by="loop")
-    assert rows == [
-        {
-            "loop": "beta",
-            "calls": 1,
-            "failed": 0,
-            "input_tokens": 1_000,
-            "output_tokens": 200,
-            "cache_read_tokens": 300,
-            "cache_write_tokens": 50,
-            "reasoning_tokens": 20,
-            "cost_micro_usd": 8_000,
-            "reserved_micro_usd": 0,
-            "runs": 1,
-        },
-        {
-            "loop": "alpha",
-            "calls": 4,
-            "failed": 2,
-            "input_tokens": 1_000,
-            "output_tokens": 200,
-            "cache_read_tokens": 300,
-            "cache_write_tokens": 50,
-            "reasoning_tokens": 20,
-            "cost_micro_usd": 1_000 + 4_000,
-            "reserved_micro_usd": 600,
-            "runs": 2,
-        },
-    ]
-
-
-def test_summary_other_groupings(populated: Ledger) -> None:
-    def pick(by: str) -> dict[str, tuple[int, int, int]]:
-        rows = populated.summary(since=None, by=by)  # type: ignore[arg-type]
-        return {r[by]: (r["calls"], r["cost_micro_usd"], r["runs"]) for r in rows}
-
-    assert pick("tier") == {"fast": (4, 5_000, 2), "deep": (1, 8_000, 1)}
-    assert pick("provider") == {"anthropic": (4, 13_000, 3), "openai": (1, 0, 1)}
-    assert pick("model") == {
-        "claude-haiku-4-5": (3, 5_000, 2),
-        "gpt-4o": (1, 0, 1),
-        "claude-opus-4-1": (1, 8_000, 1),
-    }
-    days = populated.summary(since=None, by="day")
-    assert [(r["day"], r["calls"], r["cost_micro_usd"]) for r in days] == [
-        ("2026-03-10", 2, 1_000),
-        ("2026-03-11", 3, 12_000),
-    ]
-
-
-def test_summary_since_and_simulated(populated: Ledger) -> None:
-    # Any ISO form is normalized before the text comparison.
-    since = (T0 + timedelta(hours=12)).astimezone(timezone(timedelta(hours=-5))).isoformat()
-    rows = populated.summary(since=since, by="day")
-    assert [r["day"] for r in rows] == ["2026-03-11"]
-    sim = populated.summary(since=None, by="loop", simulated=True)
-    assert [(r["loop"], r["calls"], r["cost_micro_usd"]) for r in sim] == [("alpha", 1, 50_000)]
-    assert populated.summary(since=utc_iso(T0 + timedelta(days=9)), by="loop") == []
-    with pytest.raises(ValueError):
-        populated.summary(since=None, by="week")  # type: ignore[arg-type]
 
 
 def test_create_false_on_a_missing_ledger_creates_nothing(tmp_path: Path) -> None:
