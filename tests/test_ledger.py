@@ -24,6 +24,7 @@ from agentd.errors import LedgerError
 from agentd.ledger import Ledger, now_iso, parse_iso, utc_iso
 from agentd.owner import current_owner
 from agentd.providers.base import Usage
+from agentd.spend import spend_report
 
 UTC_ZONE = ZoneInfo("UTC")
 T0 = datetime(2026, 3, 10, 12, 0, tzinfo=UTC)
@@ -235,9 +236,10 @@ def test_another_user_reading_the_ledger_leaves_no_files(tmp_path: Path) -> None
             import os, sys
             from pathlib import Path
             from agentd.ledger import Ledger
+            from agentd.spend import spend_report
             os.setgid(65534); os.setuid(65534)  # after imports: the interpreter lives in ~root
             with Ledger.open(Path({str(state)!r}), create=False) as ledger:
-                print(ledger.read_only, len(ledger.summary(since=None, by="loop")))
+                print(ledger.read_only, len(spend_report(ledger, by="loop").rows))
             """
         )
         out = subprocess.run(
@@ -280,7 +282,7 @@ def test_threads_share_one_ledger(ledger: Ledger) -> None:
                 run_id = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
                 settle_ok(ledger, reserve(ledger, run_id, 10), 5)
                 ledger.finish_run(run_id, status="ok")
-                ledger.summary(since=None, by="loop")
+                spend_report(ledger, by="loop")
         except BaseException as exc:
             errors.append(exc)
 
@@ -290,7 +292,7 @@ def test_threads_share_one_ledger(ledger: Ledger) -> None:
     for t in threads:
         t.join()
     assert errors == []
-    [row] = ledger.summary(since=None, by="loop")
+    [row] = spend_report(ledger, by="loop").rows
     assert (row["calls"], row["runs"], row["cost_micro_usd"]) == (200, 200, 1_000)
 
 
