@@ -228,11 +228,9 @@ def _read_files(config: Config, source: ContextSource) -> tuple[str, str | None]
     return cap_utf8(bytes(buf), limit), "; ".join(problems) or None
 
 
-async def _file_source(config: Config, source: ContextSource, log: Any) -> SourceText:
+async def _file_source(config: Config, source: ContextSource) -> tuple[SourceText, str | None]:
     text, problem = await asyncio.to_thread(_read_files, config, source)
-    if problem is not None:
-        log.warning("context.file_missing", file=source.file, problem=problem)
-    return SourceText(source.placeholder, f"file {source.file}", text)
+    return SourceText(source.placeholder, f"file {source.file}", text), problem
 
 
 async def _command_source(config: Config, source: ContextSource, log: Any) -> SourceText:
@@ -268,14 +266,21 @@ async def gather_sources(
     """Every context source of the loop, in config order (commands run concurrently)."""
     log = get_logger(loop=loop_name)
 
-    async def one(source: ContextSource) -> SourceText:
-        if source.kind == "file":
-            return await _file_source(config, source, log)
-        if source.kind == "command":
-            return await _command_source(config, source, log)
-        return _last_reply_source(source, last_reply)
+    sources = config.loops[loop_name].context
 
-    return list(await asyncio.gather(*(one(s) for s in config.loops[loop_name].context)))
+    async def one(source: ContextSource) -> tuple[SourceText, str | None]:
+        if source.kind == "file":
+            return await _file_source(config, source)
+        if source.kind == "command":
+            return await _command_source(config, source, log), None
+        return _last_reply_source(source, last_reply), None
+
+    results = await asyncio.gather(*(one(s) for s in sources))
+    # File problems are logged after the concurrent reads, so the log follows config order.
+    for source, (_, problem) in zip(sources, results, strict=True):
+        if problem is not None:
+            log.warning("context.file_missing", file=source.file, problem=problem)
+    return [text for text, _ in results]
 
 
 def merge_sources(sources: Sequence[SourceText]) -> dict[str, str]:
