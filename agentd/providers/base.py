@@ -3,10 +3,16 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal, Protocol
+from typing import TYPE_CHECKING, Literal, Protocol, runtime_checkable
+
+if TYPE_CHECKING:
+    from agentd.errors import ProviderError
 
 Role = Literal["user", "assistant"]
 CacheTtl = Literal["5m", "1h"]
+# Where one batch item stands: still running, or how it ended (`expired` and `canceled` items
+# were never processed and are not billed; `errored` ones carry the provider's error).
+BatchState = Literal["in_progress", "succeeded", "errored", "expired", "canceled"]
 
 
 @dataclass(frozen=True)
@@ -91,4 +97,42 @@ class Provider(Protocol):
 
     async def aclose(self) -> None:
         """Release the HTTP client."""
+        ...
+
+
+@dataclass(frozen=True)
+class BatchSubmission:
+    """A request accepted into a provider batch: the batch's id and the item's `custom_id`."""
+
+    batch_id: str
+    custom_id: str
+    request_id: str | None = None  # the HTTP request id of the create call
+
+
+@dataclass(frozen=True)
+class BatchOutcome:
+    """One poll of a batch item: its state and, once it ended, its reply or its error."""
+
+    state: BatchState
+    reply: Reply | None = None  # set when `succeeded`
+    error: ProviderError | None = None  # set when `errored`, mapped like a direct call's error
+    detail: str | None = None  # a short human note (the batch's status, an expiry reason)
+
+
+@runtime_checkable
+class BatchProvider(Protocol):
+    """A provider with a batch API (half price, results within 24 hours).
+
+    agentd submits one item per batch: a run waits for its own result, and one item per batch
+    keeps a failed or expired batch from taking other runs' calls with it.
+    """
+
+    name: str
+
+    async def submit_batch(self, request: Request, custom_id: str) -> BatchSubmission:
+        """Create a batch holding `request` as its only item; errors map like `complete`'s."""
+        ...
+
+    async def poll_batch(self, batch_id: str, custom_id: str) -> BatchOutcome:
+        """The item's state now; its reply or error once the batch has ended."""
         ...
