@@ -7,6 +7,14 @@ Stdlib only. Tests point the real SDKs at it (`base_url=server.url` for Anthropi
         server.script("claude-haiku-4-5", error(429, retry_after=2), ok("hi", input_tokens=1000))
         ...  # the 1st request for that model gets a 429, the 2nd the reply, later ones the default
         assert server.count("claude-haiku-4-5") == 2
+
+Batches (see `fakebatch`): both batch APIs are served; each item consumes its model's next
+step when its batch is created and is recorded in `requests` (with `batch_id`), so it counts
+like a direct request. `batch_polls` sets how many retrieves find a batch still running;
+`script_batch_calls` makes the batch endpoints themselves fail; `batches()` and
+`batch_calls()` show what happened. Prompt caching is simulated (see `fakecache`; off with
+`simulate_cache = False`) on a clock that `advance()` moves forward; `sent_usage()` shows
+the usage object an answer carried.
 """
 
 from __future__ import annotations
@@ -14,281 +22,87 @@ from __future__ import annotations
 import collections
 import contextlib
 import json
+import re
 import socket
 import threading
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any, Literal
 
-Api = Literal["anthropic", "openai"]
+from fakebatch import BatchStore
+from fakebatchwire import CHAT_PATH, BatchCall, BatchInfo
+from fakecache import PromptCache
+from fakewire import (
+    ANTHROPIC_ERROR_TYPES,
+    BATCH_ONLY,
+    OPENAI_ERROR_SHAPES,
+    Api,
+    CacheUsage,
+    Canceled,
+    Drop,
+    Error,
+    Expired,
+    Invalid,
+    Malformed,
+    NoUsage,
+    Ok,
+    ReceivedRequest,
+    Step,
+    Timeout,
+    anthropic_error_body,
+    canceled,
+    drop,
+    error,
+    expired,
+    input_estimate,
+    invalid,
+    malformed,
+    no_usage,
+    ok,
+    ok_body,
+    openai_error_body,
+    timeout,
+)
+
+__all__ = [  # the test-facing API; tests import these from here
+    "ANTHROPIC_ERROR_TYPES",
+    "OPENAI_ERROR_SHAPES",
+    "Api",
+    "BatchCall",
+    "BatchInfo",
+    "BatchOp",
+    "Canceled",
+    "Drop",
+    "Error",
+    "Expired",
+    "FakeServer",
+    "Invalid",
+    "Malformed",
+    "NoUsage",
+    "Ok",
+    "ReceivedRequest",
+    "Step",
+    "Timeout",
+    "canceled",
+    "drop",
+    "error",
+    "expired",
+    "invalid",
+    "malformed",
+    "no_usage",
+    "ok",
+    "timeout",
+]
+
 ANTHROPIC_PATH = "/v1/messages"
-OPENAI_PATH = "/v1/chat/completions"
-
-
-@dataclass(frozen=True)
-class Ok:
-    """A 200 with a reply. Token counts are each API's own wire fields (see `ok`)."""
-
-    text: str | None = None
-    input_tokens: int | None = None
-    output_tokens: int | None = None
-    cache_read: int = 0
-    cache_write: int = 0
-    reasoning: int = 0
-    stop_reason: str = "end_turn"
-    cache_write_1h: int = 0  # the part of cache_write written with a 1-hour TTL (Anthropic)
-
-
-@dataclass(frozen=True)
-class Error:
-    """An error response with the provider's real error body shape."""
-
-    status: int
-    retry_after: float | str | None = None
-    error_type: str | None = None
-    code: str | None = None
-    message: str | None = None
-    headers: Mapping[str, str] = field(default_factory=dict)
-    raw_body: str | None = None  # sent as text/html instead of the JSON error body
-
-
-@dataclass(frozen=True)
-class Timeout:
-    """Read the request, then wait `seconds` (longer than the client's timeout) before answering."""
-
-    seconds: float
-
-
-@dataclass(frozen=True)
-class Drop:
-    """Read the request, then close the socket without any response."""
-
-
-@dataclass(frozen=True)
-class Malformed:
-    """A 200 with `content-type: application/json` and a body that is not JSON."""
-
-
-@dataclass(frozen=True)
-class NoUsage:
-    """A 200 with a valid JSON reply that has no `usage`."""
-
-
-Step = Ok | Error | Timeout | Drop | Malformed | NoUsage
-
-
-def ok(
-    text: str | None = None,
-    *,
-    input_tokens: int | None = None,
-    output_tokens: int | None = None,
-    cache_read: int = 0,
-    cache_write: int = 0,
-    reasoning: int = 0,
-    stop_reason: str = "end_turn",
-    cache_write_1h: int = 0,
-) -> Ok:
-    """A successful reply.
-
-    `input_tokens` is the API's own input field: Anthropic's `input_tokens` (cache tokens not
-    included), OpenAI's `prompt_tokens` (cached tokens included). `reasoning` is OpenAI's
-    `completion_tokens_details.reasoning_tokens` / Anthropic's `output_tokens_details.
-    thinking_tokens`, part of `output_tokens`. Left as None, the counts are derived from the
-    request so that they never exceed agentd's reservation bound: input = max(1, UTF-8 bytes
-    of the prompt // 4), output = min(max_tokens, 16). `cache_write_1h` (Anthropic) is the part
-    of `cache_write` written with a 1-hour TTL, reported as `usage.cache_creation`.
-    """
-    if not 0 <= cache_write_1h <= cache_write:
-        raise ValueError("cache_write_1h is part of cache_write")
-    return Ok(
-        text,
-        input_tokens,
-        output_tokens,
-        cache_read,
-        cache_write,
-        reasoning,
-        stop_reason,
-        cache_write_1h,
-    )
-
-
-def error(
-    status: int,
-    *,
-    retry_after: float | str | None = None,
-    error_type: str | None = None,
-    code: str | None = None,
-    message: str | None = None,
-    headers: Mapping[str, str] | None = None,
-    raw_body: str | None = None,
-) -> Error:
-    """An error response in the API's own shape.
-
-    `retry_after` may be seconds or an HTTP-date; `headers` adds more (e.g. `retry-after-ms`);
-    `code` is OpenAI's `error.code` / Anthropic's `error.details.error_code`; `raw_body` sends
-    that text as HTML instead, like a proxy's error page.
-    """
-    return Error(status, retry_after, error_type, code, message, dict(headers or {}), raw_body)
-
-
-def timeout(seconds: float) -> Timeout:
-    """Answer only after `seconds` (the client should have timed out by then)."""
-    return Timeout(seconds)
-
-
-def drop() -> Drop:
-    """Close the connection after reading the request, without a response."""
-    return Drop()
-
-
-def malformed() -> Malformed:
-    """A 200 whose body is not JSON."""
-    return Malformed()
-
-
-def no_usage() -> NoUsage:
-    """A 200 whose JSON body has no usage."""
-    return NoUsage()
-
-
-@dataclass(frozen=True)
-class ReceivedRequest:
-    """One request the server received (recorded before it is answered)."""
-
-    api: Api | None
-    path: str
-    model: str | None
-    body: Any
-    headers: dict[str, str]  # lower-cased names; keeps x-api-key / authorization for assertions
-    request_id: str
-    step: str  # the class name of the step that answered it
-
-
-ANTHROPIC_ERROR_TYPES = {
-    400: "invalid_request_error",
-    401: "authentication_error",
-    402: "billing_error",
-    403: "permission_error",
-    404: "not_found_error",
-    408: "timeout_error",
-    413: "request_too_large",
-    422: "invalid_request_error",
-    429: "rate_limit_error",
-    500: "api_error",
-    504: "timeout_error",
-    529: "overloaded_error",
-}
-OPENAI_ERROR_SHAPES: dict[int, tuple[str, str | None]] = {  # status -> (type, code)
-    400: ("invalid_request_error", None),
-    401: ("invalid_request_error", "invalid_api_key"),
-    403: ("invalid_request_error", "unsupported_country_region_territory"),
-    404: ("invalid_request_error", "model_not_found"),
-    429: ("requests", "rate_limit_exceeded"),
-    500: ("server_error", None),
-    503: ("server_error", None),
-}
-
-
-def _anthropic_error_body(step: Error, request_id: str) -> dict[str, Any]:
-    err_type = step.error_type or ANTHROPIC_ERROR_TYPES.get(
-        step.status, "api_error" if step.status >= 500 else "invalid_request_error"
-    )
-    error: dict[str, Any] = {"type": err_type, "message": step.message or f"Fake {err_type}"}
-    if step.code is not None:  # the 2.x SDKs read a stable cause from error.details.error_code
-        error["details"] = {"error_code": step.code}
-    return {"type": "error", "error": error, "request_id": request_id}
-
-
-def _openai_error_body(step: Error) -> dict[str, Any]:
-    err_type, code = OPENAI_ERROR_SHAPES.get(
-        step.status, ("server_error" if step.status >= 500 else "invalid_request_error", None)
-    )
-    err_type = step.error_type or err_type
-    code = step.code if step.code is not None else code
-    message = step.message or f"Fake {code or err_type}"
-    return {"error": {"message": message, "type": err_type, "param": None, "code": code}}
-
-
-def _prompt_bytes(api: Api, body: Any) -> int:
-    if not isinstance(body, dict):
-        return 0
-    parts = [body.get("system")] if api == "anthropic" else []
-    for message in body.get("messages") or []:
-        if isinstance(message, dict):
-            parts.append(message.get("content"))
-    # Content may be a string or a list of text blocks (cache_control splits a prompt in two).
-    texts = [b.get("text") for p in parts if isinstance(p, list) for b in p if isinstance(b, dict)]
-    return sum(len(t.encode()) for t in [*parts, *texts] if isinstance(t, str))
-
-
-def _ok_body(api: Api, step: Ok, body: Any, request_id: str, with_usage: bool) -> dict[str, Any]:
-    model = body.get("model") if isinstance(body, dict) else None
-    max_tokens = 4096
-    if isinstance(body, dict):
-        max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
-    text = step.text if step.text is not None else f"Fake reply from {model}."
-    inp = (
-        step.input_tokens
-        if step.input_tokens is not None
-        else max(1, _prompt_bytes(api, body) // 4)
-    )
-    out = step.output_tokens if step.output_tokens is not None else min(max_tokens, 16)
-    if api == "anthropic":
-        usage: dict[str, Any] = {
-            "input_tokens": inp,
-            "output_tokens": out,
-            "cache_creation_input_tokens": step.cache_write,
-            "cache_read_input_tokens": step.cache_read,
-            "service_tier": "standard",
-        }
-        if step.cache_write_1h:
-            usage["cache_creation"] = {
-                "ephemeral_5m_input_tokens": step.cache_write - step.cache_write_1h,
-                "ephemeral_1h_input_tokens": step.cache_write_1h,
-            }
-        if step.reasoning:
-            usage["output_tokens_details"] = {"thinking_tokens": step.reasoning}
-        reply: dict[str, Any] = {
-            "id": "msg_" + request_id.removeprefix("req_"),
-            "type": "message",
-            "role": "assistant",
-            "model": model,
-            "content": [{"type": "text", "text": text}],
-            "stop_reason": step.stop_reason,
-            "stop_sequence": None,
-        }
-        if with_usage:
-            reply["usage"] = usage
-        return reply
-    finish = "length" if step.stop_reason == "max_tokens" else "stop"
-    prompt_details: dict[str, int] = {"cached_tokens": step.cache_read, "audio_tokens": 0}
-    if step.cache_write:
-        prompt_details["cache_write_tokens"] = step.cache_write
-    reply = {
-        "id": "chatcmpl-" + request_id.removeprefix("req_"),
-        "object": "chat.completion",
-        "created": 1_700_000_000,
-        "model": model,
-        "choices": [
-            {
-                "index": 0,
-                "message": {"role": "assistant", "content": text, "refusal": None},
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-        ],
-        "system_fingerprint": "fp_fake",
-    }
-    if with_usage:
-        reply["usage"] = {
-            "prompt_tokens": inp,
-            "completion_tokens": out,
-            "total_tokens": inp + out,
-            "prompt_tokens_details": prompt_details,
-            "completion_tokens_details": {"reasoning_tokens": step.reasoning, "audio_tokens": 0},
-        }
-    return reply
+OPENAI_PATH = CHAT_PATH
+ANTHROPIC_BATCHES = "/v1/messages/batches"
+BatchOp = Literal["upload", "create", "retrieve", "results"]
+BATCH_OPS = ("upload", "create", "retrieve", "results")
+CallStep = Error | Timeout | Drop | Malformed  # what a batch endpoint can be scripted to do
+ANTHROPIC_GET = re.compile(r"/v1/messages/batches/([^/]+)(/results)?")
+OPENAI_BATCH_GET = re.compile(r"/v1/batches/([^/]+)")
+OPENAI_FILE_GET = re.compile(r"/v1/files/([^/]+)/content")
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -299,18 +113,33 @@ class _Handler(BaseHTTPRequestHandler):
         """Stay quiet: pytest shows failures, not access logs."""
 
     def do_GET(self) -> None:
-        """Nothing is served over GET."""
-        self._send_json(404, {"error": {"type": "not_found_error", "message": "Not found"}}, "")
+        """Batch retrieves and results; anything else is a 404."""
+        route = self.path.split("?", 1)[0]
+        if match := ANTHROPIC_GET.fullmatch(route):
+            op: BatchOp = "results" if match.group(2) else "retrieve"
+            self._batch_call("anthropic", op, match.group(1), b"")
+        elif match := OPENAI_BATCH_GET.fullmatch(route):
+            self._batch_call("openai", "retrieve", match.group(1), b"")
+        elif match := OPENAI_FILE_GET.fullmatch(route):
+            self._batch_call("openai", "results", match.group(1), b"")
+        else:
+            self._send_json(404, {"error": {"type": "not_found_error", "message": "Not found"}}, "")
 
     def do_POST(self) -> None:
         """Record the request, then answer it as the model's script says."""
         length = int(self.headers.get("content-length") or 0)
         raw = self.rfile.read(length) if length else b""
+        route = self.path.split("?", 1)[0]
+        if route == ANTHROPIC_BATCHES:
+            self._batch_call("anthropic", "create", None, raw)
+            return
+        if route in ("/v1/files", "/v1/batches"):
+            self._batch_call("openai", "upload" if route == "/v1/files" else "create", None, raw)
+            return
         try:
             body: Any = json.loads(raw) if raw else None
         except ValueError:
             body = None
-        route = self.path.split("?", 1)[0]
         api: Api | None = (
             "anthropic" if route == ANTHROPIC_PATH else "openai" if route == OPENAI_PATH else None
         )
@@ -324,7 +153,7 @@ class _Handler(BaseHTTPRequestHandler):
                 path=self.path,
                 model=model if isinstance(model, str) else None,
                 body=body,
-                headers={k.lower(): v for k, v in self.headers.items()},
+                headers=self._headers(),
                 request_id=request_id,
                 step=type(step).__name__,
             )
@@ -335,23 +164,44 @@ class _Handler(BaseHTTPRequestHandler):
         with contextlib.suppress(OSError):  # the client hung up first (it timed out)
             self._answer(api, step, body, request_id)
 
+    def _headers(self) -> dict[str, str]:
+        return {k.lower(): v for k, v in self.headers.items()}
+
     def _answer(self, api: Api, step: Step, body: Any, request_id: str) -> None:
+        if isinstance(step, BATCH_ONLY):
+            message = f"Fake: {type(step).__name__.lower()}() is a batch item step"
+            step = Error(400, message=message)
+        if self._failed(api, step, request_id):
+            return
+        if isinstance(step, NoUsage):
+            self._send_json(200, ok_body(api, Ok(), body, request_id, False), request_id, api)
+            return
+        answer = step if isinstance(step, Ok) else self.server.fake._default
+        cache = self.server.fake._cache_usage(api, body, answer)
+        payload = ok_body(api, answer, body, request_id, True, cache)
+        self.server.fake._record_usage(request_id, payload.get("usage"))
+        self._send_json(200, payload, request_id, api)
+
+    def _failed(self, api: Api, step: Step, request_id: str) -> bool:
+        """Answer a failure step (error, drop, bad body); True when the request is answered.
+
+        A `timeout` step sleeps first and then lets the normal answer go out, if the client
+        is still there to read it.
+        """
         if isinstance(step, Timeout):
             if self.server.fake._stopping.wait(step.seconds):
                 self._hang_up()
-                return
-            step = self.server.fake._default
+                return True
+            return False
         if isinstance(step, Drop):
             self._hang_up()
         elif isinstance(step, Malformed):
             self._send(200, b'{"id": "msg_01", "type": "mess', request_id, api)
-        elif isinstance(step, NoUsage):
-            self._send_json(200, _ok_body(api, Ok(), body, request_id, False), request_id, api)
         elif isinstance(step, Error):
             payload = (
-                _anthropic_error_body(step, request_id)
+                anthropic_error_body(step, request_id)
                 if api == "anthropic"
-                else _openai_error_body(step)
+                else openai_error_body(step)
             )
             extra = dict(step.headers)
             if step.retry_after is not None:
@@ -365,7 +215,37 @@ class _Handler(BaseHTTPRequestHandler):
             else:
                 self._send_json(step.status, payload, request_id, api, extra)
         else:
-            self._send_json(200, _ok_body(api, step, body, request_id, True), request_id, api)
+            return False
+        return True
+
+    def _batch_call(self, api: Api, op: BatchOp, key: str | None, raw: bytes) -> None:
+        """One call to a batch endpoint: a scripted failure, or the batch store's answer."""
+        fake = self.server.fake
+        step, request_id = fake._next_call(op)
+        # The batch a call concerns, also when a scripted failure keeps it from being served.
+        status, payload = 0, b""
+        batch_id = key if op == "retrieve" or (api, op) == ("anthropic", "results") else None
+        if step is None or isinstance(step, Timeout):
+            status, payload, batch_id = fake._serve_batch(api, op, key, raw, self._headers())
+        fake._record_call(
+            BatchCall(
+                api=api,
+                op=op,
+                method=self.command,
+                path=self.path,
+                batch_id=batch_id,
+                request_id=request_id,
+                headers=self._headers(),
+                step=type(step).__name__ if step is not None else "Ok",
+            )
+        )
+        with contextlib.suppress(OSError):
+            if step is not None and self._failed(api, step, request_id):
+                return
+            content_type = "application/json"
+            if status == 200 and op == "results":
+                content_type = "application/binary" if api == "anthropic" else "text/plain"
+            self._send(status, payload, request_id, api, {"content-type": content_type})
 
     def _hang_up(self) -> None:
         self.close_connection = True
@@ -416,17 +296,31 @@ class _Server(ThreadingHTTPServer):
 
 
 class FakeServer:
-    """A scriptable fake Anthropic/OpenAI server on 127.0.0.1 (see the module docstring)."""
+    """A scriptable fake Anthropic/OpenAI server on 127.0.0.1 (see the module docstring).
 
-    def __init__(self) -> None:
-        self._lock = threading.Lock()
+    `simulate_cache` (default on, as on the real APIs) reports cache reads and writes for
+    `ok` steps that fix neither input nor cache numbers; scripted numbers always win.
+    `batch_polls` (default 0) is how many retrieves of a new batch still report it running;
+    the next one ends it. Both may be changed at any time.
+    """
+
+    def __init__(self, *, simulate_cache: bool = True, batch_polls: int = 0) -> None:
+        # Re-entrant: creating a batch takes each item's step and records it under one hold.
+        self._lock = threading.RLock()
         self._queues: dict[str | None, collections.deque[Step]] = {}
+        self._call_queues: dict[str, collections.deque[CallStep]] = {}
         self._requests: list[ReceivedRequest] = []
+        self._calls: list[BatchCall] = []
+        self._usages: dict[str, dict[str, Any]] = {}  # request id -> the usage object sent
+        self._store = BatchStore()
         self._default: Ok = Ok()
         self._counter = 0
         self._stopping = threading.Event()
         self._httpd: _Server | None = None
         self._thread: threading.Thread | None = None
+        self.cache = PromptCache()
+        self.simulate_cache = simulate_cache
+        self.batch_polls = batch_polls
 
     @property
     def url(self) -> str:
@@ -471,6 +365,21 @@ class FakeServer:
         with self._lock:
             self._queues.setdefault(model, collections.deque()).extend(steps)
 
+    def script_batch_calls(self, op: BatchOp, *steps: CallStep) -> None:
+        """Queue failures for the next calls to a batch endpoint, of either API.
+
+        `op`: `upload` (OpenAI POST /v1/files), `create`, `retrieve` (also the one the
+        Anthropic SDK's `results()` makes first) or `results` (Anthropic results, OpenAI file
+        content). Steps: `error`, `drop`, `malformed`, `timeout` (answers normally after it).
+        """
+        if op not in BATCH_OPS:
+            raise ValueError(f"unknown batch op {op!r} (one of {', '.join(BATCH_OPS)})")
+        for step in steps:
+            if not isinstance(step, Error | Timeout | Drop | Malformed):
+                raise ValueError(f"a batch call cannot be answered with {step!r}")
+        with self._lock:
+            self._call_queues.setdefault(op, collections.deque()).extend(steps)
+
     def set_default(
         self,
         text: str | None = None,
@@ -493,11 +402,19 @@ class FakeServer:
             )
 
     def reset(self) -> None:
-        """Forget scripts, recorded requests and the default reply."""
+        """Forget scripts, recorded requests, batches, cache entries and the default reply.
+
+        The settings `simulate_cache` and `batch_polls` stay as they are.
+        """
         with self._lock:
             self._queues.clear()
+            self._call_queues.clear()
             self._requests.clear()
+            self._calls.clear()
+            self._usages.clear()
+            self._store.clear()
             self._default = Ok()
+        self.cache.clear()
 
     def pending(self, model: str) -> int:
         """How many scripted steps for `model` are still unused."""
@@ -506,22 +423,85 @@ class FakeServer:
 
     @property
     def requests(self) -> list[ReceivedRequest]:
-        """A snapshot of every request received so far, in arrival order."""
+        """A snapshot of every request received so far (batch items included), in order."""
         with self._lock:
             return list(self._requests)
 
     def count(self, model: str | None = None) -> int:
-        """Requests received (for `model`, or in all)."""
+        """Requests received (for `model`, or in all), batch items included."""
         with self._lock:
             return sum(1 for r in self._requests if model is None or r.model == model)
 
+    def sent_usage(self, request_id: str | None = None) -> dict[str, Any] | None:
+        """The `usage` object answered to a request (batch items too), as sent on the wire.
+
+        Without `request_id`: that of the last answer that had one. None if there is none.
+        """
+        with self._lock:
+            if request_id is not None:
+                return self._usages.get(request_id)
+            return next(reversed(self._usages.values()), None)
+
+    def advance(self, seconds: float) -> None:
+        """Move the prompt-cache clock forward (cache entries age; nothing else does)."""
+        self.cache.advance(seconds)
+
+    def batches(self) -> list[BatchInfo]:
+        """Every batch created so far, in order, with its items and answered retrieves."""
+        with self._lock:
+            return self._store.infos()
+
+    def batch_calls(self, op: BatchOp | None = None) -> list[BatchCall]:
+        """Calls to the batch endpoints (not model requests), optionally of one op."""
+        with self._lock:
+            return [c for c in self._calls if op is None or c.op == op]
+
+    def retrieves(self, batch_id: str | None = None) -> int:
+        """Retrieve calls received (of one batch, or all), scripted failures included."""
+        return sum(1 for c in self.batch_calls("retrieve") if batch_id in (None, c.batch_id))
+
+    def finish_batch(self, batch_id: str) -> None:
+        """End a batch at its next retrieve, whatever polls it had left."""
+        with self._lock:
+            self._store.batches[batch_id].polls_left = 0
+
     def _next(self, model: Any) -> tuple[Step, str]:
         with self._lock:
-            self._counter += 1
-            request_id = f"req_fake{self._counter:016x}"
             queue = self._queues.get(model) if isinstance(model, str) else None
-            return (queue.popleft() if queue else self._default), request_id
+            return (queue.popleft() if queue else self._default), self._new_id()
+
+    def _next_call(self, op: str) -> tuple[CallStep | None, str]:
+        with self._lock:
+            queue = self._call_queues.get(op)
+            return (queue.popleft() if queue else None), self._new_id()
+
+    def _new_id(self) -> str:
+        with self._lock:
+            self._counter += 1
+            return f"req_fake{self._counter:016x}"
 
     def _record(self, request: ReceivedRequest) -> None:
         with self._lock:
             self._requests.append(request)
+
+    def _record_usage(self, request_id: str, usage: dict[str, Any] | None) -> None:
+        if usage is not None:
+            with self._lock:
+                self._usages[request_id] = usage
+
+    def _record_call(self, call: BatchCall) -> None:
+        with self._lock:
+            self._calls.append(call)
+
+    def _cache_usage(self, api: Api, body: Any, step: Ok) -> CacheUsage | None:
+        """The simulated cache traffic of a request, when simulated and the step allows it."""
+        if not self.simulate_cache or step.fixes_cache or not isinstance(body, dict):
+            return None
+        return self.cache.usage(api, body.get("model"), body, input_estimate(api, body))
+
+    def _serve_batch(
+        self, api: Api, op: str, key: str | None, raw: bytes, headers: dict[str, str]
+    ) -> tuple[int, bytes, str | None]:
+        """(status, body, batch id) for a call to a batch endpoint."""
+        with self._lock:
+            return self._store.serve(self, api, op, key, raw, headers)

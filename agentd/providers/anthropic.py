@@ -3,15 +3,24 @@
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, cast
 
-from agentd.errors import MalformedResponse
-from agentd.providers.base import CacheMark, Message, Reply, Request, Usage
-from agentd.providers.errormap import CallContext, SdkErrors, map_exception
+from agentd.errors import MalformedResponse, ProviderError
+from agentd.providers.base import (
+    BatchOutcome,
+    BatchSubmission,
+    CacheMark,
+    Message,
+    Reply,
+    Request,
+    Usage,
+)
+from agentd.providers.errormap import CallContext, SdkErrors, map_error_body, translate
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
     from anthropic.types import CacheControlEphemeralParam, MessageParam, TextBlockParam
+    from anthropic.types.messages import MessageBatchIndividualResponse
 
 DEFAULT_BASE_URL = "https://api.anthropic.com"
 # A keyless provider (a local Anthropic-compatible proxy) still needs an explicit credential,
@@ -21,7 +30,10 @@ USAGE_FIELDS = ("input_tokens", "output_tokens")  # without them the call cannot
 
 
 class AnthropicProvider:
-    """Calls `messages.create` once per request; no SDK retries (the executor owns them)."""
+    """Calls `messages.create` once per request; no SDK retries (the executor owns them).
+
+    Also a `BatchProvider`: one request per Message Batch, polled until it ends.
+    """
 
     def __init__(
         self,
@@ -73,76 +85,173 @@ class AnthropicProvider:
         """Make one Messages API call and return its text, usage and request id."""
         client, errors = self._sdk()
         ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
-        kwargs: dict[str, Any] = {}
-        messages = [_message_param(m) for m in request.messages]
-        mark = request.cache
-        if request.system:
-            kwargs["system"] = request.system
-            if mark is not None and mark.prefix_chars == 0:
-                kwargs["system"] = [_text_block(request.system, mark)]
-        if mark is not None and mark.prefix_chars > 0 and messages:
-            messages[0] = _split_first(request.messages[0], mark)
         request_id: str | None = None
         status: int | None = None
         try:
             # The raw response keeps the request id even when the body turns out unusable.
             raw = await client.messages.with_raw_response.create(
-                model=request.model,
-                max_tokens=request.max_tokens,
-                messages=messages,
-                timeout=request.timeout_s,
-                **kwargs,
+                **message_params(request), timeout=request.timeout_s
             )
             request_id, status = raw.request_id, raw.status_code
             message = await raw.parse()
         except Exception as exc:
-            mapped = map_exception(exc, errors, ctx)
-            if mapped is None:
-                raise
-            # A body that fails to parse still came with a status and a request id.
-            mapped.request_id = mapped.request_id or request_id
-            mapped.http_status = mapped.http_status or status
-            raise mapped from exc
-        usage = getattr(message, "usage", None)
-        if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
+            raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
+        return parse_message(message, ctx, request.model, request_id, http_status=200)
+
+    async def submit_batch(self, request: Request, custom_id: str) -> BatchSubmission:
+        """Create a Message Batch whose only item is `request` (the same params as `complete`)."""
+        client, errors = self._sdk()
+        ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
+        item = {"custom_id": custom_id, "params": message_params(request)}
+        request_id: str | None = None
+        status: int | None = None
+        try:
+            raw = await client.messages.batches.with_raw_response.create(
+                requests=[cast(Any, item)], timeout=request.timeout_s
+            )
+            request_id, status = raw.request_id, raw.status_code
+            batch = await raw.parse()
+        except Exception as exc:
+            raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
+        batch_id = getattr(batch, "id", None)
+        if not isinstance(batch_id, str) or not batch_id:
+            # The batch may exist (and be billed) without our knowing its id.
             raise MalformedResponse(
-                ctx.say("200 response without usage (may have been billed)"),
-                http_status=200,
+                ctx.say(f"{status} batch created without an id"),
+                http_status=status,
                 request_id=request_id,
                 may_have_billed=True,
             )
-        cache_read = usage.cache_read_input_tokens or 0
-        cache_write = usage.cache_creation_input_tokens or 0
-        # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
-        split = getattr(usage, "cache_creation", None)
-        write_1h = min(getattr(split, "ephemeral_1h_input_tokens", None) or 0, cache_write)
-        details = getattr(usage, "output_tokens_details", None)
-        return Reply(
-            text="".join(
-                str(getattr(block, "text", ""))
-                for block in (getattr(message, "content", None) or [])
-                if getattr(block, "type", None) == "text"
-            ),
-            usage=Usage(
-                # Anthropic's input_tokens excludes cache traffic; the ledger's counts all input.
-                input_tokens=usage.input_tokens + cache_read + cache_write,
-                output_tokens=usage.output_tokens,
-                cache_read_tokens=cache_read,
-                cache_write_tokens=cache_write,
-                cache_write_1h_tokens=write_1h,
-                # 2.x reports thinking separately; it is already part of output_tokens.
-                reasoning_tokens=(getattr(details, "thinking_tokens", None) or 0),
-            ),
-            model=getattr(message, "model", None) or request.model,
-            request_id=request_id,
-            stop_reason=getattr(message, "stop_reason", None),
-        )
+        return BatchSubmission(batch_id, custom_id, request_id)
+
+    async def poll_batch(self, batch_id: str, custom_id: str) -> BatchOutcome:
+        """Retrieve the batch; once it has ended, read the item's result from its results."""
+        client, errors = self._sdk()
+        ctx = CallContext(self.name, f"batch {batch_id}", self._timeout_s, self._api_key)
+        found: MessageBatchIndividualResponse | None = None
+        try:
+            batch = await client.messages.batches.retrieve(batch_id, timeout=self._timeout_s)
+            if batch.processing_status != "ended":
+                return BatchOutcome("in_progress", detail=str(batch.processing_status))
+            results = await client.messages.batches.results(batch_id, timeout=self._timeout_s)
+            try:
+                async for line in results:
+                    if getattr(line, "custom_id", None) == custom_id:
+                        found = line
+                        break
+            finally:
+                await results.close()
+        except Exception as exc:
+            raise translate(exc, errors, ctx) from exc
+        return _outcome(found, ctx)
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was created (in this event loop)."""
         client, self._client = self._client, None
         if client is not None and self._loop is _running_loop():
             await client.close()
+
+
+def message_params(request: Request) -> dict[str, Any]:
+    """The `messages.create` parameters for a request; a batch item's `params` are the same."""
+    params: dict[str, Any] = {"model": request.model, "max_tokens": request.max_tokens}
+    messages = [_message_param(m) for m in request.messages]
+    mark = request.cache
+    if request.system:
+        params["system"] = request.system
+        if mark is not None and mark.prefix_chars == 0:
+            params["system"] = [_text_block(request.system, mark)]
+    if mark is not None and mark.prefix_chars > 0 and messages:
+        messages[0] = _split_first(request.messages[0], mark)
+    params["messages"] = messages
+    return params
+
+
+def parse_message(
+    message: Any,
+    ctx: CallContext,
+    model: str,
+    request_id: str | None,
+    *,
+    http_status: int | None,
+) -> Reply:
+    """The Reply for a Message (a direct call's or a batch result's); no usage is an error."""
+    usage = getattr(message, "usage", None)
+    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
+        where = f"{http_status} response" if http_status else "batch result"
+        raise MalformedResponse(
+            ctx.say(f"{where} without usage (may have been billed)"),
+            http_status=http_status,
+            request_id=request_id,
+            may_have_billed=True,
+        )
+    cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
+    cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
+    # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
+    split = getattr(usage, "cache_creation", None)
+    write_1h = min(getattr(split, "ephemeral_1h_input_tokens", None) or 0, cache_write)
+    details = getattr(usage, "output_tokens_details", None)
+    return Reply(
+        text="".join(
+            str(getattr(block, "text", ""))
+            for block in (getattr(message, "content", None) or [])
+            if getattr(block, "type", None) == "text"
+        ),
+        usage=Usage(
+            # Anthropic's input_tokens excludes cache traffic; the ledger's counts all input.
+            input_tokens=usage.input_tokens + cache_read + cache_write,
+            output_tokens=usage.output_tokens,
+            cache_read_tokens=cache_read,
+            cache_write_tokens=cache_write,
+            cache_write_1h_tokens=write_1h,
+            # 2.x reports thinking separately; it is already part of output_tokens.
+            reasoning_tokens=(getattr(details, "thinking_tokens", None) or 0),
+        ),
+        model=getattr(message, "model", None) or model,
+        request_id=request_id,
+        stop_reason=getattr(message, "stop_reason", None),
+    )
+
+
+def _outcome(line: MessageBatchIndividualResponse | None, ctx: CallContext) -> BatchOutcome:
+    """The outcome of an ended batch's item from its results line (None: it had none)."""
+    if line is None:
+        # An ended batch always lists every item; without ours, it may still have been billed.
+        missing = MalformedResponse(
+            ctx.say("the ended batch has no result for this item"), may_have_billed=True
+        )
+        return BatchOutcome("errored", error=missing, detail="no result")
+    result = line.result
+    kind = getattr(result, "type", None)
+    if kind == "succeeded":
+        message = getattr(result, "message", None)
+        try:
+            reply = parse_message(message, ctx, "", None, http_status=None)
+        except ProviderError as exc:
+            return BatchOutcome("errored", error=exc, detail="succeeded without usage")
+        return BatchOutcome("succeeded", reply=reply, detail="succeeded")
+    if kind == "errored":
+        body = _as_dict(getattr(result, "error", None))
+        request_id = body.get("request_id") if isinstance(body.get("request_id"), str) else None
+        error = map_error_body(ctx, body, request_id=request_id)
+        return BatchOutcome("errored", error=error, detail=error.code)
+    if kind == "canceled":
+        return BatchOutcome("canceled", detail="the batch was canceled before the item ran")
+    if kind == "expired":
+        return BatchOutcome("expired", detail="not processed within 24 hours")
+    unknown = MalformedResponse(ctx.say(f"unknown batch result type {kind!r}"))
+    return BatchOutcome("errored", error=unknown, detail=str(kind))
+
+
+def _as_dict(value: object) -> dict[str, Any]:
+    """An SDK model as the plain dict the API sent (extra fields such as `details` included)."""
+    to_dict = getattr(value, "to_dict", None)
+    if callable(to_dict):
+        # The SDK's union of error objects has no member for some types the API sends
+        # (`request_too_large`); the value is kept as sent, so its warning is noise.
+        data = to_dict(warnings=False)
+        return data if isinstance(data, dict) else {}
+    return value if isinstance(value, dict) else {}
 
 
 def _message_param(message: Message) -> MessageParam:

@@ -53,6 +53,34 @@ CONTEXT_MESSAGE = re.compile(
 # OpenAI `sk-...`/`sk-proj-...` and Anthropic `sk-ant-...`.
 KEY_SHAPED = re.compile(r"\bsk-[A-Za-z0-9_\-*.]{4,}")
 MAX_MESSAGE = 240
+# The HTTP status an error type or code stands for, for errors that arrive without one (a batch
+# item's error): a batch item then maps to the same class as a direct call with that error.
+# Anthropic's documented error types:
+ERROR_TYPE_STATUS: dict[str, int] = {
+    "invalid_request_error": 400,
+    "authentication_error": 401,
+    "billing_error": 402,
+    "permission_error": 403,
+    "not_found_error": 404,
+    "request_too_large": 413,
+    "rate_limit_error": 429,
+    "api_error": 500,
+    "timeout_error": 504,
+    "overloaded_error": 529,
+    "server_error": 500,  # OpenAI's type for its 5xx errors
+}
+# OpenAI's error codes (`error.code`) and the status its API sends them with:
+ERROR_CODE_STATUS: dict[str, int] = {
+    "invalid_api_key": 401,
+    "unsupported_country_region_territory": 403,
+    "model_not_found": 404,
+    "context_length_exceeded": 400,
+    "rate_limit_exceeded": 429,
+    "insufficient_quota": 429,
+    # A batch refused because the organisation's enqueued-token limit is full: wait, resubmit.
+    "token_limit_exceeded": 429,
+    "server_error": 500,
+}
 
 
 @dataclass(frozen=True)
@@ -177,6 +205,58 @@ def map_status(
         retry_after_s=retry_after,
         may_have_billed=False,
     )
+
+
+def error_status(err_type: str | None, code: str | None) -> int | None:
+    """The HTTP status a direct call gets with this error type or code, if one is known."""
+    if code is not None and code in ERROR_CODE_STATUS:
+        return ERROR_CODE_STATUS[code]
+    if err_type is not None:
+        return ERROR_TYPE_STATUS.get(err_type)
+    return None
+
+
+def map_error_body(
+    ctx: CallContext,
+    body: object,
+    *,
+    status: int | None = None,
+    request_id: str | None = None,
+) -> ProviderError:
+    """An agentd error for an error object that came without an HTTP response (a batch item).
+
+    `body` is either API's error body or its bare `error` object. Without `status`, the one a
+    direct call would get is derived from the error type (Anthropic) or code (OpenAI), so the
+    item raises the same class as that call; the error was not billed.
+    """
+    err_type, code, message = error_fields(body)
+    status = status or error_status(err_type, code)
+    if status is not None:
+        return map_status(ctx, status, body, None, request_id)
+    cls = status_error_class(0, err_type, code, message)
+    label = code or err_type
+    text = f"{label}: {message}" if label else (message or "error")
+    return cls(ctx.say(text), request_id=request_id, may_have_billed=False)
+
+
+def translate(
+    exc: BaseException,
+    sdk: SdkErrors,
+    ctx: CallContext,
+    *,
+    request_id: str | None = None,
+    status: int | None = None,
+) -> ProviderError:
+    """`map_exception` for an `except` block: re-raises what is not an SDK error.
+
+    `request_id` and `status` come from a raw response whose body then failed to parse.
+    """
+    mapped = map_exception(exc, sdk, ctx)
+    if mapped is None:
+        raise exc
+    mapped.request_id = mapped.request_id or request_id
+    mapped.http_status = mapped.http_status or status
+    return mapped
 
 
 def map_exception(exc: BaseException, sdk: SdkErrors, ctx: CallContext) -> ProviderError | None:

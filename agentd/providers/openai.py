@@ -7,8 +7,8 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agentd.errors import MalformedResponse
-from agentd.providers.base import Reply, Request, Usage
-from agentd.providers.errormap import CallContext, SdkErrors, map_exception
+from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
+from agentd.providers.errormap import CallContext, SdkErrors, translate
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -21,7 +21,10 @@ USAGE_FIELDS = ("prompt_tokens", "completion_tokens")  # without them the call c
 
 
 class OpenAIProvider:
-    """Calls `chat.completions.create` once per request; no SDK retries (the executor owns them)."""
+    """Calls `chat.completions.create` once per request; no SDK retries (the executor owns them).
+
+    Also a `BatchProvider` (see `agentd.providers.openai_batch`): one request per batch.
+    """
 
     def __init__(
         self,
@@ -71,72 +74,101 @@ class OpenAIProvider:
             )
         return self._client, self._errors
 
-    async def complete(self, request: Request) -> Reply:
-        """Make one Chat Completions call and return its text, usage and request id."""
-        client, errors = self._sdk()
-        ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
-        messages: list[Any] = []
+    def _context(self, model: str, timeout_s: float | None = None) -> CallContext:
+        """What this provider's error messages may say (never the key)."""
+        return CallContext(self.name, model, timeout_s or self._timeout_s, self._api_key)
+
+    def chat_body(self, request: Request) -> dict[str, Any]:
+        """The Chat Completions request body; a batch line's `body` is the same."""
+        messages: list[dict[str, str]] = []
         if request.system:
             messages.append({"role": "system", "content": request.system})
         messages.extend({"role": m.role, "content": m.content} for m in request.messages)
-        extra: dict[str, Any] = {"max_tokens": request.max_tokens} if self._send_max_tokens else {}
+        body: dict[str, Any] = {
+            "model": request.model,
+            "messages": messages,
+            "max_completion_tokens": request.max_tokens,
+        }
+        if self._send_max_tokens:
+            body["max_tokens"] = request.max_tokens
+        return body
+
+    async def complete(self, request: Request) -> Reply:
+        """Make one Chat Completions call and return its text, usage and request id."""
+        client, errors = self._sdk()
+        ctx = self._context(request.model, request.timeout_s)
         request_id: str | None = None
         status: int | None = None
         try:
             # The raw response keeps the request id even when the body turns out unusable.
             raw = await client.chat.completions.with_raw_response.create(
-                model=request.model,
-                messages=messages,
-                max_completion_tokens=request.max_tokens,
-                timeout=request.timeout_s,
-                **extra,
+                **self.chat_body(request), timeout=request.timeout_s
             )
             request_id, status = raw.request_id, raw.status_code
             completion = raw.parse()
         except Exception as exc:
-            mapped = map_exception(exc, errors, ctx)
-            if mapped is None:
-                raise
-            # A body that fails to parse still came with a status and a request id.
-            mapped.request_id = mapped.request_id or request_id
-            mapped.http_status = mapped.http_status or status
-            raise mapped from exc
-        usage = getattr(completion, "usage", None)
-        if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
-            raise MalformedResponse(
-                ctx.say("200 response without usage (may have been billed)"),
-                http_status=200,
-                request_id=request_id,
-                may_have_billed=True,
-            )
-        prompt_details = usage.prompt_tokens_details
-        completion_details = usage.completion_tokens_details
-        choices = getattr(completion, "choices", None) or []
-        first = choices[0] if choices else None
-        return Reply(
-            text=str(getattr(getattr(first, "message", None), "content", None) or ""),
-            usage=Usage(
-                # prompt_tokens already includes cached tokens; completion_tokens includes
-                # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
-                input_tokens=usage.prompt_tokens,
-                output_tokens=usage.completion_tokens,
-                cache_read_tokens=(prompt_details.cached_tokens if prompt_details else None) or 0,
-                cache_write_tokens=0,
-                reasoning_tokens=(
-                    completion_details.reasoning_tokens if completion_details else None
-                )
-                or 0,
-            ),
-            model=getattr(completion, "model", None) or request.model,
-            request_id=request_id,
-            stop_reason=getattr(first, "finish_reason", None),
-        )
+            raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
+        return parse_completion(completion, ctx, request.model, request_id, http_status=200)
+
+    async def submit_batch(self, request: Request, custom_id: str) -> BatchSubmission:
+        """Upload `request` as a one-line JSONL file and create a batch from it."""
+        from agentd.providers.openai_batch import submit
+
+        client, errors = self._sdk()
+        ctx = self._context(request.model, request.timeout_s)
+        return await submit(client, errors, ctx, self.chat_body(request), custom_id)
+
+    async def poll_batch(self, batch_id: str, custom_id: str) -> BatchOutcome:
+        """Retrieve the batch; once it has ended, read the item's line from its result files."""
+        from agentd.providers.openai_batch import poll
+
+        client, errors = self._sdk()
+        return await poll(client, errors, self._context(f"batch {batch_id}"), batch_id, custom_id)
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was created (in this event loop)."""
         client, self._client = self._client, None
         if client is not None and self._loop is _running_loop():
             await client.close()
+
+
+def parse_completion(
+    completion: Any,
+    ctx: CallContext,
+    model: str,
+    request_id: str | None,
+    *,
+    http_status: int | None,
+) -> Reply:
+    """The Reply for a ChatCompletion (a direct call's or a batch line's); no usage is an error."""
+    usage = getattr(completion, "usage", None)
+    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
+        where = f"{http_status} response" if http_status else "batch result"
+        raise MalformedResponse(
+            ctx.say(f"{where} without usage (may have been billed)"),
+            http_status=http_status,
+            request_id=request_id,
+            may_have_billed=True,
+        )
+    prompt_details = getattr(usage, "prompt_tokens_details", None)
+    completion_details = getattr(usage, "completion_tokens_details", None)
+    choices = getattr(completion, "choices", None) or []
+    first = choices[0] if choices else None
+    return Reply(
+        text=str(getattr(getattr(first, "message", None), "content", None) or ""),
+        usage=Usage(
+            # prompt_tokens already includes cached tokens; completion_tokens includes
+            # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
+            input_tokens=usage.prompt_tokens,
+            output_tokens=usage.completion_tokens,
+            cache_read_tokens=getattr(prompt_details, "cached_tokens", None) or 0,
+            cache_write_tokens=0,
+            reasoning_tokens=getattr(completion_details, "reasoning_tokens", None) or 0,
+        ),
+        model=getattr(completion, "model", None) or model,
+        request_id=request_id,
+        stop_reason=getattr(first, "finish_reason", None),
+    )
 
 
 def _running_loop() -> asyncio.AbstractEventLoop | None:
