@@ -1,8 +1,9 @@
 """Budget windows, reservations and settlement: sums over the ledger, atomic across processes.
 
 The guarantee: for every window, settled + reserved spend never exceeds its limit. `reserve`
-reads every window's sum and inserts the `pending` row in one `BEGIN IMMEDIATE` transaction, so
-no other thread or process can slip a reservation in between. Settlement replaces a
+reads every window's sums (running totals that `agentd.budgetcache` keeps exact against the
+ledger, in constant time) and inserts the `pending` row in one `BEGIN IMMEDIATE` transaction,
+so no other thread or process can slip a reservation in between. Settlement replaces a
 reservation by the real cost, which is at most the reservation when the reservation was a true
 upper bound, so settling never breaks the guarantee (a cost above its reservation is recorded
 as it is, since it was billed, and logged). A call counts in the window of its `started_at`
@@ -21,6 +22,7 @@ from zoneinfo import ZoneInfo
 
 import structlog
 
+from agentd import budgetcache
 from agentd.errors import BudgetExceeded, LedgerError
 from agentd.ledger import ABANDONED_ERROR, EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
 from agentd.owner import current_owner, owner_alive
@@ -164,6 +166,23 @@ def window_bounds(period: Period, at: datetime, tz: ZoneInfo) -> tuple[datetime,
     return _local_midnight(first, tz), _local_midnight(following, tz)
 
 
+# The window last computed per (period, zone): reservations come many to a window, and
+# `window_bounds` (zone arithmetic) plus its ledger text cost more than the rest of one.
+_last_bounds: dict[tuple[str, ZoneInfo], tuple[datetime, datetime, str, str]] = {}
+
+
+def _bounds(period: Period, at: datetime, tz: ZoneInfo) -> tuple[datetime, datetime, str, str]:
+    """`window_bounds` and the same bounds as ledger text, remembered while `at` is inside."""
+    key = (period, tz)
+    hit = _last_bounds.get(key)
+    if hit is not None and hit[0] <= at < hit[1]:
+        return hit  # windows tile the timeline: the one containing `at` is this one
+    start, end = window_bounds(period, at, tz)
+    hit = (start, end, utc_iso(start), utc_iso(end))
+    _last_bounds[key] = hit
+    return hit
+
+
 def limit_to_micro_usd(usd: Decimal) -> int:
     """An operator's USD limit in micro-USD, rounded down: never allow more than was written."""
     return int((Decimal(usd) * MICRO).to_integral_value(rounding=ROUND_FLOOR))
@@ -206,19 +225,7 @@ def _usage(
     conn: sqlite3.Connection, window: Window, start: datetime, end: datetime, simulated: bool
 ) -> tuple[int, int]:
     """(settled, reserved) micro-USD of the rows whose reservation time falls in the window."""
-    sql = (
-        "SELECT COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted') THEN 0"
-        " ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END), 0),"
-        " COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted')"
-        " THEN reserved_micro_usd ELSE 0 END), 0)"
-        " FROM calls WHERE started_at >= ? AND started_at < ? AND simulated = ?"
-    )
-    params: list[object] = [utc_iso(start), utc_iso(end), int(simulated)]
-    if window.scope != GLOBAL:
-        sql += " AND loop = ?"
-        params.append(window.scope)
-    settled, reserved = conn.execute(sql, params).fetchone()
-    return int(settled), int(reserved)
+    return budgetcache.window_sum(conn, window.scope, simulated, utc_iso(start), utc_iso(end))
 
 
 def reserve(
@@ -238,56 +245,96 @@ def reserve(
     for window in windows:
         if window.scope not in (GLOBAL, call.loop):
             raise ValueError(f"window {window.label!r} does not apply to loop {call.loop!r}")
+    refused: list[tuple[Window, int, datetime]] = []
     with ledger.write() as conn:
         # The clock is read under the write lock, so started_at follows commit order.
         at = datetime.now(UTC) if now is None else _aware(now)
-        refused: list[tuple[Window, int, datetime]] = []
-        for window in windows:
-            start, end = window_bounds(window.period, at, tz)
-            settled, reserved = _usage(conn, window, start, end, call.simulated)
-            if settled + reserved + amount > window.limit_micro_usd:
-                refused.append((window, settled + reserved, end))
-        if refused:
-            window, used, _ = refused[0]
-            raise BudgetWindowExceeded(
-                window,
-                used_micro_usd=used,
-                asked_micro_usd=amount,
-                resets_at=max(end for _, _, end in refused),
+        if windows:
+            # Running totals (`agentd.budgetcache`), brought up to date under this write lock:
+            # as exact as summing the windows' rows, in time independent of how many there are.
+            bounds = [_bounds(window.period, at, tz) for window in windows]
+            keys = [
+                (window.scope, call.simulated, b[2], b[3])
+                for window, b in zip(windows, bounds, strict=True)
+            ]
+            sums = budgetcache.window_totals(ledger, keys)
+            for window, b, (settled, reserved) in zip(windows, bounds, sums, strict=True):
+                if settled + reserved + amount > window.limit_micro_usd:
+                    refused.append((window, settled + reserved, b[1]))
+        if not refused:
+            started, owner = utc_iso(at), current_owner()
+            cur = conn.execute(
+                "INSERT INTO calls (run_id, loop, purpose, tier, alias, provider, model, attempt,"
+                " status, reserved_micro_usd, priced, simulated, batch, owner, started_at)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?)",
+                (
+                    call.run_id,
+                    call.loop,
+                    call.purpose,
+                    call.tier,
+                    call.alias,
+                    call.provider,
+                    call.model,
+                    call.attempt,
+                    amount,
+                    int(call.simulated),
+                    int(call.batch),
+                    owner,
+                    started,
+                ),
             )
-        cur = conn.execute(
-            "INSERT INTO calls (run_id, loop, purpose, tier, alias, provider, model, attempt,"
-            " status, reserved_micro_usd, priced, simulated, batch, owner, started_at)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, 'pending', ?, 0, ?, ?, ?, ?)",
-            (
-                call.run_id,
+            if cur.lastrowid is None:
+                raise LedgerError("reservation insert returned no row id")
+            call_id = int(cur.lastrowid)
+            ident = (
+                started,
                 call.loop,
-                call.purpose,
-                call.tier,
-                call.alias,
-                call.provider,
-                call.model,
-                call.attempt,
-                amount,
                 int(call.simulated),
-                int(call.batch),
-                current_owner(),
-                utc_iso(at),
-            ),
-        )
-        if cur.lastrowid is None:
-            raise LedgerError("reservation insert returned no row id")
-        return int(cur.lastrowid)
+                amount,
+                call.attempt,
+                call.model,
+                call.run_id,
+                owner,
+            )
+            budgetcache.record_insert(ledger, call_id, ident, "pending")
+            return call_id
+    # Raised after the block: nothing was written to the ledger, and committing keeps the
+    # cache's catch-up, so a loop refused again and again does not redo it each time.
+    window, used, _ = refused[0]
+    raise BudgetWindowExceeded(
+        window,
+        used_micro_usd=used,
+        asked_micro_usd=amount,
+        resets_at=max(end for _, _, end in refused),
+    )
 
 
-def mark_submitted(ledger: Ledger, call_id: int, *, request_id: str | None = None) -> None:
-    """Move a `pending` call to `submitted`: the request has reached the provider."""
+def mark_submitted(
+    ledger: Ledger,
+    call_id: int,
+    *,
+    request_id: str | None = None,
+    batch_id: str | None = None,
+    batch_request: tuple[int, str, str] | None = None,
+) -> None:
+    """Move a `pending` call to `submitted`: the request has reached the provider.
+
+    For a batch call, `batch_id` and `batch_request` (run id, request JSON, route JSON) are
+    written in the same transaction, so a restart always finds what it needs to finish it.
+    """
     with ledger.write() as conn:
         conn.execute(
-            "UPDATE calls SET status = 'submitted', request_id = COALESCE(?, request_id)"
-            " WHERE id = ? AND status = 'pending'",
-            (request_id, call_id),
+            "UPDATE calls SET status = 'submitted', request_id = COALESCE(?, request_id),"
+            " batch_id = COALESCE(?, batch_id) WHERE id = ? AND status = 'pending'",
+            (request_id, batch_id, call_id),
         )
+        if batch_request is not None:
+            run_id, request, route = batch_request
+            conn.execute(
+                "INSERT OR REPLACE INTO batch_requests (call_id, run_id, request, route,"
+                " submitted_at) VALUES (?, ?, ?, ?, ?)",
+                (call_id, run_id, request, route, now_iso()),
+            )
 
 
 def settle(
@@ -304,8 +351,12 @@ def settle(
     error: str | None = None,
     latency_ms: int | None = None,
     served_model: str | None = None,
+    list_cost_micro_usd: int | None = None,
 ) -> bool:
     """Replace a call's reservation by its real cost and outcome, in one transaction.
+
+    `list_cost_micro_usd`: the same tokens at list price (no cache, no batch discount), for
+    the reports' `saved_usd`; None when unknown (reports then count no saving).
 
     Only a `pending`/`submitted` row moves; settling a row that is already settled (twice, or
     after reconciliation charged it) changes nothing, logs `ledger.settle_ignored` and returns
@@ -314,24 +365,19 @@ def settle(
     if status not in _SETTLE_STATUSES:
         raise ValueError(f"cannot settle a call as {status!r}")
     cost = _money(cost_micro_usd, "cost")
+    u = usage
     with ledger.write() as conn:
-        row = conn.execute(
-            "SELECT status, reserved_micro_usd FROM calls WHERE id = ?", (call_id,)
-        ).fetchone()
-        if row is None:
-            raise LedgerError(f"no call {call_id} in the ledger")
-        current, reserved = str(row[0]), int(row[1])
-        if current not in ("pending", "submitted"):
-            log.warning("ledger.settle_ignored", call_id=call_id, status=current, wanted=status)
-            return False
-        u = usage
-        conn.execute(
+        # One statement on the common path: the row moves only if still unsettled, and says
+        # what the budget totals need; the SELECT below runs only when nothing moved.
+        changes_before = conn.total_changes
+        moved = conn.execute(
             "UPDATE calls SET status = ?, cost_micro_usd = ?, priced = ?, input_tokens = ?,"
             " output_tokens = ?, cache_read_tokens = ?, cache_write_tokens = ?,"
             " cache_write_1h_tokens = ?, reasoning_tokens = ?, error_type = ?, http_status = ?,"
             " request_id = COALESCE(?, request_id), error = ?, latency_ms = ?, finished_at = ?,"
-            " served_model = ?"
-            " WHERE id = ?",
+            " served_model = ?, list_cost_micro_usd = ?"
+            " WHERE id = ? AND status IN ('pending', 'submitted')"
+            " RETURNING reserved_micro_usd, loop, simulated, started_at",
             (
                 status,
                 cost,
@@ -349,8 +395,19 @@ def settle(
                 latency_ms,
                 now_iso(),
                 served_model,
+                list_cost_micro_usd,
                 call_id,
             ),
+        ).fetchall()
+        if not moved:
+            found = conn.execute("SELECT status FROM calls WHERE id = ?", (call_id,)).fetchone()
+            if found is None:
+                raise LedgerError(f"no call {call_id} in the ledger")
+            log.warning("ledger.settle_ignored", call_id=call_id, status=found[0], wanted=status)
+            return False
+        reserved, loop, simulated, started_at = moved[0]
+        budgetcache.record_update(
+            ledger, call_id, changes_before, (loop, simulated, started_at, status, cost, reserved)
         )
     if cost > reserved:
         log.warning(
@@ -367,7 +424,8 @@ def reconcile_abandoned(ledger: Ledger) -> int:
 
     Unsettled calls are charged their reservation (the provider may have billed them) and their
     runs are aborted. `submitted` batch calls belong to a provider batch that outlives processes
-    and are left alone; so is every row of a live (or unknowable) owner. `Ledger.open` runs this
+    and are left alone, and so are their runs (`agentd.batches` finishes them); so is every row
+    of a live (or unknowable) owner. `Ledger.open` runs this
     on every writable open; a long-running process may call it again to settle crashed peers.
     """
     with ledger.write() as conn:
@@ -397,7 +455,9 @@ def reconcile_abandoned(ledger: Ledger) -> int:
             " error = COALESCE(error, 'owner process gone'),"
             f" cost_micro_usd = (SELECT COALESCE(SUM({EFFECTIVE_COST_SQL}), 0)"
             " FROM calls WHERE calls.run_id = runs.id)"
-            f" WHERE status = 'running' AND owner IN ({marks})",
+            f" WHERE status = 'running' AND owner IN ({marks}) AND NOT EXISTS"
+            " (SELECT 1 FROM calls WHERE calls.run_id = runs.id"
+            " AND calls.status = 'submitted' AND calls.batch = 1)",
             (now, *gone),
         ).rowcount
     if calls or runs:

@@ -8,7 +8,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -52,15 +52,14 @@ log = structlog.get_logger()
 
 def utc_iso(dt: datetime) -> str:
     """An aware datetime as the ledger's fixed-width UTC text, `YYYY-MM-DDTHH:MM:SS.ffffffZ`."""
-    if dt.tzinfo is None or dt.utcoffset() is None:
-        raise ValueError(f"naive datetime {dt!r}: the ledger needs an aware datetime")
-    u = dt.astimezone(UTC)
-    # Built by hand: strftime's %Y does not zero-pad years below 1000 on every platform, and
-    # text comparison of timestamps (the window queries) needs one fixed width.
-    return (
-        f"{u.year:04d}-{u.month:02d}-{u.day:02d}T"
-        f"{u.hour:02d}:{u.minute:02d}:{u.second:02d}.{u.microsecond:06d}Z"
-    )
+    if dt.tzinfo is not UTC:
+        if dt.tzinfo is None or dt.utcoffset() is None:
+            raise ValueError(f"naive datetime {dt!r}: the ledger needs an aware datetime")
+        dt = dt.astimezone(UTC)
+    # isoformat, not strftime: its year is always 4 digits (strftime's %Y does not zero-pad
+    # below 1000 on every platform), and text comparison of timestamps (the window queries)
+    # needs one fixed width; an aware UTC time ends in "+00:00", swapped for "Z".
+    return dt.isoformat(timespec="microseconds")[:-6] + "Z"
 
 
 def now_iso() -> str:
@@ -167,6 +166,9 @@ class Ledger:
         self._depth = 0
         self._writing = False
         self._task: object | None = None
+        # Called with True (committed) or False (rolled back) when an outermost transaction
+        # ends: `agentd.budgetcache` undoes its in-memory totals when their writes roll back.
+        self.on_transaction_end: Callable[[bool], None] | None = None
 
     @classmethod
     def open(cls, state_dir: Path, *, create: bool = True, reconcile: bool = True) -> Ledger:
@@ -322,9 +324,11 @@ class Ledger:
             except sqlite3.Error as exc:
                 raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
             self._depth, self._writing, self._task = 1, writing, _current_task()
+            committed = False
             try:
                 yield self._conn
                 self._conn.execute("COMMIT")
+                committed = True
             except sqlite3.Error as exc:
                 self._rollback()
                 raise LedgerError(f"{self._path}: {exc}") from exc
@@ -333,6 +337,8 @@ class Ledger:
                 raise
             finally:
                 self._depth, self._writing, self._task = 0, False, None
+                if self.on_transaction_end is not None:
+                    self.on_transaction_end(committed)
 
     def _rollback(self) -> None:
         # Some errors (SQLITE_FULL, IOERR) already rolled the transaction back.

@@ -6,8 +6,9 @@ one run, interleaved call by call (the order rotates, so drift hits every varian
   (a) raw    `anthropic.AsyncAnthropic(max_retries=0).messages.create(...)`
   (b) agentd route + reserve + call + settle + ledger: `plans_for` + `RunCalls.call` (which is
       `Executor.call`) on a real ledger (WAL, synchronous=NORMAL) in a temp dir, with a loop
-      and a global budget so every reservation runs its window sums, structlog JSON logging
-      on (to /dev/null), exactly as the runner makes a prompt loop's call
+      and a global budget so every reservation checks three windows (their running totals,
+      `agentd.budgetcache`), structlog JSON logging on (to /dev/null), exactly as the runner
+      makes a prompt loop's call; (b0) the same for a loop with no budget at all
   (b+) (optional, `--with-run`) a whole `run_loop`: lock file, runs row, prompt file,
       loop_state, finish — a run's fixed cost on top of its call
   (c) litellm `Router` with one deployment on the same server (skipped when litellm is not
@@ -20,7 +21,9 @@ background work is charged to nobody).
 Reports p50/p99 wall time per call, b/a, c/b and agentd's added overhead (b−a) per repeat,
 then median (min–max) over repeats. `--profile` then profiles (b) alone with cProfile (and
 pyinstrument when installed) and prints the top costs; `--breakdown` times the pieces of (b)
-(reserve, settle, the log event) in isolation.
+(reserve, settle, the log event) in isolation. `--prefill N` puts N settled calls in the
+budget windows before timing (a month of a busy daemon), to show that (b) does not depend on
+how full the windows are.
 """
 
 from __future__ import annotations
@@ -329,8 +332,12 @@ async def _run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
     try:
         sys.stderr = devnull  # structlog writes to the current stderr: JSON lines, discarded
         for rep in range(args.repeats):
-            # A fresh ledger each repeat: a reservation sums every row of its windows, so (b)
-            # slows down as the benchmark's own rows pile up (see bench_ledger.py --scaling).
+            # A fresh ledger each repeat (optionally prefilled: reservations read running
+            # totals, so how full the windows are should not matter; bench_ledger --scaling).
+            if args.prefill:
+                from bench_ledger import _fill
+
+                _fill(tmp / f"r{rep}" / "state", args.prefill)
             v = Variants(
                 url, tmp / f"r{rep}", with_run=args.with_run, with_litellm=not args.no_litellm
             )
@@ -388,6 +395,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile", action="store_true")
     parser.add_argument("--profile-calls", type=int, default=500)
     parser.add_argument("--top", type=int, default=25)
+    parser.add_argument("--prefill", type=int, default=0, help="settled rows put in the windows")
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     parser.add_argument("--json", help="write results as JSON to this path")
     args = parser.parse_args(argv)
