@@ -62,11 +62,17 @@ _NUMERIC = frozenset(
         "output_tokens",
         "reasoning_tokens",
         "cost_micro_usd",
+        "saved_micro_usd",
         "reserved_micro_usd",
         "avg_latency_ms",
         "p95_latency_ms",
     }
 )
+
+
+def _signed_usd(micro: int) -> str:
+    # Caching can cost more than list (writes never read back): `-$0.000125`, not `$-0.000125`.
+    return usd_label(micro, 6) if micro >= 0 else "-" + usd_label(-micro, 6)
 
 
 def _table(report: SpendReport, columns: Sequence[Column]) -> str:
@@ -106,6 +112,7 @@ def render_html(
     if total is not None:
         figures = [
             ("spend", usd_label(int(total["cost_micro_usd"]), 6)),
+            ("saved vs list price", _signed_usd(int(total["saved_micro_usd"]))),
             ("runs", str(total["runs"])),
             ("calls", str(total["calls"])),
             ("failed attempts", str(total["failed"])),

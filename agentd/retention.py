@@ -15,7 +15,8 @@ Pruning works on whole UTC days before the cutoff (a DATE is floored to UTC midn
 transaction per day, so the daemon's reservations never wait long. With the roll-up (the
 default), each day's calls are summed into `daily_rollup` in the same transaction that deletes
 them, so every call is counted exactly once — as a row or inside a roll-up row — and reports
-(`agentd.spend`) add both sources without double counting.
+(`agentd.spend`) add both sources without double counting. The roll-up keeps the list cost
+too, so a pruned day's saving against list price is still reported.
 """
 
 from __future__ import annotations
@@ -65,7 +66,7 @@ _ROLLUP_CALLS = (
     + """
 INSERT INTO daily_rollup (day, loop, tier, model, provider, purpose, simulated, runs, fallbacks,
     calls, failed, input_tokens, output_tokens, cache_read_tokens, cache_write_tokens,
-    reasoning_tokens, cost_micro_usd, latency_count, latency_ms_sum)
+    reasoning_tokens, cost_micro_usd, latency_count, latency_ms_sum, list_cost_micro_usd)
 SELECT substr(c.started_at, 1, 10), c.loop, COALESCE(c.tier, ''), c.model, c.provider,
     c.purpose, c.simulated,
     SUM(c.attempt = 1 AND c.run_id IS NOT NULL),
@@ -75,7 +76,8 @@ SELECT substr(c.started_at, 1, 10), c.loop, COALESCE(c.tier, ''), c.model, c.pro
     COALESCE(SUM(c.cache_read_tokens), 0), COALESCE(SUM(c.cache_write_tokens), 0),
     COALESCE(SUM(c.reasoning_tokens), 0),
     COALESCE(SUM(COALESCE(c.cost_micro_usd, c.reserved_micro_usd)), 0),
-    COUNT(c.latency_ms), COALESCE(SUM(c.latency_ms), 0)
+    COUNT(c.latency_ms), COALESCE(SUM(c.latency_ms), 0),
+    COALESCE(SUM(COALESCE(c.list_cost_micro_usd, c.cost_micro_usd, c.reserved_micro_usd)), 0)
 FROM calls c LEFT JOIN runs r ON r.id = c.run_id
 WHERE c.id IN (SELECT id FROM pc)
 GROUP BY 1, 2, 3, 4, 5, 6, 7
@@ -89,14 +91,17 @@ ON CONFLICT (day, loop, tier, model, provider, purpose, simulated) DO UPDATE SET
     reasoning_tokens = reasoning_tokens + excluded.reasoning_tokens,
     cost_micro_usd = cost_micro_usd + excluded.cost_micro_usd,
     latency_count = latency_count + excluded.latency_count,
-    latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum
+    latency_ms_sum = latency_ms_sum + excluded.latency_ms_sum,
+    list_cost_micro_usd = COALESCE(list_cost_micro_usd, cost_micro_usd)
+        + excluded.list_cost_micro_usd
 """
 )
 _ROLLUP_SKIPPED = (
     _SETS
     + f"""
-INSERT INTO daily_rollup (day, loop, tier, model, provider, purpose, simulated, skipped)
-SELECT substr(started_at, 1, 10), loop, '', '', '', '', simulated, COUNT(*)
+INSERT INTO daily_rollup (day, loop, tier, model, provider, purpose, simulated, skipped,
+    list_cost_micro_usd)
+SELECT substr(started_at, 1, 10), loop, '', '', '', '', simulated, COUNT(*), 0
 FROM runs WHERE id IN (SELECT id FROM pr) AND status IN {_SKIPPED}
 GROUP BY 1, 2, 7
 ON CONFLICT (day, loop, tier, model, provider, purpose, simulated) DO UPDATE SET

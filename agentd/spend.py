@@ -17,7 +17,11 @@ Columns: `runs` counts runs whose first attempt (attempt 1) is in the group, so 
 counted once and the column sums to the total; `fallbacks` those of them that used a fallback
 model; `skipped` runs recorded without any call (budget, no-op, inactive, paused), for the loop
 and calendar groupings only; `failed` attempts that ended `error` or `aborted`; `cost` settled
-spend (aborted attempts at their reservation) and `reserved` what calls in flight hold now.
+spend (aborted attempts at their reservation) and `reserved` what calls in flight hold now;
+`saved` what prompt caching and batching saved against list price: the settled calls' list
+cost (`calls.list_cost_micro_usd`, a NULL read as the call's cost: no saving known) less their
+cost. Failed, aborted and in-flight calls save nothing; cache writes cost more than list, so a
+group can save a negative amount.
 Latency is over settled attempts: the mean, and the exact p95 (nearest rank: the
 ⌈0.95·n⌉-th smallest). A group that includes pruned calls has no p95 (a roll-up keeps sums,
 not distributions).
@@ -93,13 +97,18 @@ class DailySpend:
         return {k: sum(v) for k, v in self.series.items()}
 
 
+# The sums a report row shows as they are (the others feed the latency mean, p95 and saving).
+_SHOWN = SUMS[: SUMS.index("reserved_micro_usd") + 1]
+
+
 def _row(by: str, key_value: str | None, acc: Acc, p95: int | None, runs: bool) -> dict[str, Any]:
     s = acc.sums
     row: dict[str, Any] = {by: key_value}
-    for name in SUMS[:-3]:
+    for name in _SHOWN:
         row[name] = s[name]
     if not runs:
         row["skipped"] = None
+    row["saved_micro_usd"] = s["list_cost_micro_usd"] - s["cost_micro_usd"]
     row["avg_latency_ms"] = mean_ms(s["latency_ms_sum"], s["latency_count"])
     row["p95_latency_ms"] = p95
     return row
@@ -211,6 +220,7 @@ def report_columns(by: Grouping, fmt: str) -> list[Column]:
         Column("output_tokens", "output"),
         Column("reasoning_tokens", "reasoning"),
         Column("cost_micro_usd", "cost_usd", money=True),
+        Column("saved_micro_usd", "saved_usd", money=True),
     ]
     if fmt != "table":
         columns.append(Column("reserved_micro_usd", "reserved_usd", money=True))

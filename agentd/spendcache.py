@@ -52,7 +52,16 @@ SUM_NAMES = (
     "cost_micro_usd",
     "latency_count",
     "latency_ms_sum",
+    "list_cost_micro_usd",
 )
+# A NULL list cost means "no saving known": the cost itself. Cache rows written by a version
+# before m012 (a downgrade, then an upgrade) hold NULL there too, hence the COALESCE on read.
+LIST_COST_SUM = "SUM(COALESCE(list_cost_micro_usd, cost_micro_usd))"
+
+
+def sums_sql(names: tuple[str, ...] = SUM_NAMES) -> str:
+    """`SUM(...)` of each summed column of `report_hours`/`report_days`/`daily_rollup`."""
+    return ", ".join(LIST_COST_SUM if n == "list_cost_micro_usd" else f"SUM({n})" for n in names)
 
 
 def _hist_sql() -> str:
@@ -71,6 +80,7 @@ _FILL = (
     " SUM(attempt = 1 AND run_id IS NOT NULL), SUM(input_tokens), SUM(cache_read_tokens),"
     " SUM(cache_write_tokens), SUM(output_tokens), SUM(reasoning_tokens),"
     " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms),"
+    " SUM(COALESCE(list_cost_micro_usd, cost_micro_usd, reserved_micro_usd)),"
     f" {_hist_sql()}"
     " FROM calls INDEXED BY calls_started_at WHERE started_at >= ? AND started_at < ?"
     " AND substr(started_at, 1, 13) NOT IN (SELECT value FROM json_each(?))"
@@ -80,8 +90,8 @@ _FILL = (
 
 _ROLL_DAY = (
     f"INSERT INTO report_days (day, {_KEY}, {', '.join(SUM_NAMES)}, {', '.join(HIST_COLUMNS)})"
-    f" SELECT substr(hour, 1, 10), {_KEY},"
-    f" {', '.join(f'SUM({c})' for c in (*SUM_NAMES, *HIST_COLUMNS))}"
+    f" SELECT substr(hour, 1, 10), {_KEY}, {sums_sql()},"
+    f" {', '.join(f'SUM({c})' for c in HIST_COLUMNS)}"
     f" FROM report_hours WHERE hour >= ? AND hour < ? GROUP BY 1, {_KEY}"
 )
 
@@ -119,6 +129,19 @@ def bucket_range(index: int) -> tuple[int | None, int | None]:
     low = None if index == 0 else HIST_BOUNDS[index]
     high = HIST_BOUNDS[index + 1] if index + 1 < len(HIST_BOUNDS) else None
     return low, high
+
+
+def bucket_sql(index: int) -> tuple[str, list[int]]:
+    """The SQL condition (and its parameters) of a latency falling in bucket `index`."""
+    low, high = bucket_range(index)
+    clauses, bounds = [], []
+    if low is not None:
+        clauses.append("latency_ms >= ?")
+        bounds.append(low)
+    if high is not None:
+        clauses.append("latency_ms < ?")
+        bounds.append(high)
+    return " AND ".join(clauses) or "1", bounds
 
 
 def hour_key(at: datetime) -> str:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
@@ -9,7 +10,6 @@ from typing import Any, Literal, get_args
 from zoneinfo import ZoneInfo
 
 from agentd import spendcache
-from agentd.budgets import window_bounds
 from agentd.ledger import parse_iso, utc_iso
 
 # A quarter-hour bucket of a ledger timestamp: `YYYY-MM-DDTHH:q` with q in 0..3.
@@ -37,6 +37,7 @@ SUMS = (
     "reasoning_tokens",
     "cost_micro_usd",
     "reserved_micro_usd",
+    "list_cost_micro_usd",  # shown as `saved_micro_usd`, list cost − cost
     "latency_count",
     "latency_ms_sum",
     "rolled_up_calls",
@@ -64,6 +65,36 @@ def nearest_rank(n: int) -> int:
 def mean_ms(total: int, count: int) -> int | None:
     """An integer mean rounded half up, without floats; None for no values."""
     return None if count == 0 else (2 * total + count) // (2 * count)
+
+
+@functools.lru_cache(maxsize=32)
+def whole_hours(zone: str) -> bool:
+    """True when the zone's offset is a whole number of hours (sampled twice a month)."""
+    tz = ZoneInfo(zone)
+    for year in range(1990, 2050):
+        for month in range(1, 13):
+            for day in (1, 15):
+                offset = datetime(year, month, day, tzinfo=UTC).astimezone(tz).utcoffset()
+                if offset is None or offset.total_seconds() % 3600:
+                    return False
+    return True
+
+
+def next_day(day: str) -> str:
+    """The ISO date after `day` (`YYYY-MM-DD`)."""
+    return (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
+
+
+def floor_hour(at: datetime) -> datetime:
+    """The UTC hour an instant falls in."""
+    at = at.astimezone(UTC)
+    return at.replace(minute=0, second=0, microsecond=0)
+
+
+def ceil_hour(at: datetime) -> datetime:
+    """The first UTC hour boundary at or after an instant."""
+    floor = floor_hour(at)
+    return floor if floor == at else floor + timedelta(hours=1)
 
 
 def is_utc(tz: ZoneInfo) -> bool:
@@ -99,6 +130,10 @@ class Periods:
         else:
             label = f"{local.year:04d}-{local.month:02d}"
         if label not in self.bounds:
+            # Imported here: only calendar groupings need it, and `agentd ledger` by loop must
+            # not pay for budgets' imports.
+            from agentd.budgets import window_bounds
+
             self.bounds[label] = window_bounds(self.period, at, self.tz)
         return label
 

@@ -8,7 +8,6 @@ each column means.
 from __future__ import annotations
 
 import contextlib
-import functools
 import json
 import sqlite3
 from collections.abc import Sequence
@@ -21,50 +20,49 @@ from agentd.errors import LedgerError
 from agentd.ledger import SKIPPED_RUN_STATUSES, Ledger
 from agentd.migrations import SKIPPED_INDEXED
 from agentd.spendgroups import (
-    COLUMNS,
     Acc,
     Filter,
     Key,
     Period,
-    Periods,
-    nearest_rank,
-    percentile_95,
+    ceil_hour,
+    floor_hour,
+    next_day,
+    whole_hours,
 )
+from agentd.spendlatency import GroupReader
 
 _SKIPPED = "(" + ", ".join(f"'{s}'" for s in SKIPPED_RUN_STATUSES) + ")"
 _SKIPS_INDEXED = tuple(SKIPPED_RUN_STATUSES) == SKIPPED_INDEXED
 _UNSETTLED = "status IN ('pending', 'submitted')"
 
 
+_LIST_COST = "COALESCE(list_cost_micro_usd, cost_micro_usd, reserved_micro_usd)"
 _CALL_SUMS = (
     "COUNT(*), SUM(status IN ('error', 'aborted')), SUM(attempt = 1 AND run_id IS NOT NULL),"
     " SUM(input_tokens), SUM(cache_read_tokens), SUM(cache_write_tokens), SUM(output_tokens),"
     " SUM(reasoning_tokens),"
     # In-flight rows count their reservation here; they are moved to `reserved` afterwards
     # from the small partial index, which is cheaper than a CASE on every row.
-    " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms)"
+    " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms),"
+    # A NULL list cost (before m012, unpriced) is "no saving known": the cost itself.
+    f" SUM({_LIST_COST})"
 )
 # The same sums, in the same order, as the report cache keeps (one list serves both).
 _CALL_NAMES = spendcache.SUM_NAMES
+# What a read of `report_hours`/`report_days` selects: the sums, then the histogram.
+_CACHED_SUMS = ", ".join([spendcache.sums_sql(), *(f"SUM({c})" for c in spendcache.HIST_COLUMNS)])
 # The roll-up's columns carry the same names as the sums above.
-_ROLLUP_SUMS = ", ".join(f"SUM({n})" for n in _CALL_NAMES)
+_ROLLUP_SUMS = spendcache.sums_sql()
 
 
-class _Collector:
+class _Collector(GroupReader):
     """Folds the sources of one report into groups keyed by (period label, column value)."""
 
     def __init__(
         self, conn: Any, flt: Filter, period: Period | None, column: str | None, tz: ZoneInfo
     ) -> None:
-        if column is not None and column not in COLUMNS:
-            raise ValueError(f"cannot group by {column!r}")
-        self.conn = conn
-        self.flt = flt
-        self.periods = None if period is None else Periods(period, tz)
-        self.column = column
+        super().__init__(conn, flt, period, column, tz)
         self.groups: dict[Key, Acc] = {}
-        self.hists: dict[Key, list[int]] = {}
-        self.raw = [flt]  # the parts of the range read from raw rows
         # Cached parts of the range: (table, time column, first key or None, end key).
         self.cached: list[tuple[str, str, str | None, str]] = []
         self.moved: list[str] = []  # cached hours outside the local period of their UTC day
@@ -72,16 +70,16 @@ class _Collector:
     def use_cache(self) -> None:
         """Read the cached hours of the range from `report_hours`, the rest raw."""
         periods = self.periods
-        if periods is not None and not periods.utc and not _whole_hours(periods.tz.key):
+        if periods is not None and not periods.utc and not whole_hours(periods.tz.key):
             return  # local periods do not start on UTC hours: raw rows only
         through, holes = spendcache.state(self.conn)
         if not through:
             return
         flt = self.flt
-        first = None if flt.since is None else _ceil_hour(flt.since)
+        first = None if flt.since is None else ceil_hour(flt.since)
         end = spendcache.hour_start(through)
         if flt.until is not None:
-            end = min(end, _floor_hour(flt.until))
+            end = min(end, floor_hour(flt.until))
         if first is not None and first >= end:
             return
         raw = []
@@ -135,9 +133,9 @@ class _Collector:
         i = 0
         while i < len(days):
             j = i
-            while j + 1 < len(days) and _next_day(days[j]) == days[j + 1]:
+            while j + 1 < len(days) and next_day(days[j]) == days[j + 1]:
                 j += 1
-            skips.append((days[i] + "T00", _next_day(days[j]) + "T00", days[i]))
+            skips.append((days[i] + "T00", next_day(days[j]) + "T00", days[i]))
             i = j + 1
         parts: list[tuple[str, str, str | None, str]] = []
         cursor = first
@@ -148,31 +146,6 @@ class _Collector:
             cursor = high
         parts.append(("report_hours", "hour", cursor, end))
         return parts
-
-    @property
-    def _ranged(self) -> bool:
-        return self.flt.since is not None or self.flt.until is not None
-
-    def _key_sql(self, alias: str = "", time_column: str = "started_at") -> tuple[str, str]:
-        """The (bucket, column) select items and the GROUP BY clause that goes with them."""
-        p = f"{alias}." if alias else ""
-        bucket = "''" if self.periods is None else self.periods.bucket_sql(p + time_column)
-        column = "''" if self.column is None else p + self.column
-        # Constants stay out of GROUP BY: they would keep SQLite from reading an index in
-        # group order and force a sort of every row.
-        grouped = [e for e in (bucket, column) if e != "''"]
-        group_by = f" GROUP BY {', '.join(grouped)}" if grouped else ""
-        return f"{bucket}, {column}", group_by
-
-    def _key(self, bucket: str, value: str | None, rolled_up: bool = False) -> Key:
-        label = None
-        if self.periods is not None:
-            label = (
-                self.periods.day_label(bucket) if rolled_up else self.periods.bucket_label(bucket)
-            )
-        if self.column is None:
-            return label, None
-        return label, (value or None) if rolled_up else value
 
     def _acc(self, key: Key) -> Acc:
         acc = self.groups.get(key)
@@ -202,15 +175,19 @@ class _Collector:
             # Only cached sums can net to nothing (a day whose calls all moved out).
             del self.groups[key]
             self.hists.pop(key, None)
-        # Alone, this condition lets SQLite use the small partial index `calls_unsettled`.
-        for bucket, value, simulated, started_at, loop, reserved in self.conn.execute(
-            f"SELECT {select}, simulated, started_at, loop, reserved_micro_usd"
-            f" FROM calls WHERE {_UNSETTLED}"
+        # Only the small partial index `calls_unsettled` matches this condition; named, since
+        # the planner would rather scan a whole covering budget index (m008) that holds every
+        # selected column: ~70 ms over a million rows, for usually no row at all.
+        # A call in flight saves nothing yet: its list cost, as summed above, comes out too.
+        for bucket, value, simulated, started_at, loop, reserved, listed in self.conn.execute(
+            f"SELECT {select}, simulated, started_at, loop, reserved_micro_usd, {_LIST_COST}"
+            f" FROM calls INDEXED BY calls_unsettled WHERE {_UNSETTLED}"
         ):
             if self.flt.keeps(simulated, started_at, loop):
                 acc = self._acc(self._key(bucket, value))
                 acc.sums["cost_micro_usd"] -= int(reserved)
                 acc.sums["reserved_micro_usd"] += int(reserved)
+                acc.sums["list_cost_micro_usd"] -= int(listed)
         if runs:
             self._collect_runs()
         self._collect_rollup()
@@ -233,7 +210,7 @@ class _Collector:
             select = f"day, {column}"
         else:
             select, group_by = self._key_sql(time_column=time)
-        sums = ", ".join(f"SUM({n})" for n in (*spendcache.SUM_NAMES, *spendcache.HIST_COLUMNS))
+        sums = _CACHED_SUMS
         width = len(spendcache.SUM_NAMES)
         for bucket, value, *values in self.conn.execute(
             f"SELECT {select}, {sums} FROM {table} WHERE {' AND '.join(clauses)}{group_by}",
@@ -276,7 +253,7 @@ class _Collector:
             params.append(self.flt.loop)
         column = "''" if self.column is None else self.column
         group_by = "hour" + ("" if self.column is None else f", {column}")
-        sums = ", ".join(f"SUM({n})" for n in (*spendcache.SUM_NAMES, *spendcache.HIST_COLUMNS))
+        sums = _CACHED_SUMS
         for hour, value, *values in self.conn.execute(
             f"SELECT hour, {column}, {sums} FROM report_hours"
             f" WHERE {' AND '.join(clauses)} GROUP BY {group_by}",
@@ -290,9 +267,10 @@ class _Collector:
     def _collect_runs(self) -> None:
         where, params = self.flt.sql("c")
         select, group_by = self._key_sql("c")
-        # CROSS JOIN fixes the join order: over a range, the range's calls look up their run;
-        # over all time, the few fallback runs (a partial index) look up their first call.
-        if self._ranged:
+        # CROSS JOIN fixes the join order: over a short range, the range's calls look up their
+        # run; over a long one (or all time), the fallback runs (a partial index) look up their
+        # calls, whichever touches fewer rows (see `_FALLBACK_PROBE_COST`).
+        if self._ranged and not self._few_fallbacks():
             source = "calls c INDEXED BY calls_started_at CROSS JOIN runs r ON r.id = c.run_id"
         else:
             source = (
@@ -320,6 +298,14 @@ class _Collector:
         ):
             self._acc(self._key(bucket, value)).sums["skipped"] += int(count)
 
+    def _few_fallbacks(self) -> bool:
+        """True when probing every fallback run is cheaper than walking the range's calls."""
+        in_range = sum(acc.sums["calls"] for acc in self.groups.values())
+        (fallbacks,) = self.conn.execute(
+            "SELECT COUNT(*) FROM runs INDEXED BY runs_fallback WHERE fallback = 1"
+        ).fetchone()
+        return int(fallbacks) * _FALLBACK_PROBE_COST < in_range
+
     def _collect_rollup(self) -> None:
         where, params = self.flt.rollup_sql()
         bucket = "day" if self.periods is not None else "''"
@@ -338,141 +324,14 @@ class _Collector:
             acc.add(names, sums)
             acc.sums["rolled_up_calls"] += int(sums[0] or 0)
 
-    def latencies(self) -> dict[Key, list[int]]:
-        """Every raw settled call's latency in the range, by group (for exact percentiles).
 
-        One pass fetching the values beats one sorting query per group: SQLite's sorter costs
-        more per row than Python's list sort, and the range is read once instead of per group.
-        """
-        select, _ = self._key_sql()
-        out: dict[Key, list[int]] = {}
-        for flt in self.raw:
-            where, params = flt.sql()
-            ranged = flt.since is not None or flt.until is not None
-            hint = "INDEXED BY calls_started_at" if ranged else ""
-            for bucket, value, ms in self.conn.execute(
-                f"SELECT {select}, latency_ms FROM calls {hint}"
-                f" WHERE {where} AND latency_ms IS NOT NULL",
-                params,
-            ):
-                out.setdefault(self._key(bucket, value), []).append(int(ms))
-        return out
-
-    def p95s(
-        self, keys: Sequence[Key], latencies: dict[Key, list[int]]
-    ) -> tuple[dict[Key, int | None], int | None]:
-        """The exact p95 of each group and of all of them (the total).
-
-        Raw values are sorted directly; where cached histograms are involved, they locate the
-        bucket holding the rank and only that bucket's raw latencies are read (by index).
-        """
-        nb = len(spendcache.HIST_COLUMNS)
-        total_hist = [0] * nb
-        for hist in self.hists.values():
-            for i, count in enumerate(hist):
-                total_hist[i] += count
-        wanted: dict[tuple[Key | None, int], int] = {}  # (group or None: total, bucket) → rank
-        out: dict[Key, int | None] = {}
-        total: int | None = None
-
-        def plan(target: Key | None, hist: list[int], values: list[int]) -> int | None:
-            if not any(hist):
-                return percentile_95(values)
-            merged = list(hist)
-            for ms in values:
-                merged[spendcache.bucket_of(ms)] += 1
-            rank = nearest_rank(sum(merged))
-            for index, count in enumerate(merged):
-                if rank <= count:
-                    wanted[(target, index)] = rank
-                    return None
-                rank -= count
-            raise AssertionError("rank beyond the histogram")
-
-        for key in keys:
-            out[key] = plan(key, self.hists.get(key, [0] * nb), latencies.get(key, []))
-        total = plan(None, total_hist, [ms for values in latencies.values() for ms in values])
-        if wanted:
-            found = self._bucket_values({index for _, index in wanted})
-            for (target, index), rank in wanted.items():
-                if target is None:
-                    pool = [ms for (_, i), v in found.items() if i == index for ms in v]
-                else:
-                    pool = found.get((target, index), [])
-                pool.sort()
-                if target is None:
-                    total = pool[rank - 1]
-                else:
-                    out[target] = pool[rank - 1]
-        return out, total
-
-    def _bucket_values(self, buckets: set[int]) -> dict[tuple[Key, int], list[int]]:
-        """Every raw latency in the range that falls in one of the buckets, by group."""
-        where, params = self.flt.sql()
-        select, _ = self._key_sql()
-        found: dict[tuple[Key, int], list[int]] = {}
-        if self._ranged and sum(sum(h) for h in self.hists.values()) < _SCAN_RANGE:
-            # A short range: one pass over its rows beats probing the buckets ledger-wide.
-            for bucket, value, ms in self.conn.execute(
-                f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_started_at"
-                f" WHERE {where} AND latency_ms IS NOT NULL",
-                params,
-            ):
-                index = spendcache.bucket_of(int(ms))
-                if index in buckets:
-                    found.setdefault((self._key(bucket, value), index), []).append(int(ms))
-            return found
-        for index in sorted(buckets):
-            low, high = spendcache.bucket_range(index)
-            clauses = [where, "latency_ms IS NOT NULL"]
-            extra: list[Any] = []
-            if low is not None:
-                clauses.append("latency_ms >= ?")
-                extra.append(low)
-            if high is not None:
-                clauses.append("latency_ms < ?")
-                extra.append(high)
-            for bucket, value, ms in self.conn.execute(
-                f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_latency"
-                f" WHERE {' AND '.join(clauses)}",
-                [*params, *extra],
-            ):
-                found.setdefault((self._key(bucket, value), index), []).append(int(ms))
-        return found
-
-
-_SCAN_RANGE = 100_000  # cached latencies in a range below which it is scanned, not probed
+# What looking up one fallback run's calls costs, in calls walked by the range scan (measured
+# on a 1M-row ledger: ~1.7 µs per fallback run against ~0.27 µs per call in the range).
+_FALLBACK_PROBE_COST = 6
 
 
 class _NotWholeHours(Exception):
     """A cached hour straddles two local periods: read raw rows instead."""
-
-
-@functools.lru_cache(maxsize=32)
-def _whole_hours(zone: str) -> bool:
-    """True when the zone's offset is a whole number of hours (sampled twice a month)."""
-    tz = ZoneInfo(zone)
-    for year in range(1990, 2050):
-        for month in range(1, 13):
-            for day in (1, 15):
-                offset = datetime(year, month, day, tzinfo=UTC).astimezone(tz).utcoffset()
-                if offset is None or offset.total_seconds() % 3600:
-                    return False
-    return True
-
-
-def _next_day(day: str) -> str:
-    return (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
-
-
-def _floor_hour(at: datetime) -> datetime:
-    at = at.astimezone(UTC)
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
-def _ceil_hour(at: datetime) -> datetime:
-    floor = _floor_hour(at)
-    return floor if floor == at else floor + timedelta(hours=1)
 
 
 def collected(

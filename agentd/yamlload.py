@@ -9,14 +9,18 @@ from dataclasses import dataclass
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from types import NoneType, UnionType
-from typing import Annotated, Any, Union, get_args, get_origin
+from typing import TYPE_CHECKING, Annotated, Any, Union, get_args, get_origin
 
 import yaml
-from pydantic import BaseModel, ValidationError
-from pydantic_core import ErrorDetails
 from yaml.constructor import ConstructorError
 from yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 from yaml.reader import ReaderError
+
+if TYPE_CHECKING:
+    # Only reporting a validation error needs pydantic: the light config read of read-only
+    # commands (`configpaths.read_basics`) must not pay its import time.
+    from pydantic import BaseModel, ValidationError
+    from pydantic_core import ErrorDetails
 
 KeyPath = Sequence[str | int]
 KeyTuple = tuple[str | int, ...]
@@ -343,6 +347,8 @@ def _unwrap(tp: Any) -> Any:
 
 def _suggest(root: type[BaseModel], loc: KeyTuple) -> str:
     """` (did you mean 'x'?)` or ` (allowed: ...)` for an unknown key at loc."""
+    from pydantic import BaseModel
+
     tp: Any = root
     for part in loc[:-1]:
         tp = _unwrap(tp)

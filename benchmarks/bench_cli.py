@@ -2,13 +2,15 @@
 
 Each command is a fresh process (hyperfine when installed, else a subprocess loop), so the
 number includes interpreter start-up and every import. `python -X importtime` then lists the
-modules that cost the most to import in `agentd ledger`, to show what lazy imports would save.
+modules that cost the most to import in `agentd ledger`, to show what lazy imports would save,
+and which of the notable heavy packages it imports at all.
 Goal (issue 9): ≤ 250 ms for `agentd --help` and `agentd ledger`.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import re
 import sys
 import tempfile
@@ -53,6 +55,36 @@ def import_top(cmd: list[str], env: dict[str, str], top: int) -> list[tuple[floa
     return rows[:top]
 
 
+# Packages worth knowing about on a read path: (name, why it is heavy or notable).
+NOTABLE = (
+    "pydantic",
+    "sqlite_utils",
+    "asyncio",
+    "structlog",
+    "yaml",
+    "rich",
+    "httpx",
+    "anthropic",
+    "openai",
+    "apscheduler",
+)
+
+
+def notable_imports(cmd: list[str], env: dict[str, str]) -> dict[str, bool]:
+    """Which NOTABLE packages one run of `agentd *cmd` imports."""
+    code = (
+        "import json, sys\n"
+        "from agentd.cli import main\n"
+        "try:\n"
+        "    main(sys.argv[1:], prog_name='agentd', standalone_mode=False)\n"
+        "finally:\n"
+        "    print(json.dumps(sorted(sys.modules)), file=sys.stderr)\n"
+    )
+    res = run_quiet([PYTHON, "-c", code, *cmd], env=env)
+    loaded = set(json.loads(res.stderr.strip().splitlines()[-1]))
+    return {name: name in loaded for name in NOTABLE}
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--runs", type=int, default=20)
@@ -80,6 +112,7 @@ def main(argv: list[str] | None = None) -> int:
         }
         samples, tool = time_commands(commands, runs=args.runs, warmup=args.warmup, env=env)
         top = import_top(["--state-dir", str(state), "ledger"], env, args.top)
+        notable = notable_imports(["--state-dir", str(state), "ledger"], env)
     print(f"# cold start, wall ms ({tool}), median (min–max) of {args.runs}; goal ≤ 250 ms")
     print("| command | ms |\n|---|---|")
     for name, vals in samples.items():
@@ -87,7 +120,14 @@ def main(argv: list[str] | None = None) -> int:
     print("\n# top imports of `agentd ledger` (cumulative ms, -X importtime, one run)")
     for ms, name in top:
         print(f"  {ms:8.1f}  {name}")
-    result: dict[str, Any] = {"tool": tool, "commands": samples, "imports": top}
+    print("\n# notable packages imported by `agentd ledger`")
+    print("  " + ", ".join(f"{name} {'yes' if hit else 'no'}" for name, hit in notable.items()))
+    result: dict[str, Any] = {
+        "tool": tool,
+        "commands": samples,
+        "imports": top,
+        "notable": notable,
+    }
     emit_json(args.json, {"benchmark": "cli", **result})
     return 0
 

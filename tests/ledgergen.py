@@ -3,8 +3,10 @@
 Rows go straight into the real schema (the ledger is opened, and so migrated, through
 `Ledger.open`), bypassing `budgets.reserve`, which would take minutes for a million rows. The
 mix resembles a daemon's: a few loops on different tiers, runs of one to three attempts, a few
-per cent failed attempts and fallback runs, cache tokens, some simulated runs and skipped runs,
-and a handful of calls still in flight. Deterministic for a given seed.
+per cent failed attempts and fallback runs, cache tokens, batch calls (half price) on the
+loops that can wait, some simulated runs and skipped runs, and a handful of calls still in
+flight. List costs (`list_cost_micro_usd`) are filled as the executor writes them, except on
+the oldest twentieth of the rows (NULL, as written before m012). Deterministic for a seed.
 
     python tests/ledgergen.py STATE_DIR [--calls 1000000] [--days 365] [--seed 0]
 
@@ -50,6 +52,9 @@ _CHAINS: dict[str, tuple[tuple[str, str, str], ...]] = {
 # Micro-USD per token (input, output): rough list prices, enough for realistic sums.
 _RATES = {"fast": (1, 5), "balanced": (3, 15), "deep": (15, 75)}
 _PURPOSE_TIER = {"classify": "fast", "review": "fast", "escalate": "deep"}
+# Loops whose runs can wait for a batch, and the share of their calls sent as one.
+_BATCH_LOOPS = frozenset({"research", "digest"})
+_BATCH_SHARE = 0.3
 
 
 @dataclass(frozen=True)
@@ -97,6 +102,7 @@ def generate_ledger(
     # Runs average ~1.56 attempts: slot them on an even grid with a little noise.
     n_runs = max(1, int(calls / 1.5625))
     step_us = span_us // n_runs
+    listed_from = start_us + span_us // 20  # rows before it have no list cost (pre-m012)
     runs: list[tuple[Any, ...]] = []
     rows: list[tuple[Any, ...]] = []
     written_calls = 0
@@ -113,9 +119,9 @@ def generate_ledger(
             " status, error_type, http_status, error, input_tokens, output_tokens,"
             " cache_read_tokens, cache_write_tokens, reasoning_tokens, reserved_micro_usd,"
             " cost_micro_usd, priced, simulated, batch, owner, started_at, finished_at,"
-            " latency_ms, request_id)"
-            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, 1, ?, 0,"
-            " ?, ?, ?, ?, 'req_011CVgenerated0000000000')"
+            " latency_ms, request_id, list_cost_micro_usd)"
+            " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, NULL, ?, ?, ?, ?, ?, ?, ?, 1, ?, ?,"
+            " ?, ?, ?, ?, 'req_011CVgenerated0000000000', ?)"
         )
 
         def flush() -> None:
@@ -152,12 +158,14 @@ def generate_ledger(
                     fails = rng.random() < 0.04 and position < len(chain) - 1
                     in_rate, out_rate = _RATES[call_tier]
                     reserved = 4_000 * in_rate + 1_000 * out_rate
+                    batch = int(loop in _BATCH_LOOPS and rng.random() < _BATCH_SHARE)
+                    listed = at >= listed_from
                     near_end = at > start_us + span_us - 60_000_000
                     if near_end and rng.random() < 0.3:
                         rows.append(
                             (call_id, run_id, loop, purpose, call_tier, alias, provider, model,
                              attempt, "pending", None, None, None, None, None, None, None,
-                             reserved, None, simulated, OWNER, _iso(at), None, None)
+                             reserved, None, simulated, batch, OWNER, _iso(at), None, None, None)
                         )  # fmt: skip
                         run_ok = False
                         break
@@ -167,8 +175,8 @@ def generate_ledger(
                         rows.append(
                             (call_id, run_id, loop, purpose, call_tier, alias, provider, model,
                              attempt, status, "RateLimited", 429, None, None, None, None, None,
-                             reserved, cost, simulated, OWNER, _iso(at),
-                             _iso(at + latency * 1000), latency)
+                             reserved, cost, simulated, batch, OWNER, _iso(at),
+                             _iso(at + latency * 1000), latency, cost if listed else None)
                         )  # fmt: skip
                         run_cost += cost
                         continue
@@ -177,14 +185,21 @@ def generate_ledger(
                     cache_write = rng.randrange(0, inp // 4) if rng.random() < 0.1 else 0
                     out = rng.randrange(10, 1_000)
                     reasoning = rng.randrange(0, out // 2) if call_tier == "deep" else 0
+                    # Cache reads at a tenth of the input rate, writes at 1.25 times it.
                     cost = (
-                        (inp - cache_read) * in_rate + cache_read * in_rate // 10 + out * out_rate
+                        (inp - cache_read) * in_rate
+                        + cache_read * in_rate // 10
+                        + cache_write * in_rate // 4
+                        + out * out_rate
                     )
+                    if batch:
+                        cost = (cost + 1) // 2  # half price, rounded up
+                    list_cost = inp * in_rate + out * out_rate
                     rows.append(
                         (call_id, run_id, loop, purpose, call_tier, alias, provider, model,
                          attempt, "ok", None, None, inp, out, cache_read, cache_write, reasoning,
-                         reserved, cost, simulated, OWNER, _iso(at), _iso(at + latency * 1000),
-                         latency)
+                         reserved, cost, simulated, batch, OWNER, _iso(at),
+                         _iso(at + latency * 1000), latency, list_cost if listed else None)
                     )  # fmt: skip
                     run_cost += cost
                     fallback |= int(position > 0)

@@ -18,6 +18,9 @@ The known rows (real unless said; UTC, March 2026; 2026-03-09 is a Monday; µ$ =
 - A4 alpha 03-12 14:00, still running: haiku pending, 700 µ$ reserved.
 - S1 alpha 03-10 08:00, simulated: haiku ok, in 100, out 10, 50000 µ$, 10 ms.
 - K1 alpha 03-10 08:00 skipped_budget and K2 beta 03-12 09:00 skipped_noop (no calls).
+
+These rows have no list cost (`list_cost_micro_usd` NULL, as written before m012): they save
+nothing. `write_savings` writes another set, with list costs, for the saving column.
 """
 
 from __future__ import annotations
@@ -55,6 +58,8 @@ class Call:
     latency: int | None = None
     purpose: str = "work"
     reserved: int = 100_000
+    list_cost: int | None = None  # at list price; None: unknown (before m012, unpriced)
+    batch: bool = False
 
 
 def at(day: int, hour: int, minute: int = 0) -> datetime:
@@ -87,6 +92,7 @@ def write_run(
             model=model,
             attempt=n,
             simulated=simulated,
+            batch=call.batch,
         )
         call_id = budgets.reserve(
             ledger,
@@ -107,6 +113,13 @@ def write_run(
                 latency_ms=call.latency,
                 http_status=500 if call.status == "error" else None,
             )
+        if call.list_cost is not None:
+            # What the executor records at settle time beside the cost (see `write_savings`).
+            with ledger.write() as conn:
+                conn.execute(
+                    "UPDATE calls SET list_cost_micro_usd = ? WHERE id = ?",
+                    (call.list_cost, call_id),
+                )
     if status != "running":
         ledger.finish_run(
             run_id,
@@ -197,6 +210,99 @@ def write_known(ledger: Ledger) -> Ledger:
     return ledger
 
 
+def write_savings(ledger: Ledger) -> Ledger:
+    """Rows whose list cost differs from their cost (week 12, March 2026); return the ledger.
+
+    At `config_data`'s prices (µ$ per token: haiku 1 / 5, cache read 0.1, write 1.25;
+    sonnet 3 / 15, 0.3; gpt-mini 0.15 / 0.6), list cost = all input at the input rate + output
+    at the output rate; a batch call costs half its price. saved = list − cost:
+
+    - V1 delta 03-16 09:00: haiku ok, in 10000 (cache read 8000), out 500: cost 2000 + 800
+      + 2500 = 5300, list 12500, saved 7200.
+    - V2 delta 03-16 10:00: sonnet ok, batch, in 4000, out 1000: list 27000, cost 13500,
+      saved 13500.
+    - V3 delta 03-16 11:00: haiku ok, in 2000 (cache write 1000), out 100: cost 1000 + 1250
+      + 500 = 2750, list 2500, saved −250 (the write was never read back).
+    - V4 omega 03-17 08:00, a fallback run: haiku error (cost 0, list 0), then gpt-mini ok,
+      batch, in 10000, out 2000: list 2700, cost 1350, saved 1350.
+    - V5 omega 03-17 09:00, failed: sonnet aborted, at its reservation 6000 (list 6000).
+    - V6 omega 03-17 10:00: haiku ok, in 1000, out 100, 1500 µ$, no list cost (NULL).
+    - V7 omega 03-18 12:00, still running: sonnet pending, batch, 9000 µ$ reserved.
+    - V8 delta 03-18 13:00: sonnet draft ok, in 20000 (cache read 15000), out 1000: cost
+      15000 + 4500 + 15000 = 34500, list 75000, saved 40500.
+    - V9 delta 03-17 07:00, simulated: haiku ok, in 1000, out 100, cost 50, list 1500.
+
+    Real totals: list 127200, cost 64900, saved 62300 (delta 60950, omega 1350), reserved 9000.
+    """
+    write_run(
+        ledger,
+        "delta",
+        at(16, 9),
+        [Call(HAIKU, "ok", Usage(10_000, 500, 8_000), 5300, 900, list_cost=12_500)],
+    )
+    write_run(
+        ledger,
+        "delta",
+        at(16, 10),
+        [Call(SONNET, "ok", Usage(4_000, 1_000), 13_500, 60_000, list_cost=27_000, batch=True)],
+    )
+    write_run(
+        ledger,
+        "delta",
+        at(16, 11),
+        [Call(HAIKU, "ok", Usage(2_000, 100, 0, 1_000), 2750, 300, list_cost=2_500)],
+    )
+    write_run(
+        ledger,
+        "omega",
+        at(17, 8),
+        [
+            Call(HAIKU, "error", None, 0, 40, list_cost=0),
+            Call(GPT_MINI, "ok", Usage(10_000, 2_000), 1350, 90_000, list_cost=2_700, batch=True),
+        ],
+        fallback=True,
+    )
+    write_run(
+        ledger,
+        "omega",
+        at(17, 9),
+        [Call(SONNET, "aborted", None, 6000, 2000, reserved=6000, list_cost=6000)],
+        status="failed",
+    )
+    write_run(ledger, "omega", at(17, 10), [Call(HAIKU, "ok", Usage(1_000, 100), 1500, 200)])
+    write_run(
+        ledger,
+        "omega",
+        at(18, 12),
+        [Call(SONNET, "pending", reserved=9000, batch=True)],
+        status="running",
+    )
+    write_run(
+        ledger,
+        "delta",
+        at(18, 13),
+        [
+            Call(
+                SONNET,
+                "ok",
+                Usage(20_000, 1_000, 15_000),
+                34_500,
+                2500,
+                purpose="draft",
+                list_cost=75_000,
+            )
+        ],
+    )
+    write_run(
+        ledger,
+        "delta",
+        at(17, 7),
+        [Call(HAIKU, "ok", Usage(1_000, 100), 50, 10, list_cost=1500)],
+        simulated=True,
+    )
+    return ledger
+
+
 def sql_sums(
     ledger: Ledger, where: str = "simulated = 0", params: tuple[object, ...] = ()
 ) -> dict[str, int]:
@@ -212,7 +318,9 @@ def sql_sums(
             "   ELSE cost_micro_usd END), 0),"
             " COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted')"
             "   THEN reserved_micro_usd ELSE 0 END), 0),"
-            " COUNT(DISTINCT run_id)"
+            " COUNT(DISTINCT run_id),"
+            " COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted') THEN 0"
+            "   ELSE COALESCE(list_cost_micro_usd, cost_micro_usd) - cost_micro_usd END), 0)"
             f" FROM calls WHERE {where}",
             params,
         ).fetchone()
@@ -232,6 +340,7 @@ def sql_sums(
         "cost_micro_usd",
         "reserved_micro_usd",
         "runs",
+        "saved_micro_usd",
     )
     sums = {n: int(v or 0) for n, v in zip(names, row, strict=True)}
     sums["fallbacks"] = int(fallbacks)

@@ -31,6 +31,7 @@ SUMMED = (
     "reasoning_tokens",
     "cost_micro_usd",
     "reserved_micro_usd",
+    "saved_micro_usd",
 )
 
 
@@ -67,6 +68,7 @@ def test_by_loop_hand_computed(ledger: Ledger) -> None:
         "reasoning_tokens": 100,
         "cost_micro_usd": 26250,
         "reserved_micro_usd": 0,
+        "saved_micro_usd": 0,  # no list cost recorded (rows as before m012): no saving known
         "avg_latency_ms": 1467,  # (200 + 1200 + 3000) / 3 = 1466.67, half up
         "p95_latency_ms": 3000,  # n = 3: rank ⌈2.85⌉ = 3, the largest
     }
