@@ -186,7 +186,8 @@ def decide_for_run(config: Config, loop_name: str, prefix: str, now: datetime) -
     """The decision for one run of a loop, on its primary model (a cache is per model)."""
     loop = config.loops[loop_name]
     entry = config.chain(loop_name)[0]
-    price = config.price(entry.alias)
+    # A batch loop is billed at batch rates, cache reads and writes included.
+    price = config.price(entry.alias, batch=loop.batch is not None)
     return decide(
         loop.cache,
         prefix=prefix,

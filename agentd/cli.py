@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
 import functools
 import json
 import sys
@@ -32,9 +31,18 @@ class Context:
 
         return load_config(resolve_config_path(self.config_option))
 
+    def basics(self) -> Any:
+        """Only the config's `timezone` and `state_dir`, for read-only commands (exit 78 if bad).
+
+        Validating the whole file would cost a report more than the report itself.
+        """
+        from agentd.configpaths import read_basics, resolve_config_path
+
+        return read_basics(resolve_config_path(self.config_option))
+
     def state_dir(self, config: Any | None) -> Path:
         """The state directory, by the design's resolution order."""
-        from agentd.config import resolve_state_dir
+        from agentd.configpaths import resolve_state_dir
 
         return resolve_state_dir(self.state_dir_option, config)
 
@@ -113,17 +121,26 @@ def check(obj: Context) -> None:
     "--simulate", is_flag=True, help="Use the built-in offline model (no key, no network)."
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the result as JSON.")
+@click.option(
+    "--no-wait",
+    is_flag=True,
+    help="A batch loop: print the batch id once submitted and leave the rest to the daemon.",
+)
 @click.pass_obj
 @handle_errors
-def once(obj: Context, loop: str, simulate: bool, as_json: bool) -> None:
-    """Run LOOP once now; print its reply and cost."""
+def once(obj: Context, loop: str, simulate: bool, as_json: bool, no_wait: bool) -> None:
+    """Run LOOP once now; print its reply and cost (a batch loop waits for its batch)."""
+    import asyncio
+
     from agentd.runner import run_once
     from agentd.views import once_result_json, once_result_text
 
     config = obj.config()
     if loop not in config.loops:
         _fail(f"no loop named {loop!r} (loops: {', '.join(sorted(config.loops))})", EXIT_USAGE)
-    result = asyncio.run(run_once(config, obj.state_dir(config), loop, simulate=simulate))
+    result = asyncio.run(
+        run_once(config, obj.state_dir(config), loop, simulate=simulate, wait=not no_wait)
+    )
     click.echo(once_result_json(result) if as_json else once_result_text(result))
     sys.exit(result.exit_code)
 
@@ -150,7 +167,7 @@ def _socket(obj: Context) -> Path:
     """The running daemon's control socket, found the way the daemon chose it."""
     from agentd.control_client import find_socket
 
-    state_dir = _state_dir_for_reading(obj)
+    state_dir = _reading(obj, full=True)[1]
     # With an explicit --state-dir, don't fall back to the systemd socket of another daemon.
     if obj.state_dir_option:
         return find_socket(state_dir, fallbacks=())
@@ -229,6 +246,8 @@ def reload(obj: Context) -> None:
 @handle_errors
 def route(obj: Context, text: str, loop_name: str | None, simulate: bool, as_json: bool) -> None:
     """Explain which tier and model TEXT would get, what it may cost, and why."""
+    import asyncio
+
     from agentd.routeexplain import explain_route, format_explanation
 
     config = obj.config()
@@ -281,7 +300,7 @@ def ledger(
     """Spend from the ledger by loop, tier, model, provider, purpose, day, week or month."""
     if ctx.invoked_subcommand is not None:
         return
-    from agentd.views import ledger_report
+    from agentd.spendviews import ledger_report
 
     config, state_dir = _reading(ctx.obj)
     since_at = _when(since or ("30d" if chart else "24h"), config, "--since")
@@ -314,7 +333,7 @@ def ledger(
 @handle_errors
 def ledger_prune(obj: Context, before: str, dry_run: bool, no_rollup: bool, vacuum: bool) -> None:
     """Delete old rows (never those a live budget window needs), keeping daily roll-ups."""
-    from agentd.views import prune_ledger
+    from agentd.spendviews import prune_ledger
 
     config, state_dir = _reading(obj)
     click.echo(
@@ -341,7 +360,7 @@ def ledger_calls(
     obj: Context, loop_name: str | None, limit: int, as_json: bool, as_csv: bool, simulated: bool
 ) -> None:
     """The most recent attempts, newest first."""
-    from agentd.views import calls_report
+    from agentd.spendviews import calls_report
 
     fmt = _format(as_json, as_csv)
     click.echo(calls_report(_state_dir_for_reading(obj), loop_name, limit, simulated, fmt))
@@ -376,7 +395,7 @@ def budget(obj: Context, as_json: bool, as_csv: bool, simulated: bool) -> None:
 @handle_errors
 def report(obj: Context, html_path: Path, since: str, until: str | None, simulated: bool) -> None:
     """Write spend charts and tables as one HTML file (no network assets)."""
-    from agentd.views import html_report_file
+    from agentd.spendviews import html_report_file
 
     config, state_dir = _reading(obj)
     click.echo(
@@ -420,6 +439,7 @@ def plan(obj: Context, days: int, against: str | None, as_json: bool, as_csv: bo
 )
 @click.option("--since", default="30d", show_default=True, help="A span or a date.")
 @click.option("--until", default=None, help="A span back from now or a date (exclusive).")
+@click.option("--simulated", is_flag=True, help="Re-price the simulated calls instead.")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
 @click.pass_obj
@@ -431,6 +451,7 @@ def reprice(
     all_model: str | None,
     since: str,
     until: str | None,
+    simulated: bool,
     as_json: bool,
     as_csv: bool,
 ) -> None:
@@ -438,7 +459,7 @@ def reprice(
     from agentd.config import load_config
     from agentd.views import reprice_report
 
-    config, state_dir = _reading(obj)
+    config, state_dir = _reading(obj, full=True)
     other = load_config(against) if against else None
     try:
         text = reprice_report(
@@ -450,6 +471,7 @@ def reprice(
             since=_when(since, config, "--since"),
             until=_when(until, config, "--until") if until else None,
             fmt=_format(as_json, as_csv),
+            simulated=simulated,
         )
     except ValueError as exc:
         raise click.UsageError(str(exc)) from exc
@@ -479,10 +501,14 @@ def _when(value: str, config: Any | None, option: str) -> datetime:
         raise click.BadParameter(str(exc), param_hint=option) from exc
 
 
-def _reading(obj: Context) -> tuple[Any | None, Path]:
-    """Reports need the state dir; the config helps but is optional (it may be elsewhere)."""
+def _reading(obj: Context, *, full: bool = False) -> tuple[Any | None, Path]:
+    """Reports need the state dir; the config helps but is optional (it may be elsewhere).
+
+    Without `full` only the keys a report reads are checked (`timezone`, `state_dir`, and no
+    unknown top-level key): the rest of the file is the business of the commands that use it.
+    """
     try:
-        config = obj.config()
+        config = obj.config() if full else obj.basics()
     except ConfigError:
         if obj.state_dir_option is None:
             raise

@@ -1,20 +1,20 @@
 """The configuration: pydantic models of the YAML, load_config(), path resolution, API keys.
 
-This module is the only reader of `AGENTD_*` environment variables. Everything downstream gets
-typed objects and never re-reads YAML or the environment.
+This module (with `agentd.configpaths`, its pydantic-free part: path resolution and the light
+read of read-only commands) is the only reader of `AGENTD_*` environment variables. Everything
+downstream gets typed objects and never re-reads YAML or the environment.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
 from typing import Annotated, Any, Literal
-from zoneinfo import ZoneInfo, ZoneInfoNotFoundError
+from zoneinfo import ZoneInfo
 
 from pydantic import (
     BaseModel,
@@ -26,6 +26,18 @@ from pydantic import (
     model_validator,
 )
 
+# Re-exported (`as`): config.py stays the one place to import the configuration from.
+from agentd.configpaths import CONFIG_FILENAME as CONFIG_FILENAME
+from agentd.configpaths import ENV_CONFIG as ENV_CONFIG
+from agentd.configpaths import ENV_STATE_DIR as ENV_STATE_DIR
+from agentd.configpaths import ENV_SYSTEMD_STATE as ENV_SYSTEMD_STATE
+from agentd.configpaths import LOCAL_CONFIG_PATH as LOCAL_CONFIG_PATH
+from agentd.configpaths import SYSTEM_CONFIG_PATH as SYSTEM_CONFIG_PATH
+from agentd.configpaths import ConfigBasics as ConfigBasics
+from agentd.configpaths import read_basics as read_basics
+from agentd.configpaths import resolve_config_path as resolve_config_path
+from agentd.configpaths import resolve_state_dir as resolve_state_dir
+from agentd.configpaths import timezone_problem, top_level
 from agentd.errors import ConfigError
 from agentd.loopconfig import (
     _STRICT,
@@ -33,7 +45,7 @@ from agentd.loopconfig import (
     BudgetConfig,
     LoopConfig,
 )
-from agentd.pricing import Price, lookup_price, override_price
+from agentd.pricing import Price, batch_price, lookup_price, override_price
 from agentd.routeprompts import REQUIRED as ROUTE_TEMPLATE_PLACEHOLDERS
 from agentd.yamlload import (
     ConfigProblem,
@@ -42,15 +54,8 @@ from agentd.yamlload import (
     first_problem,
     format_key_path,
     read_document,
-    show_value,
 )
 
-ENV_CONFIG = "AGENTD_CONFIG"
-ENV_STATE_DIR = "AGENTD_STATE_DIR"
-ENV_SYSTEMD_STATE = "STATE_DIRECTORY"  # set by systemd's StateDirectory=
-CONFIG_FILENAME = "agent-model-config.yaml"
-LOCAL_CONFIG_PATH = Path("config") / CONFIG_FILENAME
-SYSTEM_CONFIG_PATH = Path("/etc/agentd") / CONFIG_FILENAME
 SCHEMA_FILENAME = "agent-model-config.schema.json"
 
 KeyPath = tuple[str | int, ...]
@@ -194,6 +199,8 @@ class ChainEntry:
     provider: ProviderConfig
 
 
+# A new top-level key goes into `configpaths.TOP_LEVEL_KEYS` too (the light read of read-only
+# commands refuses unknown keys; tests/test_configpaths.py keeps the two in step).
 class Config(BaseModel):
     """The whole configuration file."""
 
@@ -219,12 +226,9 @@ class Config(BaseModel):
     @field_validator("timezone")
     @classmethod
     def _check_timezone(cls, value: str) -> str:
-        try:
-            ZoneInfo(value)
-        except (ZoneInfoNotFoundError, ValueError, OSError):
-            raise ValueError(
-                f"unknown time zone {value!r} (use an IANA name like UTC or Europe/Berlin)"
-            ) from None
+        problem = timezone_problem(value)
+        if problem is not None:
+            raise ValueError(problem)
         return value
 
     @model_validator(mode="after")
@@ -397,13 +401,17 @@ class Config(BaseModel):
                 unique.append(entry)
         return unique
 
-    def price(self, alias: str) -> Price | None:
-        """A model's price: the config override if given, else the built-in table, else None."""
+    def price(self, alias: str, *, batch: bool = False) -> Price | None:
+        """A model's price: the config override if given, else the built-in table, else None.
+
+        `batch`: the batch API's price (an override is discounted like the providers do).
+        """
         model = self.models[alias]
         if model.price is not None:
             p = model.price
-            return override_price(p.input, p.output, p.cache_read, p.cache_write, p.cache_write_1h)
-        return lookup_price(self.providers[model.provider].type, model.model)
+            price = override_price(p.input, p.output, p.cache_read, p.cache_write, p.cache_write_1h)
+            return batch_price(price) if batch else price
+        return lookup_price(self.providers[model.provider].type, model.model, batch=batch)
 
     def context_window(self, alias: str) -> int | None:
         """A model's context window in tokens: `models.X.context_window`, else the price table's."""
@@ -454,54 +462,13 @@ def _config_error(file: str, problem: YamlProblem) -> ConfigError:
 
 def _validate(document: YamlDocument, path: Path, file: str) -> Config:
     """Build the Config from parsed YAML, translating pydantic errors into one ConfigError."""
-    if document.data is None:
-        raise ConfigError(file, "the file is empty (expected providers, models, tiers and loops)")
-    if not isinstance(document.data, dict):
-        got = show_value(document.data)
-        raise ConfigError(file, f"the top level must be a mapping of settings (got {got})", line=1)
+    data = top_level(document.data, file)
     try:
-        return Config.model_validate(document.data, context={"path": path})
+        return Config.model_validate(data, context={"path": path})
     except ValidationError as exc:
         raise _config_error(file, first_problem(exc, document, Config)) from None
     except RecursionError:
         raise ConfigError(file, "a YAML alias refers to its own anchor") from None
-
-
-# ---------------------------------------------------------------------------- paths and keys
-
-
-def resolve_config_path(
-    cli_value: str | None,
-    env: Mapping[str, str] | None = None,
-    cwd: Path | None = None,
-    *,
-    system_path: Path = SYSTEM_CONFIG_PATH,
-) -> Path:
-    """`--config` > `$AGENTD_CONFIG` > `./config/…` > `/etc/agentd/…`: first given or existing."""
-    env = os.environ if env is None else env
-    if cli_value:
-        return Path(cli_value).expanduser()
-    if env.get(ENV_CONFIG):
-        return Path(env[ENV_CONFIG]).expanduser()
-    local = LOCAL_CONFIG_PATH if cwd is None else cwd / LOCAL_CONFIG_PATH
-    if local.exists() or not system_path.exists():
-        return local  # when neither exists, the error names the local path
-    return system_path
-
-
-def resolve_state_dir(
-    cli_value: str | None, config: Config | None, env: Mapping[str, str] | None = None
-) -> Path:
-    """`--state-dir` > `$AGENTD_STATE_DIR` > `$STATE_DIRECTORY` > `state_dir:` > `./state`."""
-    env = os.environ if env is None else env
-    # systemd passes one path per StateDirectory= entry, colon-separated: agentd's is the first.
-    systemd = env.get(ENV_SYSTEMD_STATE, "").split(":")[0]
-    for candidate in (cli_value, env.get(ENV_STATE_DIR), systemd):
-        if candidate:
-            return Path(candidate).expanduser().absolute()
-    if config is not None and config.state_dir:
-        return (config.dir / Path(config.state_dir).expanduser()).absolute()
-    return Path("state").absolute()
 
 
 # ---------------------------------------------------------------------------- JSON schema

@@ -36,6 +36,9 @@ class SourceText:
     placeholder: str
     title: str
     text: str
+    # A file's text is the same from run to run until someone edits it: it may lead the
+    # prompt (cacheable prefix). Command output and the last reply change every run.
+    stable: bool = False
 
 
 @dataclass(frozen=True)
@@ -230,7 +233,16 @@ def _read_files(config: Config, source: ContextSource) -> tuple[str, str | None]
 
 async def _file_source(config: Config, source: ContextSource) -> tuple[SourceText, str | None]:
     text, problem = await asyncio.to_thread(_read_files, config, source)
-    return SourceText(source.placeholder, f"file {source.file}", text), problem
+    return SourceText(source.placeholder, f"file {source.file}", text, stable=True), problem
+
+
+def stable_sources(config: Config, loop_name: str) -> list[SourceText]:
+    """The loop's file sources, read now: what `agentd check` and `plan` need for the prefix."""
+    return [
+        SourceText(s.placeholder, f"file {s.file}", _read_files(config, s)[0], stable=True)
+        for s in config.loops[loop_name].context
+        if s.kind == "file"
+    ]
 
 
 async def _command_source(config: Config, source: ContextSource, log: Any) -> SourceText:
@@ -360,16 +372,21 @@ def stable_prefix(template: str, *, loop: str, sources: Sequence[SourceText] = (
     """The head of the filled template that is the same every run (the prompt-cache prefix).
 
     It ends before the first placeholder whose value changes between runs (`{now}`, `{today}`,
-    `{context}`, a source's); `{loop}` and unknown `{...}` are constant. With no changing
-    placeholder it is the whole template: the context, if any, is appended after it.
+    `{context}`, a command's output, the last reply); `{loop}`, placeholders filled only by
+    files (filled in) and unknown `{...}` are constant. With no changing placeholder it is the
+    whole template: the context, if any, is appended after it.
     """
-    changing = (set(merge_sources(sources)) | set(BUILTIN_PLACEHOLDERS)) - {"loop"}
+    merged = merge_sources(sources)
+    fixed = {p for p in merged if all(s.stable for s in sources if s.placeholder == p)}
+    fixed -= set(BUILTIN_PLACEHOLDERS)
+    changing = (set(merged) | set(BUILTIN_PLACEHOLDERS)) - fixed - {"loop"}
     end = next(
         (m.start() for m in _PLACEHOLDER.finditer(template) if m.group(1) in changing),
         None,
     )
     head = template.rstrip("\n") if end is None else template[:end]
-    return _PLACEHOLDER.sub(lambda m: loop if m.group(1) == "loop" else m.group(0), head)
+    values = {**{p: merged[p] for p in fixed}, "loop": loop}
+    return _PLACEHOLDER.sub(lambda m: values.get(m.group(1), m.group(0)), head)
 
 
 def check_context(config: Config, loop_name: str) -> list[str]:

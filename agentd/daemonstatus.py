@@ -42,14 +42,16 @@ def abort_own_leftovers(ledger: Ledger) -> tuple[int, int]:
 
     Cancelled runs settle themselves (runner and executor); this is the safety net that
     guarantees a stopped daemon leaves nothing `pending` or `running`, with the same rules as
-    reconciling a dead process (an unsettled call is charged its reservation).
+    reconciling a dead process (an unsettled call is charged its reservation). A submitted
+    batch call and its run are left as they are: the next start finishes them.
     """
     owner, now = current_owner(), now_iso()
     with ledger.write() as conn:
         calls = conn.execute(
             "UPDATE calls SET status = 'aborted', cost_micro_usd = reserved_micro_usd,"
             " error_type = 'aborted', error = 'daemon stopped', finished_at = ?"
-            " WHERE status IN ('pending', 'submitted') AND batch = 0 AND owner = ?",
+            " WHERE status IN ('pending', 'submitted') AND owner = ?"
+            " AND NOT (status = 'submitted' AND batch = 1)",
             (now, owner),
         ).rowcount
         runs = conn.execute(
@@ -57,7 +59,8 @@ def abort_own_leftovers(ledger: Ledger) -> tuple[int, int]:
             " error = COALESCE(error, 'daemon stopped'),"
             f" cost_micro_usd = (SELECT COALESCE(SUM({EFFECTIVE_COST_SQL}), 0)"
             " FROM calls WHERE calls.run_id = runs.id)"
-            " WHERE status = 'running' AND owner = ?",
+            " WHERE status = 'running' AND owner = ? AND NOT EXISTS (SELECT 1 FROM calls"
+            " WHERE calls.run_id = runs.id AND calls.status = 'submitted' AND calls.batch = 1)",
             (now, owner),
         ).rowcount
     return int(calls), int(runs)

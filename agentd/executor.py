@@ -6,10 +6,19 @@ import asyncio
 import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Any
 
-from agentd import budgets, pricing
+from agentd import batches, budgets, pricing
+from agentd.attempts import Attempt as Attempt
+from agentd.attempts import CallOutcome as CallOutcome
+from agentd.attempts import Recorder
+from agentd.attempts import RunTrace as RunTrace
+from agentd.batches import (
+    BatchItemFailed,
+    BatchMode,
+    Submitted,
+)
 from agentd.budgets import CallStart, Window
 from agentd.circuit import CircuitBreakers
 from agentd.config import ChainEntry, Config
@@ -28,64 +37,6 @@ from agentd.providers.base import CacheMark, Message, Provider, Reply, Request, 
 Sleep = Callable[[float], Awaitable[None]]
 
 _BACKOFF_BASE_S = 1.0
-
-
-@dataclass(frozen=True)
-class Attempt:
-    """One attempt as written to the ledger, for reports and `--json` output."""
-
-    call_id: int
-    attempt: int
-    purpose: str
-    tier: str | None
-    alias: str
-    provider: str
-    model: str
-    status: str
-    cost_micro_usd: int
-    reserved_micro_usd: int
-    error_type: str | None = None
-    http_status: int | None = None
-    error: str | None = None
-    latency_ms: int | None = None
-    request_id: str | None = None
-
-
-@dataclass
-class RunTrace:
-    """What one run has done so far: its attempts (numbered across the run) and skipped models."""
-
-    run_id: int
-    loop: str
-    simulated: bool
-    attempts: list[Attempt] = field(default_factory=list)
-    skipped: list[dict[str, Any]] = field(default_factory=list)
-
-    numbered: int = 0
-    tokens: int = 0  # settled input + output tokens of the run's attempts so far
-    # Called before each attempt with (trace, reservation in micro-USD); raises to refuse it
-    # before anything is reserved (the run's ceilings, `agentd.guardrails.RunGuard`).
-    guard: Callable[[RunTrace, int], None] | None = field(default=None, repr=False)
-
-    @property
-    def cost_micro_usd(self) -> int:
-        """Money this run has spent (or may have been billed) so far."""
-        return sum(a.cost_micro_usd for a in self.attempts)
-
-    def next_attempt(self) -> int:
-        """Number the run's next attempt (at reservation, so concurrent calls never share one)."""
-        self.numbered += 1
-        return self.numbered
-
-
-@dataclass(frozen=True)
-class CallOutcome:
-    """A successful call: the reply, which chain entry produced it, and what it cost."""
-
-    reply: Reply
-    entry: ChainEntry
-    cost_micro_usd: int
-    fallback: bool
 
 
 @dataclass
@@ -109,8 +60,14 @@ class Executor:
         env: Mapping[str, str] | None = None,
         sleep: Sleep = asyncio.sleep,
         breakers: CircuitBreakers | None = None,
+        simulator_clock: Callable[[], float] = time.time,
     ) -> None:
         self.config = config
+        self._simulator_clock = simulator_clock  # the simulated prompt cache's clock
+        self._recorder = Recorder(config, ledger)
+        # Tasks waiting on a submitted batch item: a stopping daemon cancels them at once,
+        # since their items survive it (see `Dispatcher.drain`).
+        self.batch_waiters: set[asyncio.Task[Any]] = set()
         self.ledger = ledger
         self.simulate = simulate
         self._env = env
@@ -130,7 +87,7 @@ class Executor:
             if self.simulate:
                 from agentd.providers.simulated import SimulatedProvider
 
-                self._providers[name] = SimulatedProvider(name)
+                self._providers[name] = SimulatedProvider(name, clock=self._simulator_clock)
             else:
                 key = self.config.api_key(name, self._env)
                 self._providers[name] = build_provider(
@@ -154,17 +111,17 @@ class Executor:
         self._providers.clear()
 
     def reservation_micro_usd(
-        self, entry: ChainEntry, system: str | None, messages: Sequence[Message], max_tokens: int
+        self,
+        entry: ChainEntry,
+        system: str | None,
+        messages: Sequence[Message],
+        max_tokens: int,
+        *,
+        batch: bool = False,
     ) -> int | None:
         """Worst-case cost of one attempt in micro-USD, or None when the model has no price."""
-        price = self.config.price(entry.alias)
-        if price is None:
-            return None
-        text_bytes = sum(len(m.content.encode()) for m in messages)
-        if system:
-            text_bytes += len(system.encode())
-        bound = pricing.input_token_bound(text_bytes, len(messages) + (1 if system else 0))
-        return pricing.to_micro_usd(pricing.worst_case_usd(price, bound, max_tokens))
+        price = self.config.price(entry.alias, batch=batch)
+        return _reservation(price, system, messages, max_tokens)
 
     async def call(
         self,
@@ -177,15 +134,45 @@ class Executor:
         max_tokens: int,
         windows: Sequence[Window],
         cache: CacheMark | None = None,
+        batch: BatchMode | None = None,
     ) -> CallOutcome:
         """Get one reply from the first model of `chain` that works and fits the budget.
 
-        `cache` marks the prompt's stable prefix for the provider's cache (`agentd.caching`).
+        `cache` marks the prompt's stable prefix for the provider's cache (`agentd.caching`);
+        `batch` sends the call through the providers' batch APIs (`agentd.batches`): when no
+        batch item comes back with a reply, its `on_failure` makes the call directly or fails.
 
         Raises BudgetExceeded when no model fitted and none was tried, MissingKeyError when the
         primary model's key is missing, and RunFailed (or CircuitOpen) when every model failed or
         was cooling down.
         """
+        args = (trace, purpose, chain, system, messages, max_tokens, windows, cache)
+        if batch is None:
+            return await self._call_chain(*args, None)
+        try:
+            return await self._call_chain(*args, batch)
+        except (BatchItemFailed, RunFailed) as exc:
+            if batch.on_failure == "fail":
+                raise RunFailed(f"batch call failed (batch on_failure: fail): {exc}") from exc
+            trace.batch_fallback = str(exc)
+            self._log.warning(
+                "batch.fallback", loop=trace.loop, run_id=trace.run_id, error=str(exc)
+            )
+        return await self._call_chain(*args, None)
+
+    async def _call_chain(
+        self,
+        trace: RunTrace,
+        purpose: str,
+        chain: Sequence[ChainEntry],
+        system: str | None,
+        messages: Sequence[Message],
+        max_tokens: int,
+        windows: Sequence[Window],
+        cache: CacheMark | None,
+        batch: BatchMode | None,
+    ) -> CallOutcome:
+        """`call` along one chain, directly or (with `batch`) through the batch APIs."""
         tries: list[_ModelTry] = []
         attempts_before = len(trace.attempts)
         missing_key: MissingKeyError | None = None
@@ -221,6 +208,7 @@ class Executor:
                     max_tokens,
                     windows,
                     cache,
+                    batch,
                 )
             except BudgetExceeded as exc:
                 self._skip(trace, entry, str(exc))
@@ -232,6 +220,8 @@ class Executor:
                 else:
                     model_try.last_error = str(exc)
                 continue
+            except BatchItemFailed:
+                raise  # the item ended without a reply: `call` decides, not the chain
             except ProviderError as exc:
                 if exc.next_provider_only:
                     skipped_providers.add(entry.provider_name)
@@ -269,6 +259,7 @@ class Executor:
         max_tokens: int,
         windows: Sequence[Window],
         cache: CacheMark | None = None,
+        batch: BatchMode | None = None,
     ) -> tuple[Reply, int]:
         """Attempt one model, retrying transient errors with capped backoff."""
         entry = model_try.entry
@@ -287,7 +278,11 @@ class Executor:
                     max_tokens,
                     windows,
                     cache,
+                    batch,
                 )
+            except BatchItemFailed as exc:
+                model_try.last_error = str(exc)
+                raise  # an expired or canceled item says nothing about the model's health
             except ProviderError as exc:
                 model_try.last_error = str(exc)
                 if exc.opens_provider_circuit:
@@ -329,15 +324,23 @@ class Executor:
         max_tokens: int,
         windows: Sequence[Window],
         cache: CacheMark | None = None,
+        batch: BatchMode | None = None,
     ) -> tuple[Reply, int]:
-        """Reserve, call, settle: exactly one `calls` row, settled on every exit path."""
+        """Reserve, call, settle: exactly one `calls` row, settled on every exit path.
+
+        A submitted batch item is the exception: when the wait ends early (shutdown, or
+        `--no-wait`) its row stays `submitted` for `agentd.batchresume` to settle.
+        """
         entry = model_try.entry
-        price = self.config.price(entry.alias)
-        amount = self.reservation_micro_usd(entry, system, messages, max_tokens)
+        price = self.config.price(entry.alias, batch=batch is not None)
+        amount = _reservation(price, system, messages, max_tokens)  # one price lookup, not two
         if amount is None and windows:
             raise BudgetExceeded(f"{entry.alias} has no known price", window="")
         reserved = amount or 0
-        async with self._semaphore(entry.provider_name, entry.provider.max_concurrency):
+        # Held for the request; a batch call gives it back while it waits (hours, maybe).
+        slot = _Slot(self._semaphore(entry.provider_name, entry.provider.max_concurrency))
+        await slot.acquire()
+        try:
             if trace.guard is not None:
                 trace.guard(trace, reserved)
             number = trace.next_attempt()
@@ -353,6 +356,7 @@ class Executor:
                     model=entry.model.model,
                     attempt=number,
                     simulated=trace.simulated,
+                    batch=batch is not None,
                 ),
                 reserved,
                 windows,
@@ -382,10 +386,25 @@ class Executor:
             )
             priced = price is not None
             settled = False
+            submitted = Submitted()
             try:
-                reply = await provider.complete(request)
+                if batch is None:
+                    reply = await provider.complete(request)
+                else:
+                    reply = await batches.submit_and_wait(
+                        self.ledger,
+                        trace,
+                        pending,
+                        provider,
+                        request,
+                        batch,
+                        submitted,
+                        release=slot.release,
+                        waiters=self.batch_waiters,
+                        sleep=self._sleep,
+                    )
                 cost = pricing.to_micro_usd(pricing.cost_usd(price, reply.usage)) if price else 0
-                self._settle(
+                self.record_outcome(
                     trace,
                     replace(
                         pending,
@@ -403,7 +422,7 @@ class Executor:
                 return reply, cost
             except ProviderError as exc:
                 # A request that reached the provider without a usage report may be billed.
-                self._settle(
+                self.record_outcome(
                     trace,
                     replace(
                         pending,
@@ -421,10 +440,10 @@ class Executor:
                 settled = True
                 raise
             finally:
-                if not settled:
+                if not settled and submitted.batch_id is None:
                     # Cancellation or an unexpected bug mid-call: the request may have been
                     # sent, so keep its reservation as spent rather than pretend it was free.
-                    self._settle(
+                    self.record_outcome(
                         trace,
                         replace(
                             pending,
@@ -437,8 +456,10 @@ class Executor:
                         usage=None,
                         priced=priced,
                     )
+        finally:
+            slot.release()
 
-    def _settle(
+    def record_outcome(
         self,
         trace: RunTrace,
         attempt: Attempt,
@@ -447,52 +468,43 @@ class Executor:
         priced: bool,
         served_model: str | None = None,
     ) -> None:
-        """Write an attempt's outcome to its ledger row, the run's trace and the log."""
-        budgets.settle(
-            self.ledger,
-            attempt.call_id,
-            status=attempt.status,  # type: ignore[arg-type]
-            usage=usage,
-            cost_micro_usd=attempt.cost_micro_usd,
-            priced=priced,
-            error_type=attempt.error_type,
-            http_status=attempt.http_status,
-            request_id=attempt.request_id,
-            error=attempt.error,
-            latency_ms=attempt.latency_ms,
-            served_model=served_model,
-        )
-        trace.attempts.append(attempt)
-        tokens: dict[str, int] = {}
-        if usage is not None:
-            trace.tokens += usage.input_tokens + usage.output_tokens
-            tokens = {
-                "input_tokens": usage.input_tokens,
-                "output_tokens": usage.output_tokens,
-                "cache_read_tokens": usage.cache_read_tokens,
-                "cache_write_tokens": usage.cache_write_tokens,
-                "cache_write_1h_tokens": usage.cache_write_1h_tokens,
-                "reasoning_tokens": usage.reasoning_tokens,
-            }
-        emit = self._log.info if attempt.status == "ok" else self._log.warning
-        emit(
-            "call.finished",
-            loop=trace.loop,
-            run_id=trace.run_id,
-            purpose=attempt.purpose,
-            provider=attempt.provider,
-            model=attempt.model,
-            alias=attempt.alias,
-            attempt=attempt.attempt,
-            status=attempt.status,
-            error_type=attempt.error_type,
-            http_status=attempt.http_status,
-            error=attempt.error,
-            cost_micro_usd=attempt.cost_micro_usd,
-            latency_ms=attempt.latency_ms,
-            simulated=trace.simulated,
-            **tokens,
-        )
+        """Settle an attempt's row and note it in the trace and the log (`attempts.Recorder`).
+
+        Public for `agentd.batchresume`, which settles batch calls of runs it resumes.
+        """
+        self._recorder.record(trace, attempt, usage=usage, priced=priced, served_model=served_model)
+
+
+class _Slot:
+    """One hold of a provider's concurrency semaphore, released at most once."""
+
+    def __init__(self, semaphore: asyncio.Semaphore) -> None:
+        self._semaphore = semaphore
+        self._held = False
+
+    async def acquire(self) -> None:
+        """Wait for the semaphore."""
+        await self._semaphore.acquire()
+        self._held = True
+
+    def release(self) -> None:
+        """Give the semaphore back, if still held."""
+        if self._held:
+            self._held = False
+            self._semaphore.release()
+
+
+def _reservation(
+    price: pricing.Price | None, system: str | None, messages: Sequence[Message], max_tokens: int
+) -> int | None:
+    """`Executor.reservation_micro_usd` for a price already looked up."""
+    if price is None:
+        return None
+    text_bytes = sum(len(m.content.encode()) for m in messages)
+    if system:
+        text_bytes += len(system.encode())
+    bound = pricing.input_token_bound(text_bytes, len(messages) + (1 if system else 0))
+    return pricing.to_micro_usd(pricing.worst_case_usd(price, bound, max_tokens))
 
 
 def _ms_since(started: float) -> int:

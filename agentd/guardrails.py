@@ -218,7 +218,7 @@ def simulated_run_micro_usd(config: Config, loop_name: str) -> Decimal | None:
 
     loop = config.loops[loop_name]
     primary = config.chain(loop_name)[0]
-    price = config.price(primary.alias)
+    price = config.price(primary.alias, batch=loop.batch is not None)  # a batch loop pays half
     if price is None:
         return None
     text = ""

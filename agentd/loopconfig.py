@@ -218,6 +218,51 @@ class AnomalyConfig(BaseModel):
         return self
 
 
+class BatchConfig(BaseModel):
+    """`batch:` — send the loop's calls through the providers' batch APIs (half price, slower).
+
+    `batch: true` is short for `batch: {}` (every default); `batch: false` turns it off.
+    """
+
+    model_config = _STRICT
+    on_failure: Literal["call", "fail"] = Field(
+        "call",
+        description="An expired, canceled or errored batch item: make the call directly "
+        "(call, full price) or fail the run (fail)",
+    )
+    poll_max: str = Field(
+        "60s", description="Longest wait between two polls; polling starts at 1s and doubles"
+    )
+    timeout: str = Field(
+        "24h", description="Give up on a batch not ended after this long (then on_failure)"
+    )
+
+    @model_validator(mode="before")
+    @classmethod
+    def _durations(cls, value: Any) -> Any:
+        if isinstance(value, dict):
+            for key in ("poll_max", "timeout"):
+                raw = value.get(key)
+                if isinstance(raw, int | Decimal) and not isinstance(raw, bool):
+                    raise ConfigProblem((key,), f"needs a unit, e.g. {raw}s or {raw}m")
+                if isinstance(raw, str):
+                    try:
+                        parse_duration(raw)
+                    except ValueError as exc:
+                        raise ConfigProblem((key,), str(exc)) from exc
+        return value
+
+    @property
+    def poll_max_seconds(self) -> int:
+        """The cap of the polling backoff in seconds."""
+        return parse_duration(self.poll_max)
+
+    @property
+    def timeout_seconds(self) -> int:
+        """How long a batch may run before agentd gives up on it, in seconds."""
+        return parse_duration(self.timeout)
+
+
 ROUTES = ("static", "rules", "classify", "cascade")
 Route = Literal["static", "rules", "classify", "cascade"]
 TaskKind = Literal["extraction", "classification", "content", "code", "reasoning"]
@@ -356,6 +401,21 @@ class LoopConfig(BaseModel):
         "auto",
         description="Prompt caching of the stable prefix: auto (when it pays), none, 5m or 1h",
     )
+    batch: BatchConfig | None = Field(
+        None,
+        description="true or {on_failure, poll_max, timeout}: calls go through the batch APIs "
+        "at 50 % off (background loops only)",
+    )
+
+    @field_validator("batch", mode="before")
+    @classmethod
+    def _batch_flag(cls, value: Any) -> Any:
+        # `batch: true` turns it on with the defaults, `batch: false` (or null) leaves it off.
+        if value is True:
+            return {}
+        if value is False:
+            return None
+        return value
 
     @field_validator("every", "jitter", mode="before")
     @classmethod
@@ -385,7 +445,26 @@ class LoopConfig(BaseModel):
                 f"must not exceed max_tokens ({self.max_tokens}) (got {self.min_tokens})",
             )
         self._check_route()
+        self._check_batch()
         return self
+
+    def _check_batch(self) -> None:
+        """A batch loop is a one-call prompt loop that can wait: its result resumes a restart."""
+        if self.batch is None:
+            return
+        if self.latency == "interactive":
+            raise ConfigProblem(
+                ("batch",), "batch results take minutes to hours: not for latency: interactive"
+            )
+        if self.handler is not None:
+            raise ConfigProblem(
+                ("batch",), "a handler's calls depend on each other: batch needs a prompt loop"
+            )
+        if self.route not in ("static", "rules"):
+            raise ConfigProblem(
+                ("batch",),
+                f"route: {self.route} makes dependent calls: batch needs route static or rules",
+            )
 
     def _check_route(self) -> None:
         """The route's own keys: rules needs kind; keys another strategy reads are refused."""
@@ -395,6 +474,8 @@ class LoopConfig(BaseModel):
                 "route: rules needs kind: extraction, classification, content, code or reasoning",
             )
         for key in _RULES_ONLY:
+            if key == "latency" and self.batch is not None:
+                continue  # a batch loop may say it is background work
             if self.route != "rules" and key in self.model_fields_set:
                 raise ConfigProblem(
                     (key,), f"is read by route: rules only (this loop has route: {self.route})"

@@ -311,6 +311,48 @@ def m010_report_hours(db: Database) -> None:
     db.execute("CREATE INDEX calls_latency ON calls (latency_ms) WHERE latency_ms IS NOT NULL")
 
 
+@migration
+def m011_batches(db: Database) -> None:
+    """Batch calls: `calls.batch_id`, and what a restarted daemon needs to finish their runs.
+
+    A `submitted` call with `batch = 1` waits on a provider batch that outlives the process;
+    `batch_requests` keeps, per such call, the request (to fall back to a direct call when
+    the item expires) and the run's route so far. Its row goes when the call settles.
+    """
+    db.table("calls").add_column("batch_id", str)
+    db.execute(
+        "CREATE TABLE batch_requests (call_id INTEGER PRIMARY KEY REFERENCES calls(id),"
+        " run_id INTEGER NOT NULL, request TEXT NOT NULL, route TEXT NOT NULL,"
+        " submitted_at TEXT NOT NULL)"
+    )
+    db.execute(
+        "CREATE INDEX calls_batch_submitted ON calls (owner)"
+        " WHERE status = 'submitted' AND batch = 1"
+    )
+
+
+@migration
+def m012_list_cost(db: Database) -> None:
+    """`calls.list_cost_micro_usd`: the call's tokens at list price, so reports show the saving.
+
+    List price is every input token uncached at the plain input rate and output at the output
+    rate, standard (non-batch) rates, rounded up; a failed or aborted call's list cost is its
+    cost. NULL (rows before this step, unpriced calls) reads as "no saving known": the row's
+    own cost. `daily_rollup` keeps the sum for pruned days (its existing rows: their cost, no
+    saving known); the report cache gets the column too and is emptied, so the next report
+    rebuilds it with the new sum from `calls`.
+    """
+    db.execute("ALTER TABLE calls ADD COLUMN list_cost_micro_usd INTEGER")
+    db.execute("ALTER TABLE daily_rollup ADD COLUMN list_cost_micro_usd INTEGER")
+    db.execute("UPDATE daily_rollup SET list_cost_micro_usd = cost_micro_usd")
+    for table in ("report_hours", "report_days"):
+        db.execute(f"ALTER TABLE {table} ADD COLUMN list_cost_micro_usd INTEGER")
+        db.execute(f"DELETE FROM {table}")
+    # No watermark and no holes: the cache is empty, and refills from the first call.
+    db.execute("DELETE FROM report_cache")
+    db.execute("DELETE FROM report_holes")
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

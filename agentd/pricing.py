@@ -11,6 +11,8 @@ from agentd.providers.base import Usage
 
 MTOK = Decimal(1_000_000)
 MICRO = Decimal(1_000_000)
+# Anthropic's Message Batches and OpenAI's Batch API both bill every token kind at half price.
+BATCH_FACTOR = Decimal("0.5")
 
 # genai-prices provider ids for agentd's provider types.
 _GENAI_PROVIDER_ID = {"anthropic": "anthropic", "openai": "openai"}
@@ -176,8 +178,15 @@ def _price_from_model_price(model_price: Any, context_window: int | None) -> Pri
     )
 
 
-def lookup_price(provider_type: str, model_id: str, at: datetime | None = None) -> Price | None:
-    """The built-in (genai-prices, offline snapshot) price of a model, or None if unknown."""
+def lookup_price(
+    provider_type: str, model_id: str, at: datetime | None = None, *, batch: bool = False
+) -> Price | None:
+    """The built-in (genai-prices, offline snapshot) price of a model, or None if unknown.
+
+    `batch` asks for the batch API's prices (genai-prices' `processing: batch` variant); a
+    model without one is priced at `BATCH_FACTOR` of its standard rates, the providers'
+    published batch discount.
+    """
     provider_id = _GENAI_PROVIDER_ID.get(provider_type)
     if provider_id is None:
         return None
@@ -189,7 +198,29 @@ def lookup_price(provider_type: str, model_id: str, at: datetime | None = None) 
     except LookupError:
         return None
     when = at or datetime.now(tz=UTC)
-    return _price_from_model_price(model.get_prices(when), model.context_window)
+    if not batch:
+        return _price_from_model_price(model.get_prices(when), model.context_window)
+    variant = any(v.when.get("processing") == "batch" for v in model.price_variants or ())
+    if variant:
+        return _price_from_model_price(
+            model.get_prices(when, {"processing": "batch"}), model.context_window
+        )
+    standard = _price_from_model_price(model.get_prices(when), model.context_window)
+    return None if standard is None else batch_price(standard)
+
+
+def batch_price(price: Price) -> Price:
+    """A price at the batch discount (every rate × `BATCH_FACTOR`), for prices without a variant."""
+
+    def half(rates: Rates) -> Rates:
+        return Rates(**{f.name: getattr(rates, f.name) * BATCH_FACTOR for f in fields(Rates)})
+
+    return Price(
+        base=half(price.base),
+        tiers=tuple((t, half(r)) for t, r in price.tiers),
+        source=f"{price.source} (batch)",
+        context_window=price.context_window,
+    )
 
 
 def context_window(provider_type: str, model_id: str) -> int | None:

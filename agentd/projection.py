@@ -8,7 +8,10 @@ scheduled and not projected. **Cost per run** = the mean, over the loop's latest
 the primary model of its tier, see `reprice.Target`), each call rounded up to micro-USD like the
 ledger; a loop without such runs is estimated by the built-in simulator for one call of its
 prompt template (context not filled in) and `max_tokens` on its primary model. Retries and
-failed attempts are not projected.
+failed attempts are not projected. A `batch:` loop is priced at batch rates; a loop priced
+by the simulator (which does not model caches) takes its cache decision's expected saving.
+**Saved** = the same tokens at list price (all input uncached, no batch discount) less the
+projection: what caching and batching are expected to save.
 
 Budgets are compared as rates: a window's limit scaled to the period (`per_day_usd` × days,
 `per_week_usd` × days / 7, `per_month_usd` × days / 30.436875, the mean Gregorian month,
@@ -29,7 +32,7 @@ from agentd.budgets import limit_to_micro_usd
 from agentd.config import Config
 from agentd.ledger import Ledger
 from agentd.loopconfig import BudgetConfig, LoopConfig
-from agentd.pricing import cost_usd, format_usd, to_micro_usd
+from agentd.pricing import MICRO, cost_usd, format_usd, to_micro_usd
 from agentd.providers.base import Message, Request, Usage
 from agentd.providers.simulated import SimulatedProvider
 from agentd.reports import Column
@@ -166,6 +169,7 @@ def plan(
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
     total = 0
+    saved_total = 0
     unpriced: list[str] = []
     for name, loop in config.loops.items():
         runs = count_runs(loop, config, now, end)
@@ -178,7 +182,9 @@ def plan(
             "model": f"{primary.alias} ({primary.model.model})",
         }
         history_runs = _history(ledger, name, history) if ledger is not None else []
+        batch = loop.batch is not None
         per_run: Decimal | None = Decimal(0)
+        listed: Decimal | None = Decimal(0)  # the same tokens at list price: no cache, no batch
         tokens = [0, 0, 0, 0]  # input, cache read, cache write, output
         if history_runs:
             row["source"] = f"history: {len(history_runs)} run(s)"
@@ -197,14 +203,17 @@ def plan(
                         tokens[3] + usage.output_tokens,
                     ]
                     entry = target.entry(reference, name, tier)
-                    price = None if entry is None else config.price(entry.alias)
-                    if price is None or per_run is None:
+                    price = None if entry is None else config.price(entry.alias, batch=batch)
+                    if entry is None or price is None or per_run is None:
                         per_run = None
                         continue
                     per_run += to_micro_usd(cost_usd(price, usage))
+                    listed = _list_cost(config, entry.alias, usage, listed)
             n = len(history_runs)
             if per_run is not None:
                 per_run /= n
+            if listed is not None:
+                listed /= n
         else:
             # A handler may make several calls per run; the simulator can only price one.
             row["source"] = (
@@ -218,14 +227,22 @@ def plan(
             tokens = [usage.input_tokens, usage.cache_read_tokens, usage.cache_write_tokens,
                       usage.output_tokens]  # fmt: skip
             n = 1
-            price = config.price(primary.alias)
+            price = config.price(primary.alias, batch=batch)
             per_run = None if price is None else Decimal(to_micro_usd(cost_usd(price, usage)))
+            listed = _list_cost(config, primary.alias, usage, Decimal(0))
+            saving = _cache_saving_per_run(config, name, now)
+            if per_run is not None and saving > 0:
+                # The simulator does not model the cache: take the decision's expected saving.
+                per_run = max(per_run - saving * MICRO, Decimal(0))
+                row["source"] += f", cache {loop.cache}"
         for key, value in zip(
             ("input_tokens", "cache_read_tokens", "cache_write_tokens", "output_tokens"),
             tokens,
             strict=True,
         ):
             row[key] = int((Decimal(value) / n).to_integral_value())  # mean per run
+        row["batch"] = batch
+        row["saved_micro_usd"] = None
         if per_run is None:
             unpriced.append(name)
             row["per_run_micro_usd"] = row["projected_micro_usd"] = None
@@ -233,6 +250,10 @@ def plan(
             row["per_run_micro_usd"] = int(per_run.to_integral_value(ROUND_CEILING))
             row["projected_micro_usd"] = int((per_run * runs).to_integral_value(ROUND_CEILING))
             total += row["projected_micro_usd"]
+            if listed is not None:
+                at_list = int((listed * runs).to_integral_value(ROUND_CEILING))
+                row["saved_micro_usd"] = max(at_list - row["projected_micro_usd"], 0)
+                saved_total += row["saved_micro_usd"]
         _against_cap(row, scaled_cap(loop.budget, days), warnings, f"loop {name}", days, loop)
         rows.append(row)
     glob: dict[str, Any] = {
@@ -240,11 +261,35 @@ def plan(
         "name": "total",
         "runs": sum(r["runs"] for r in rows),
         "projected_micro_usd": total,
+        "saved_micro_usd": saved_total,
         "source": f"unpriced loops left out: {', '.join(unpriced)}" if unpriced else None,
     }
     _against_cap(glob, scaled_cap(config.budgets, days), warnings, "global budget", days, None)
     rows.append(glob)
     return Plan(config=config, days=days, start=now, rows=rows, warnings=warnings)
+
+
+def _list_cost(config: Config, alias: str, usage: Usage, into: Decimal | None) -> Decimal | None:
+    """`into` plus the call's cost in micro-USD at list price: every input token uncached."""
+    price = config.price(alias)
+    if price is None or into is None:
+        return None
+    plain = Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+    return into + to_micro_usd(cost_usd(price, plain))
+
+
+def _cache_saving_per_run(config: Config, name: str, now: datetime) -> Decimal:
+    """USD a run of the loop is expected to save by prompt caching (the `auto` decision's)."""
+    loop = config.loops[name]
+    if loop.prompt is None:
+        return Decimal(0)
+    from agentd.caching import decide_for_run
+    from agentd.context import stable_prefix, stable_sources
+
+    template = config.prompt_path(name).read_text(encoding="utf-8")
+    prefix = stable_prefix(template, loop=name, sources=stable_sources(config, name))
+    decision = decide_for_run(config, name, prefix, now)
+    return decision.expected_saving_usd if decision.ttl is not None else Decimal(0)
 
 
 def _against_cap(
@@ -287,6 +332,7 @@ PLAN_COLUMNS = [
     Column("output_tokens", "output/run"),
     Column("per_run_micro_usd", "per_run_usd", money=True),
     Column("projected_micro_usd", "projected_usd", money=True),
+    Column("saved_micro_usd", "saved_vs_list_usd", money=True),
     Column("cap_micro_usd", "cap_usd", money=True),
     Column("status", "status"),
 ]
@@ -295,7 +341,8 @@ PLAN_JSON_COLUMNS = [
     *PLAN_COLUMNS[:6],
     Column("cache_read_tokens", "cache_read_tokens"),
     Column("cache_write_tokens", "cache_write_tokens"),
-    *PLAN_COLUMNS[6:10],
+    *PLAN_COLUMNS[6:11],
+    Column("batch", "batch"),
     Column("cap_window", "cap_window"),
     Column("over_cap", "over_cap"),
 ]

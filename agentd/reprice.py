@@ -13,9 +13,11 @@ tier. Which tier is the loop's own is read from the current config; without one,
 Loops OTHER does not have are reported as "not in other config" and left out of the
 comparison's totals.
 
-Each loop also shows what prompt caching saved on its actual calls against the list price of
-the model that made them (`pricing.cache_saving_usd`: reads' discount less writes' surcharge,
-1-hour writes at their own rate; negative when writes were not read back enough).
+Each loop also shows what prompt caching and batching saved on its actual calls against the
+list price of the model that made them: caching (`pricing.cache_saving_usd`: reads' discount
+less writes' surcharge, 1-hour writes at their own rate, at the batch rates for batch calls;
+negative when writes were not read back enough), and batching (the batch calls' tokens at
+standard less at batch rates).
 
 Arithmetic is exact `Decimal`: token sums × USD-per-million rates, per price band (a model
 whose price changes above some input size is priced per band of calls). Money is shown in
@@ -185,14 +187,16 @@ def reprice(
     *,
     since: datetime | None = None,
     until: datetime | None = None,
+    simulated: bool = False,
 ) -> RepriceResult:
-    """Re-price the real `ok` calls of [since, until) on `target`, per loop and in total."""
+    """Re-price the real (or simulated) `ok` calls of [since, until) on `target`."""
     groups: list[tuple[Any, ...]] = []
     entries: dict[tuple[str, str | None], ChainEntry | None] = {}
     if ledger is not None:
         with ledger.read() as conn:
             pairs = conn.execute(
-                _select("loop, tier", since, until, group="loop, tier"), _params(since, until)
+                _select("loop, tier", since, until, group="loop, tier"),
+                _params(since, until, simulated),
             ).fetchall()
             for loop, tier in pairs:
                 entries[(loop, tier)] = target.entry(current, loop, tier)
@@ -209,9 +213,9 @@ def reprice(
                     until,
                     group="loop, tier, 3",
                 ),
-                _params(since, until),
+                _params(since, until, simulated),
             ).fetchall()
-            savings = _cache_savings(conn, current, since, until)
+            savings = _savings(conn, current, since, until, simulated)
     else:
         thresholds = []
         savings = {}
@@ -224,7 +228,7 @@ def reprice(
         )  # fmt: skip
         row["calls"] += int(count)
         row["actual"] += int(actual or 0)
-        row["cache_saving"] = savings.get(loop)
+        row["cache_saving"], row["batch_saving"] = savings.get(loop, (None, None))
         entry = entries[(loop, tier)]
         if entry is None:
             row["note"] = NOT_IN_OTHER
@@ -238,49 +242,62 @@ def reprice(
     return _result(target.label, sorted(per_loop.values(), key=lambda r: r["loop"]))
 
 
-def _cache_savings(
-    conn: Any, current: Config | None, since: datetime | None, until: datetime | None
-) -> dict[str, Decimal | None]:
-    """Per loop, what caching saved on its actual calls at their models' list prices.
+def _savings(
+    conn: Any,
+    current: Config | None,
+    since: datetime | None,
+    until: datetime | None,
+    simulated: bool = False,
+) -> dict[str, tuple[Decimal | None, Decimal | None]]:
+    """Per loop, what caching and what batching saved on its actual calls, against list price.
 
+    Caching: reads' discount less writes' surcharge, at the rates the calls were billed at
+    (batch rates for batch calls). Batching: the same tokens at standard less at batch rates.
     None for a loop with a call on a model the current config cannot price.
     """
     if current is None:
         return {}
-    aliases = [
-        r[0]
-        for r in conn.execute(_select("alias", since, until, group="alias"), _params(since, until))
-    ]
-    prices = {a: current.price(a) if a in current.models else None for a in aliases}
+    pairs = conn.execute(
+        _select("alias, batch", since, until, group="alias, batch"),
+        _params(since, until, simulated),
+    ).fetchall()
+    prices: dict[tuple[str, bool], Price | None] = {}
+    for alias, batch in pairs:
+        for flag in {False, bool(batch)}:
+            known = alias in current.models
+            prices[(alias, flag)] = current.price(alias, batch=flag) if known else None
     thresholds = _bands(p for p in prices.values() if p is not None)
     band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
     rows = conn.execute(
-        _select(
-            f"loop, alias, {band}, SUM(cache_read_tokens),"
-            " SUM(cache_write_tokens - COALESCE(cache_write_1h_tokens, 0)),"
-            " SUM(COALESCE(cache_write_1h_tokens, 0))",
-            since,
-            until,
-            group="loop, alias, 3",
-        ),
-        _params(since, until),
+        _select(f"loop, alias, batch, {band}," + _SUMS, since, until, group="loop, alias, 3, 4"),
+        _params(since, until, simulated),
     ).fetchall()
-    savings: dict[str, Decimal | None] = {}
-    for loop, alias, band_no, read, write_5m, write_1h in rows:
-        price = prices.get(alias)
-        if price is None:
-            savings[loop] = None
+    cache: dict[str, Decimal | None] = {}
+    batched: dict[str, Decimal | None] = {}
+    for loop, alias, batch, band_no, *raw in rows:
+        sums = [int(v or 0) for v in raw]
+        billed, listed = prices.get((alias, bool(batch))), prices.get((alias, False))
+        if billed is None or listed is None:
+            cache[loop] = batched[loop] = None
             continue
-        if loop in savings and savings[loop] is None:
+        if loop in cache and cache[loop] is None:
             continue
-        rates = price.rates_for(_representative(int(band_no), thresholds))
-        saved = cache_saving_usd(rates, int(read or 0), int(write_5m or 0), int(write_1h or 0))
-        savings[loop] = (savings.get(loop) or Decimal(0)) + saved
-    return savings
+        rates = billed.rates_for(_representative(int(band_no), thresholds))
+        _, read, write_5m, write_1h, _ = sums
+        cache[loop] = (cache.get(loop) or Decimal(0)) + cache_saving_usd(
+            rates, read, write_5m, write_1h
+        )
+        saved = Decimal(0)
+        if batch:
+            saved = band_cost(listed, int(band_no), thresholds, sums) - band_cost(
+                billed, int(band_no), thresholds, sums
+            )
+        batched[loop] = (batched.get(loop) or Decimal(0)) + saved
+    return {loop: (cache[loop], batched.get(loop)) for loop in cache}
 
 
 def _select(what: str, since: datetime | None, until: datetime | None, *, group: str) -> str:
-    where = "status = 'ok' AND simulated = 0"
+    where = "status = 'ok' AND simulated = ?"
     if since is not None:
         where += " AND started_at >= ?"
     if until is not None:
@@ -288,8 +305,10 @@ def _select(what: str, since: datetime | None, until: datetime | None, *, group:
     return f"SELECT {what} FROM calls WHERE {where} GROUP BY {group}"
 
 
-def _params(since: datetime | None, until: datetime | None) -> list[str]:
-    return [utc_iso(t) for t in (since, until) if t is not None]
+def _params(
+    since: datetime | None, until: datetime | None, simulated: bool = False
+) -> list[object]:
+    return [int(simulated), *(utc_iso(t) for t in (since, until) if t is not None)]
 
 
 def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
@@ -299,9 +318,12 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
     other_cmp = Decimal(0)
     missing = []
     saving_all = Decimal(0)
+    batch_all = Decimal(0)
     for r in loops:
         saving = r.get("cache_saving")
         saving_all += saving or 0
+        batch_saving = r.get("batch_saving")
+        batch_all += batch_saving or 0
         comparable = r["note"] is None
         other = to_micro_usd(r["other"]) if comparable else None
         actual_all += r["actual"]
@@ -321,6 +343,7 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
                 "actual_vs_other_pct": None if pct is None else str(pct),
                 "change": format_percent(pct),
                 "cache_saving_usd": _signed_usd(saving),
+                "batch_saving_usd": _signed_usd(batch_saving),
                 "note": r["note"],
             }
         )
@@ -334,12 +357,17 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
         "actual_vs_other_pct": None if pct is None else str(pct),
         "change": format_percent(pct),
         "cache_saving_usd": _signed_usd(saving_all),
+        "batch_saving_usd": _signed_usd(batch_all),
         "note": f"compares {len(loops) - len(missing)} loop(s)" if missing else None,
     }
     headline = (
         f"actual ${_short_usd(actual_cmp)} vs {label} ${_short_usd(to_micro_usd(other_cmp))}"
         + (f" ({format_percent(pct)})" if pct is not None else "")
     )
+    saved = [(n, v) for n, v in (("caching", saving_all), ("batching", batch_all)) if v]
+    if saved:
+        parts = ", ".join(f"{name} ${_signed_usd(value)}" for name, value in saved)
+        headline += f"; saved against list price by {parts}"
     if missing:
         headline += (
             f"; not compared: {', '.join(missing)} (actual ${_short_usd(actual_all - actual_cmp)})"
@@ -368,6 +396,7 @@ REPRICE_COLUMNS = [
     Column("other_micro_usd", "other_usd", money=True),
     Column("change", "actual vs other"),
     Column("cache_saving_usd", "cache saved"),
+    Column("batch_saving_usd", "batch saved"),
     Column("note", "note"),
 ]
 REPRICE_JSON_COLUMNS = [c for c in REPRICE_COLUMNS if c.key != "change"] + [

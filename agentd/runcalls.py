@@ -8,6 +8,7 @@ from dataclasses import dataclass, replace
 from typing import Any, Protocol
 
 from agentd import budgets
+from agentd.batches import BatchMode
 from agentd.caching import CacheDecision
 from agentd.config import ChainEntry, Config
 from agentd.errors import AgentdError, BudgetExceeded, RunFailed
@@ -153,6 +154,8 @@ class RunCalls:
         self.outcomes: list[CallOutcome] = []
         # The run's prompt-cache decision (set by the runner); None: nothing is marked.
         self.cache: CacheDecision | None = None
+        # The loop's batch mode (set by the runner); None: calls are made directly.
+        self.batch: BatchMode | None = None
         # The run's ceilings, checked by the executor before every attempt.
         self.guard = RunGuard(run_limits(config.loops[loop_name]))
         trace.guard = self._check_limits
@@ -233,6 +236,7 @@ class RunCalls:
                     max_tokens=plan.max_tokens,
                     windows=self.windows,
                     cache=mark,
+                    batch=self.batch,
                 )
             except BudgetExceeded as exc:
                 refused.append(f"{plan.reason}: {exc}")

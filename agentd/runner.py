@@ -10,6 +10,7 @@ from typing import Any
 import structlog
 
 from agentd import budgets, caching, guardrails, loopstate, precheck
+from agentd.batches import BatchDetached, BatchMode, submitted_batch_calls
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
 from agentd.context import (
@@ -28,7 +29,7 @@ from agentd.errors import (
     BudgetExceeded,
     LoopPaused,
 )
-from agentd.executor import Attempt, Executor, RunTrace
+from agentd.executor import Attempt, CallOutcome, Executor, RunTrace
 from agentd.handlers import Handler, LoopContext, load_handler
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
@@ -56,12 +57,13 @@ class RunResult:
     route: dict[str, Any] = field(default_factory=dict)
     attempts: tuple[Attempt, ...] = ()
     wake: str | None = None  # the loop `on_reply` asks to run next (trigger `on_reply`)
+    batch_ids: tuple[str, ...] = ()  # provider batches the run's calls went through
     paused_reason: str | None = None  # set when a guardrail paused the loop after this run
 
     @property
     def exit_code(self) -> int:
         """The CLI exit code for this outcome (design: 0 ok, 1 failed, 75 not run now)."""
-        if self.status in ("ok", "skipped_noop", "skipped_inactive"):
+        if self.status in ("ok", "skipped_noop", "skipped_inactive", "submitted"):
             return EXIT_OK
         if self.status in ("skipped_budget", "skipped_paused"):
             return EXIT_NOT_NOW
@@ -93,8 +95,12 @@ async def run_loop(
     trigger: str = "manual",
     slot: str | None = None,
     now: datetime | None = None,
+    wait: bool = True,
 ) -> RunResult:
     """Run a loop once now and record it (errors become a failed run).
+
+    `wait=False` (`agentd once --no-wait`): a batch loop returns once its call is submitted,
+    with status `submitted`; the daemon finishes the run.
 
     Raises LoopBusy when the loop is already running anywhere, LoopPaused when it is paused,
     MissingKeyError when its primary model's key is missing, and ConfigError when its handler
@@ -102,17 +108,9 @@ async def run_loop(
     """
     with loop_lock(ledger.path.parent, loop_name):
         result = await _run_locked(
-            config, ledger, executor, loop_name, trigger=trigger, slot=slot, now=now
+            config, ledger, executor, loop_name, trigger=trigger, slot=slot, now=now, wait=wait
         )
-    loopstate.record_run(ledger, loop_name, result.run_id, result.status, slot)
-    if result.status == "ok":
-        # The anomaly breaker: the run is done and paid for; a pause stops the next ones.
-        reason = guardrails.check_anomaly(
-            config, ledger, loop_name, result.run_id, simulated=result.simulated
-        )
-        if reason is not None:
-            result = replace(result, paused_reason=reason)
-    return result
+    return _after_run(config, ledger, result, slot)
 
 
 async def _run_locked(
@@ -124,6 +122,7 @@ async def _run_locked(
     trigger: str,
     slot: str | None,
     now: datetime | None,
+    wait: bool = True,
 ) -> RunResult:
     """The run itself, with the loop's lock held."""
     loop = config.loops[loop_name]
@@ -183,6 +182,8 @@ async def _run_locked(
             route["route"] = loop.route
     calls = RunCalls(config, executor, loop_name, trace, windows, route, router=route_call)
     calls.cache = cache
+    calls.batch = BatchMode.for_loop(config, loop_name, wait=wait)
+    trace.route = route
     route["cache"] = cache.route()
     get_logger().info("cache.decision", loop=loop_name, run_id=run_id, **route["cache"])
     done: _Done | None = None
@@ -208,29 +209,30 @@ async def _run_locked(
             # A ceiling stopped the run: failed, whatever the handler made of the exception.
             route["limit_reached"] = calls.limit_reached
             done = _Done("failed", "run.limit_reached", error=calls.limit_reached)
-        wake = None
-        if done.status == "ok":
-            wake = wake_for(loop, done.reply)
-            if wake is not None:
-                route["wake"] = wake
-            model = done.entry.model.model if done.entry else None
-            route.update(
-                await deliver_reply(
-                    config,
-                    loop_name,
-                    done.reply,
-                    state_dir=ledger.path.parent,
-                    run_id=run_id,
-                    model=model,
-                    cost_micro_usd=trace.cost_micro_usd,
-                )
-            )
-        return _finish(ledger, trace, route, calls.refusals, done, wake)
+        return await _conclude(config, ledger, trace, route, calls.refusals, done)
+    except BatchDetached as exc:
+        # `agentd once --no-wait`: the run goes on at the provider; the daemon finishes it.
+        get_logger().info(
+            "run.batch_detached", loop=loop_name, run_id=run_id, batch_id=exc.batch_id
+        )
+        return RunResult(
+            run_id=run_id,
+            loop=loop_name,
+            status="submitted",
+            simulated=simulated,
+            route=dict(route),
+            attempts=tuple(trace.attempts),
+            batch_ids=tuple(trace.batch_ids),
+        )
     except BaseException as exc:
         if done is not None and done.status == "ok":
             # The reply is paid for: record it even when its delivery was cut short.
             route["deliveries_interrupted"] = type(exc).__name__
             _finish(ledger, trace, route, calls.refusals, done, route.get("wake"))
+        elif submitted_batch_calls(ledger, run_id):
+            # Stopped while a batch item is out: the run stays `running` and the next daemon
+            # start picks the result up (`agentd.batchresume`); nothing is lost or charged twice.
+            get_logger().info("run.batch_left_running", loop=loop_name, run_id=run_id)
         elif isinstance(exc, Exception):
             ledger.finish_run(run_id, status="failed", route=route, error=repr(exc))
         else:  # cancelled (daemon shutdown) or interrupted
@@ -238,6 +240,75 @@ async def _run_locked(
         raise
     finally:
         structlog.contextvars.unbind_contextvars("loop", "run_id")
+
+
+async def _conclude(
+    config: Config,
+    ledger: Ledger,
+    trace: RunTrace,
+    route: dict[str, Any],
+    refusals: list[str],
+    done: _Done,
+) -> RunResult:
+    """The end of a run whose work is done: wake, deliver an ok reply, write the final row."""
+    wake = None
+    if done.status == "ok":
+        wake = wake_for(config.loops[trace.loop], done.reply)
+        if wake is not None:
+            route["wake"] = wake
+        model = done.entry.model.model if done.entry else None
+        route.update(
+            await deliver_reply(
+                config,
+                trace.loop,
+                done.reply,
+                state_dir=ledger.path.parent,
+                run_id=trace.run_id,
+                model=model,
+                cost_micro_usd=trace.cost_micro_usd,
+            )
+        )
+    return _finish(ledger, trace, route, refusals, done, wake)
+
+
+async def conclude_resumed(
+    config: Config,
+    ledger: Ledger,
+    trace: RunTrace,
+    route: dict[str, Any],
+    outcome: CallOutcome | str,
+    slot: str | None,
+) -> RunResult:
+    """Finish a run a restarted daemon resumed (`agentd.batchresume`) as `run_loop` would.
+
+    `outcome` is the call's outcome, or the error that failed the run.
+    """
+    if isinstance(outcome, str):
+        done = _Done("failed", "run.failed", error=outcome)
+    else:
+        route["model"] = outcome.entry.alias
+        done = _Done(
+            "ok",
+            "run.finished",
+            reply=outcome.reply.text,
+            fallback=outcome.fallback,
+            entry=outcome.entry,
+        )
+    result = await _conclude(config, ledger, trace, route, [], done)
+    return _after_run(config, ledger, result, slot)
+
+
+def _after_run(config: Config, ledger: Ledger, result: RunResult, slot: str | None) -> RunResult:
+    """Loop state and the anomaly breaker, once a run is over."""
+    loopstate.record_run(ledger, result.loop, result.run_id, result.status, slot)
+    if result.status == "ok":
+        # The anomaly breaker: the run is done and paid for; a pause stops the next ones.
+        reason = guardrails.check_anomaly(
+            config, ledger, result.loop, result.run_id, simulated=result.simulated
+        )
+        if reason is not None:
+            result = replace(result, paused_reason=reason)
+    return result
 
 
 async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
@@ -249,6 +320,8 @@ async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
         )
     except BudgetExceeded as exc:
         return _over_budget(calls, ledger, str(exc))
+    except BatchDetached:
+        raise
     except AgentdError as exc:
         return _Done("failed", "run.failed", error=str(exc))
     return _Done(
@@ -350,6 +423,8 @@ def _finish(
     route["skipped"] = trace.skipped
     if refusals:
         route["budget_refusals"] = refusals
+    if trace.batch_ids or trace.batch_fallback:
+        route["batch"] = {"batch_ids": trace.batch_ids, "fallback": trace.batch_fallback}
     entry = done.entry
     model = entry.model.model if entry else None
     ledger.finish_run(
@@ -390,18 +465,26 @@ def _finish(
         route=dict(route),
         attempts=tuple(trace.attempts),
         wake=wake,
+        batch_ids=tuple(trace.batch_ids),
     )
 
 
 async def run_once(
-    config: Config, state_dir: Path, loop_name: str, *, simulate: bool = False
+    config: Config,
+    state_dir: Path,
+    loop_name: str,
+    *,
+    simulate: bool = False,
+    wait: bool = True,
 ) -> RunResult:
     """`agentd once`: open the ledger, run the loop one time, close everything."""
     # Opening the ledger for writing reconciles rows left pending by dead processes.
     with Ledger.open(state_dir) as ledger:
         executor = Executor(config, ledger, simulate=simulate)
         try:
-            result = await run_loop(config, ledger, executor, loop_name, trigger="manual")
+            result = await run_loop(
+                config, ledger, executor, loop_name, trigger="manual", wait=wait
+            )
         finally:
             await executor.aclose()
         await _alert_once(config, ledger, result)

@@ -1,27 +1,32 @@
-"""What the CLI shows: the config check, a run's result, ledger summaries and budget windows."""
+"""What the CLI shows from a validated config: the check, a run, budgets, plans, re-pricing."""
 
 from __future__ import annotations
 
 import json
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Literal
-from zoneinfo import ZoneInfo
+from typing import Any
 
 from agentd import budgets
 from agentd.apikeys import missing_api_keys
 from agentd.caching import decide_for_run
 from agentd.config import Config
-from agentd.context import check_context, stable_prefix
+from agentd.context import check_context, stable_prefix, stable_sources
 from agentd.delivery import redact_url
-from agentd.errors import LedgerError
 from agentd.guardrails import check_projection
 from agentd.handlers import load_handler
-from agentd.ledger import Ledger
 from agentd.pricing import format_usd
 from agentd.reports import Column, render
 from agentd.runner import RunResult
 from agentd.scheduling import next_fire_times
+
+# The ledger-only views live in `spendviews` (the fast read path); re-exported here.
+from agentd.spendviews import CALL_COLUMNS as CALL_COLUMNS
+from agentd.spendviews import calls_report as calls_report
+from agentd.spendviews import html_report_file as html_report_file
+from agentd.spendviews import ledger_report as ledger_report
+from agentd.spendviews import open_for_reading, range_text, zone_of
+from agentd.spendviews import prune_ledger as prune_ledger
 
 
 def _usd(amount: Any) -> str:
@@ -53,6 +58,12 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
         )
         if loop.route != "static":
             lines.append(f"  route: {loop.route}")
+        if loop.batch is not None:
+            lines.append(
+                f"  batch: via the providers' batch APIs at batch prices (polls up to every "
+                f"{loop.batch.poll_max}, gives up after {loop.batch.timeout}, then "
+                + ("a direct call)" if loop.batch.on_failure == "call" else "fails the run)")
+            )
         lines.extend(_loop_io_lines(config, name))
         warnings.extend(check_context(config, name))
         for entry in chain:
@@ -69,7 +80,11 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
                 "  budget: none (global caps only)" if config.budgets else "  budget: none"
             )
         if loop.prompt is not None:
-            prefix = stable_prefix(config.prompt_path(name).read_text(), loop=name)
+            prefix = stable_prefix(
+                config.prompt_path(name).read_text(),
+                loop=name,
+                sources=stable_sources(config, name),
+            )
             decision = decide_for_run(config, name, prefix, now)
             lines.append(f"  prompt cache: {decision.ttl or 'none'} ({decision.reason})")
         for line in projections.get(name, []):
@@ -159,6 +174,7 @@ def once_result_json(result: RunResult) -> str:
             "attempts": [_attempt_dict(a) for a in result.attempts],
             "wake": result.wake,
             "paused_reason": result.paused_reason,
+            "batch_ids": list(result.batch_ids),
         },
         indent=2,
     )
@@ -184,59 +200,14 @@ def once_result_text(result: RunResult) -> str:
         parts.append(f"-- would wake {result.wake} (on_reply)")
     if result.paused_reason:
         parts.append(f"-- loop paused: {result.paused_reason}")
+    if result.status == "submitted":
+        parts.append(
+            f"-- batch {', '.join(result.batch_ids)} submitted; the daemon (agentd run) "
+            "picks up its result and finishes the run"
+        )
+    elif result.batch_ids:
+        parts.append(f"-- via batch {', '.join(result.batch_ids)} (batch price)")
     return "\n".join(parts)
-
-
-def _open_for_reading(state_dir: Path) -> Ledger | None:
-    try:
-        return Ledger.open(state_dir, create=False)
-    except LedgerError:
-        if not (state_dir / "ledger.db").exists():
-            return None
-        raise
-
-
-CALL_COLUMNS = [
-    Column("id", "id"),
-    Column("run_id", "run"),
-    Column("started_at", "started_at"),
-    Column("loop", "loop"),
-    Column("purpose", "purpose"),
-    Column("attempt", "attempt"),
-    Column("alias", "alias"),
-    Column("model", "model"),
-    Column("status", "status"),
-    Column("error_type", "error_type"),
-    Column("http_status", "http"),
-    Column("input_tokens", "input"),
-    Column("output_tokens", "output"),
-    Column("cost_micro_usd", "cost_usd", money=True),
-    Column("latency_ms", "ms"),
-]
-
-
-def calls_report(state_dir: Path, loop: str | None, limit: int, simulated: bool, fmt: str) -> str:
-    """`agentd ledger calls`: the most recent attempts."""
-    ledger = _open_for_reading(state_dir)
-    if ledger is None:
-        rows: list[dict[str, Any]] = []
-    else:
-        with ledger:
-            rows = ledger.recent_calls(loop=loop, limit=limit, simulated=simulated)
-    columns = CALL_COLUMNS
-    if fmt == "json":
-        columns = [
-            *CALL_COLUMNS,
-            Column("reserved_micro_usd", "reserved_usd", money=True),
-            Column("cache_read_tokens", "cache_read_tokens"),
-            Column("cache_write_tokens", "cache_write_tokens"),
-            Column("reasoning_tokens", "reasoning_tokens"),
-            Column("provider", "provider"),
-            Column("tier", "tier"),
-            Column("request_id", "request_id"),
-            Column("simulated", "simulated"),
-        ]
-    return render(rows, columns, fmt)
 
 
 BUDGET_COLUMNS = [
@@ -258,7 +229,7 @@ def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) ->
     for name, loop in config.loops.items():
         if loop.budget:
             windows += budgets.windows_for(name, loop.budget.limits(), None)
-    ledger = _open_for_reading(state_dir)
+    ledger = open_for_reading(state_dir)
     now = datetime.now(tz=UTC)
     if ledger is None:
         statuses = [
@@ -288,110 +259,6 @@ def budget_report(config: Config, state_dir: Path, simulated: bool, fmt: str) ->
 # ---------------------------------------------------------------------------- spend insight
 
 
-def _zone(config: Config | None) -> ZoneInfo:
-    """The zone of calendar groupings and windows: the config's, else UTC."""
-    return config.tz if config is not None else ZoneInfo("UTC")
-
-
-def _range_text(since: datetime | None, until: datetime | None, tz: ZoneInfo) -> str:
-    start = "the beginning" if since is None else since.astimezone(tz).isoformat(timespec="minutes")
-    end = "now" if until is None else until.astimezone(tz).isoformat(timespec="minutes")
-    return f"{start} to {end} ({tz.key})"
-
-
-def ledger_report(
-    state_dir: Path,
-    config: Config | None,
-    *,
-    by: str = "loop",
-    since: datetime | None = None,
-    until: datetime | None = None,
-    simulated: bool = False,
-    fmt: str = "table",
-    loop: str | None = None,
-    chart: bool = False,
-    stack: str = "loop",
-    ascii_only: bool = False,
-) -> str:
-    """`agentd ledger`: spend grouped `by`, as a table (with totals), JSON or CSV; or a chart.
-
-    Calendar groupings and the chart's days use the config's timezone (UTC without a config).
-    """
-    from agentd.charts import text_chart
-    from agentd.spend import GROUPINGS, daily_spend, report_columns, spend_report
-
-    tz = _zone(config)
-    if by not in GROUPINGS:
-        raise ValueError(f"cannot group by {by!r} (one of {', '.join(GROUPINGS)})")
-    if chart and fmt != "table":
-        raise ValueError("--chart draws for a terminal: it does not combine with --json or --csv")
-    ledger = _open_for_reading(state_dir)
-    if chart:
-        if stack not in ("loop", "tier"):
-            raise ValueError(f"cannot stack by {stack!r} (loop or tier)")
-        stack_by: Literal["loop", "tier"] = "loop" if stack == "loop" else "tier"
-        if ledger is None:
-            return "(no spend in this period)"
-        with ledger:
-            daily = daily_spend(
-                ledger,
-                stack=stack_by,
-                since=since,
-                until=until,
-                simulated=simulated,
-                tz=tz,
-                loop=loop,
-            )
-        return text_chart(daily, ascii_only=ascii_only)
-    columns = report_columns(by, fmt)
-    if ledger is None:
-        return render([], columns, fmt)
-    with ledger:
-        report = spend_report(
-            ledger,
-            by=by,
-            since=since,
-            until=until,
-            simulated=simulated,
-            tz=tz,
-            loop=loop,
-        )
-    text = render(report.rows, columns, fmt, totals=report.total)
-    if fmt != "table" or not report.rows:
-        return text
-    kind = "simulated" if simulated else "real"
-    head = f"{kind} calls by {by}, {_range_text(since, until, tz)}"
-    if report.includes_rollup:
-        head += "; pruned days come from the daily roll-up (no p95 there)"
-    return f"{head}\n{text}"
-
-
-def html_report_file(
-    state_dir: Path,
-    config: Config | None,
-    path: Path,
-    *,
-    since: datetime | None = None,
-    until: datetime | None = None,
-    simulated: bool = False,
-    now: datetime | None = None,
-) -> str:
-    """`agentd report --html FILE`: write the self-contained page; return a one-line note."""
-    from agentd.htmlreport import html_report, write_html_report
-
-    now = now or datetime.now(UTC)
-    ledger = _open_for_reading(state_dir)
-    try:
-        html = html_report(
-            ledger, since=since, until=until, now=now, simulated=simulated, tz=_zone(config)
-        )
-    finally:
-        if ledger is not None:
-            ledger.close()
-    write_html_report(path, html)
-    return f"wrote {path} ({len(html.encode())} bytes)"
-
-
 def plan_report(
     config: Config,
     state_dir: Path,
@@ -412,7 +279,7 @@ def plan_report(
     )
 
     now = now or datetime.now(UTC)
-    ledger = _open_for_reading(state_dir)
+    ledger = open_for_reading(state_dir)
     try:
         this = plan(config, ledger, days=days, now=now)
         other = (
@@ -451,14 +318,15 @@ def reprice_report(
     since: datetime | None = None,
     until: datetime | None = None,
     fmt: str = "table",
+    simulated: bool = False,
 ) -> str:
-    """`agentd reprice`: real ok calls re-priced on another config or one tier/model."""
+    """`agentd reprice`: real (or simulated) ok calls re-priced on another config or tier/model."""
     from agentd.reprice import REPRICE_COLUMNS, REPRICE_JSON_COLUMNS, reprice, resolve_target
 
     target = resolve_target(config, against, all_tier=all_tier, all_model=all_model)
-    ledger = _open_for_reading(state_dir)
+    ledger = open_for_reading(state_dir)
     try:
-        result = reprice(ledger, config, target, since=since, until=until)
+        result = reprice(ledger, config, target, since=since, until=until, simulated=simulated)
     finally:
         if ledger is not None:
             ledger.close()
@@ -466,41 +334,12 @@ def reprice_report(
         return render([*result.rows, result.total], REPRICE_JSON_COLUMNS, fmt)
     if not result.rows:
         return "(no ok calls in this period)"
-    tz = _zone(config)
+    tz = zone_of(config)
     return "\n".join(
         [
-            f"real ok calls, {_range_text(since, until, tz)}, re-priced on {result.label}",
+            f"{'simulated' if simulated else 'real'} ok calls, {range_text(since, until, tz)},"
+            f" re-priced on {result.label}",
             render(result.rows, REPRICE_COLUMNS, fmt, totals=result.total),
             result.headline,
         ]
     )
-
-
-def prune_ledger(
-    state_dir: Path,
-    config: Config | None,
-    *,
-    before: datetime,
-    dry_run: bool = False,
-    rollup: bool = True,
-    vacuum: bool = False,
-    now: datetime | None = None,
-) -> str:
-    """`agentd ledger prune --before DATE`: delete old rows (rolled up first); describe it."""
-    from agentd.retention import prune
-
-    now = now or datetime.now(UTC)
-    ledger = _open_for_reading(state_dir)
-    if ledger is None:
-        return "nothing to prune: no ledger yet"
-    with ledger:
-        result = prune(
-            ledger,
-            before,
-            now=now,
-            tz=None if config is None else config.tz,
-            dry_run=dry_run,
-            rollup=rollup,
-            vacuum=vacuum,
-        )
-    return result.describe()

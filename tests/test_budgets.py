@@ -434,9 +434,11 @@ def test_reconcile_settles_only_dead_owners_rows(ledger: Ledger) -> None:
     dead_pending = budgets.reserve(ledger, call_for("alpha", dead_run), 200, [], UTC_ZONE)
     dead_submitted = budgets.reserve(ledger, call_for("alpha", dead_run), 300, [], UTC_ZONE)
     budgets.mark_submitted(ledger, dead_submitted)
-    batch = CallStart(**{**call_for("alpha", dead_run).__dict__, "batch": True})
+    batch_run = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
+    batch = CallStart(**{**call_for("alpha", batch_run).__dict__, "batch": True})
     batch_submitted = budgets.reserve(ledger, batch, 400, [], UTC_ZONE)
     budgets.mark_submitted(ledger, batch_submitted)
+    batch = CallStart(**{**call_for("alpha", dead_run).__dict__, "batch": True})
     batch_pending = budgets.reserve(ledger, batch, 500, [], UTC_ZONE)
     settled = budgets.reserve(ledger, call_for("alpha", dead_run), 600, [], UTC_ZONE)
     budgets.settle(ledger, settled, status="ok", usage=None, cost_micro_usd=50, priced=True)
@@ -445,6 +447,7 @@ def test_reconcile_settles_only_dead_owners_rows(ledger: Ledger) -> None:
     for call_id in (dead_pending, dead_submitted, batch_submitted, batch_pending, settled):
         set_owner(ledger, gone, call_id=call_id)
     set_owner(ledger, gone, run_id=dead_run)
+    set_owner(ledger, gone, run_id=batch_run)
     set_owner(ledger, "another-host:1:1:x", call_id=remote)
 
     with capture_logs() as logs:
@@ -460,7 +463,10 @@ def test_reconcile_settles_only_dead_owners_rows(ledger: Ledger) -> None:
     assert rows[settled]["cost_micro_usd"] == 50
     dead = ledger.get_run(dead_run)
     assert dead is not None and dead["status"] == "aborted"
-    assert dead["cost_micro_usd"] == 200 + 300 + 400 + 500 + 50
+    assert dead["cost_micro_usd"] == 200 + 300 + 500 + 50
+    # The run waiting on a provider batch is not abandoned: `agentd.batchresume` finishes it.
+    waiting = ledger.get_run(batch_run)
+    assert waiting is not None and waiting["status"] == "running"
     live_row = ledger.get_run(live_run)
     assert live_row is not None and live_row["status"] == "running"
     [event] = [e for e in logs if e["event"] == "ledger.reconciled"]

@@ -68,6 +68,15 @@ EXPECTED_COLUMNS = {
         ("request_id", "TEXT"),
         ("served_model", "TEXT"),
         ("cache_write_1h_tokens", "INTEGER"),
+        ("batch_id", "TEXT"),
+        ("list_cost_micro_usd", "INTEGER"),
+    ],
+    "batch_requests": [
+        ("call_id", "INTEGER"),
+        ("run_id", "INTEGER"),
+        ("request", "TEXT"),
+        ("route", "TEXT"),
+        ("submitted_at", "TEXT"),
     ],
     "loop_state": [
         ("loop", "TEXT"),
@@ -99,6 +108,7 @@ EXPECTED_COLUMNS = {
         ("cost_micro_usd", "INTEGER"),
         ("latency_count", "INTEGER"),
         ("latency_ms_sum", "INTEGER"),
+        ("list_cost_micro_usd", "INTEGER"),
     ],
     "report_hours": [
         ("hour", "TEXT"),
@@ -121,6 +131,7 @@ EXPECTED_COLUMNS = {
             )
         ],
         *[(f"l{i:02d}", "INTEGER") for i in range(64)],
+        ("list_cost_micro_usd", "INTEGER"),
     ],
     "report_days": [
         ("day", "TEXT"),
@@ -143,6 +154,7 @@ EXPECTED_COLUMNS = {
             )
         ],
         *[(f"l{i:02d}", "INTEGER") for i in range(64)],
+        ("list_cost_micro_usd", "INTEGER"),
     ],
     "report_cache": [("id", "INTEGER"), ("through", "TEXT"), ("last_id", "INTEGER")],
     "report_holes": [("hour", "TEXT")],
@@ -160,6 +172,8 @@ EXPECTED_STEPS = [
     "m008_budget_covering_indexes",
     "m009_cache_write_1h",
     "m010_report_hours",
+    "m011_batches",
+    "m012_list_cost",
 ]
 
 

@@ -24,6 +24,10 @@ from agentd.reprice import (
 )
 from agentd.views import reprice_report
 
+ALL_DEEP_HEADLINE = (
+    "actual $0.02405 vs all-deep $0.181575 (−86.8 %); saved against list price by caching $0.002945"
+)
+
 
 @pytest.fixture
 def config(tmp_path: Path) -> Config:
@@ -66,7 +70,7 @@ def test_all_deep(config: Config, state: Path) -> None:
     assert result.total["actual_micro_usd"] == 24_050
     assert result.total["other_micro_usd"] == 181_575
     assert result.total["actual_vs_other_pct"] == "-86.8"
-    assert result.headline == "actual $0.02405 vs all-deep $0.181575 (−86.8 %)"
+    assert result.headline == ALL_DEEP_HEADLINE
     # What caching saved at the actual models' list prices, 1h writes apart (none here):
     # alpha A1 on haiku: 300 reads × (1 − 0.1) − 100 writes × (1.25 − 1) = 245 per MTok;
     # beta's sonnet call: 1000 reads × (3 − 0.3) = 2700 per MTok.
@@ -113,7 +117,8 @@ def test_against_another_config(config: Config, state: Path, tmp_path: Path) -> 
     assert result.total["other_micro_usd"] == 19_615
     assert result.total["actual_vs_other_pct"] == "22.6"  # 4435 / 19 615 = 22.61 %
     assert result.headline == (
-        "actual $0.02405 vs cheap.yaml $0.019615 (+22.6 %); not compared: omega (actual $0.0006)"
+        "actual $0.02405 vs cheap.yaml $0.019615 (+22.6 %); saved against list price by caching"
+        " $0.002945; not compared: omega (actual $0.0006)"
     )
 
 
@@ -139,7 +144,7 @@ def test_report_forms(config: Config, state: Path) -> None:
     table = reprice_report(state, config, all_tier="deep")
     lines = table.splitlines()
     assert lines[0].startswith("real ok calls, the beginning to now (UTC), re-priced on all-deep")
-    assert lines[-1] == "actual $0.02405 vs all-deep $0.181575 (−86.8 %)"
+    assert lines[-1] == ALL_DEEP_HEADLINE
     assert any(line.startswith("total") and "−86.8 %" in line for line in lines)
     data = json.loads(reprice_report(state, config, all_tier="deep", fmt="json"))
     assert [d["loop"] for d in data] == ["alpha", "beta", "total"]

@@ -1,0 +1,159 @@
+"""What a run's calls did: its attempts, its trace, and writing an attempt's outcome."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentd import budgets, pricing
+from agentd.config import ChainEntry, Config
+from agentd.ledger import Ledger
+from agentd.logs import get_logger
+from agentd.providers.base import Reply, Usage
+
+
+@dataclass(frozen=True)
+class Attempt:
+    """One attempt as written to the ledger, for reports and `--json` output."""
+
+    call_id: int
+    attempt: int
+    purpose: str
+    tier: str | None
+    alias: str
+    provider: str
+    model: str
+    status: str
+    cost_micro_usd: int
+    reserved_micro_usd: int
+    error_type: str | None = None
+    http_status: int | None = None
+    error: str | None = None
+    latency_ms: int | None = None
+    request_id: str | None = None
+
+
+@dataclass
+class RunTrace:
+    """What one run has done so far: its attempts (numbered across the run) and skipped models."""
+
+    run_id: int
+    loop: str
+    simulated: bool
+    attempts: list[Attempt] = field(default_factory=list)
+    skipped: list[dict[str, Any]] = field(default_factory=list)
+
+    numbered: int = 0
+    tokens: int = 0  # settled input + output tokens of the run's attempts so far
+    # Called before each attempt with (trace, reservation in micro-USD); raises to refuse it
+    # before anything is reserved (the run's ceilings, `agentd.guardrails.RunGuard`).
+    guard: Callable[[RunTrace, int], None] | None = field(default=None, repr=False)
+    # The run's route so far (kept with a batch call, so a restart can finish the run).
+    route: dict[str, Any] | None = field(default=None, repr=False)
+    batch_ids: list[str] = field(default_factory=list)  # batches this run submitted
+    batch_fallback: str | None = None  # why a batch call was made directly after all
+
+    @property
+    def cost_micro_usd(self) -> int:
+        """Money this run has spent (or may have been billed) so far."""
+        return sum(a.cost_micro_usd for a in self.attempts)
+
+    def next_attempt(self) -> int:
+        """Number the run's next attempt (at reservation, so concurrent calls never share one)."""
+        self.numbered += 1
+        return self.numbered
+
+
+@dataclass(frozen=True)
+class CallOutcome:
+    """A successful call: the reply, which chain entry produced it, and what it cost."""
+
+    reply: Reply
+    entry: ChainEntry
+    cost_micro_usd: int
+    fallback: bool
+
+
+class Recorder:
+    """Settles attempts in the ledger (with their list-price cost) and logs `call.finished`."""
+
+    def __init__(self, config: Config, ledger: Ledger) -> None:
+        self.config = config
+        self.ledger = ledger
+        self._list_prices: dict[str, pricing.Price | None] = {}  # alias -> list price
+        self._log = get_logger()
+
+    def list_cost(self, alias: str, usage: Usage) -> int | None:
+        """The call's tokens at list price: all input uncached, no batch discount."""
+        if alias not in self._list_prices:
+            known = alias in self.config.models
+            self._list_prices[alias] = self.config.price(alias) if known else None
+        price = self._list_prices[alias]
+        if price is None:
+            return None
+        plain = Usage(input_tokens=usage.input_tokens, output_tokens=usage.output_tokens)
+        return pricing.to_micro_usd(pricing.cost_usd(price, plain))
+
+    def record(
+        self,
+        trace: RunTrace,
+        attempt: Attempt,
+        *,
+        usage: Usage | None,
+        priced: bool,
+        served_model: str | None = None,
+    ) -> None:
+        """Write an attempt's outcome to its ledger row, the run's trace and the log.
+
+        `list_cost_micro_usd` goes with it: the same tokens at list price, for `saved_usd`.
+        """
+        list_cost: int | None = attempt.cost_micro_usd  # a failed attempt saved nothing
+        if usage is not None and priced:
+            list_cost = self.list_cost(attempt.alias, usage)
+        budgets.settle(
+            self.ledger,
+            attempt.call_id,
+            status=attempt.status,  # type: ignore[arg-type]
+            usage=usage,
+            cost_micro_usd=attempt.cost_micro_usd,
+            priced=priced,
+            error_type=attempt.error_type,
+            http_status=attempt.http_status,
+            request_id=attempt.request_id,
+            error=attempt.error,
+            latency_ms=attempt.latency_ms,
+            served_model=served_model,
+            list_cost_micro_usd=list_cost,
+        )
+        trace.attempts.append(attempt)
+        tokens: dict[str, int] = {}
+        if usage is not None:
+            trace.tokens += usage.input_tokens + usage.output_tokens
+            tokens = {
+                "input_tokens": usage.input_tokens,
+                "output_tokens": usage.output_tokens,
+                "cache_read_tokens": usage.cache_read_tokens,
+                "cache_write_tokens": usage.cache_write_tokens,
+                "cache_write_1h_tokens": usage.cache_write_1h_tokens,
+                "reasoning_tokens": usage.reasoning_tokens,
+            }
+        emit = self._log.info if attempt.status == "ok" else self._log.warning
+        emit(
+            "call.finished",
+            loop=trace.loop,
+            run_id=trace.run_id,
+            purpose=attempt.purpose,
+            provider=attempt.provider,
+            model=attempt.model,
+            alias=attempt.alias,
+            attempt=attempt.attempt,
+            status=attempt.status,
+            error_type=attempt.error_type,
+            http_status=attempt.http_status,
+            error=attempt.error,
+            cost_micro_usd=attempt.cost_micro_usd,
+            latency_ms=attempt.latency_ms,
+            simulated=trace.simulated,
+            **tokens,
+        )
