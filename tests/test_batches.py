@@ -15,6 +15,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from decimal import Decimal
 from pathlib import Path
 from typing import Any
 
@@ -263,7 +264,11 @@ def _resume(h: Harness) -> list[RunResult | None]:
 def test_once_no_wait_then_the_next_process_finishes_the_run(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
-    patch = {"loops": {"work": {"deliver": [{"file": "replies/work.log"}]}}}
+    patch = {
+        "loops": {
+            "work": {"deliver": [{"file": "replies/work.log"}], "budget": {"per_day_usd": 1}}
+        }
+    }
     h = Harness(tmp_path, fake_server, patch)
     fake_server.script(HAIKU, ok("the plan", input_tokens=1000, output_tokens=200))
     done = _cli(h, "once", "work", "--no-wait", "--json")
@@ -275,6 +280,11 @@ def test_once_no_wait_then_the_next_process_finishes_the_run(
     [call] = h.calls()
     assert (call["status"], call["batch"], call["batch_id"]) == ("submitted", 1, batch.id)
     assert h.ledger.get_run(call["run_id"])["status"] == "running"  # type: ignore[index]
+    # The reservation holds while the provider works: the budget counts it as reserved.
+    budget = json.loads(_cli(h, "budget", "--json").stdout)
+    [window] = [w for w in budget if w["scope"] == "loop work"]
+    assert Decimal(window["reserved_usd"]) * 1_000_000 == call["reserved_micro_usd"] > 0
+    assert Decimal(window["spent_usd"]) == 0
 
     # A new process opening the ledger reconciles dead owners: the batch call is not abandoned.
     with Ledger.open(h.state) as again:
