@@ -15,7 +15,14 @@ from agentd.providers.base import (
     Request,
     Usage,
 )
-from agentd.providers.errormap import CallContext, SdkErrors, map_error_body, translate
+from agentd.providers.errormap import (
+    CallContext,
+    SdkErrors,
+    created_batch_id,
+    map_error_body,
+    require_usage,
+    translate,
+)
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
@@ -113,15 +120,7 @@ class AnthropicProvider:
             batch = await raw.parse()
         except Exception as exc:
             raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
-        batch_id = getattr(batch, "id", None)
-        if not isinstance(batch_id, str) or not batch_id:
-            # The batch may exist (and be billed) without our knowing its id.
-            raise MalformedResponse(
-                ctx.say(f"{status} batch created without an id"),
-                http_status=status,
-                request_id=request_id,
-                may_have_billed=True,
-            )
+        batch_id = created_batch_id(batch, ctx, request_id, http_status=status)
         return BatchSubmission(batch_id, custom_id, request_id)
 
     async def poll_batch(self, batch_id: str, custom_id: str) -> BatchOutcome:
@@ -176,15 +175,7 @@ def parse_message(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a Message (a direct call's or a batch result's); no usage is an error."""
-    usage = getattr(message, "usage", None)
-    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
-        where = f"{http_status} response" if http_status else "batch result"
-        raise MalformedResponse(
-            ctx.say(f"{where} without usage (may have been billed)"),
-            http_status=http_status,
-            request_id=request_id,
-            may_have_billed=True,
-        )
+    usage = require_usage(message, USAGE_FIELDS, ctx, request_id, http_status=http_status)
     cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
     cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
     # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.

@@ -337,3 +337,40 @@ def _request_id(response: Any) -> str | None:
 
 def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
+
+
+def require_usage(
+    body: Any,
+    fields: tuple[str, ...],
+    ctx: CallContext,
+    request_id: str | None,
+    *,
+    http_status: int | None,
+) -> Any:
+    """The body's `usage`, or a MalformedResponse (maybe billed) when a count is missing."""
+    usage = getattr(body, "usage", None)
+    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in fields):
+        where = f"{http_status} response" if http_status else "batch result"
+        raise MalformedResponse(
+            ctx.say(f"{where} without usage (may have been billed)"),
+            http_status=http_status,
+            request_id=request_id,
+            may_have_billed=True,
+        )
+    return usage
+
+
+def created_batch_id(
+    batch: Any, ctx: CallContext, request_id: str | None, *, http_status: int | None
+) -> str:
+    """The id of a batch just created, or a MalformedResponse (maybe billed) without one."""
+    batch_id = getattr(batch, "id", None)
+    if not isinstance(batch_id, str) or not batch_id:
+        # The batch may exist (and be billed) without our knowing its id.
+        raise MalformedResponse(
+            ctx.say(f"{http_status} batch created without an id"),
+            http_status=http_status,
+            request_id=request_id,
+            may_have_billed=True,
+        )
+    return batch_id

@@ -6,9 +6,8 @@ import asyncio
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
-from agentd.errors import MalformedResponse
 from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
-from agentd.providers.errormap import CallContext, SdkErrors, translate
+from agentd.providers.errormap import CallContext, SdkErrors, require_usage, translate
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -141,15 +140,7 @@ def parse_completion(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a ChatCompletion (a direct call's or a batch line's); no usage is an error."""
-    usage = getattr(completion, "usage", None)
-    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in USAGE_FIELDS):
-        where = f"{http_status} response" if http_status else "batch result"
-        raise MalformedResponse(
-            ctx.say(f"{where} without usage (may have been billed)"),
-            http_status=http_status,
-            request_id=request_id,
-            may_have_billed=True,
-        )
+    usage = require_usage(completion, USAGE_FIELDS, ctx, request_id, http_status=http_status)
     prompt_details = getattr(usage, "prompt_tokens_details", None)
     completion_details = getattr(usage, "completion_tokens_details", None)
     choices = getattr(completion, "choices", None) or []

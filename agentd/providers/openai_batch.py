@@ -12,7 +12,14 @@ from typing import TYPE_CHECKING, Any, Final, Literal
 
 from agentd.errors import MalformedResponse, ProviderError
 from agentd.providers.base import BatchOutcome, BatchSubmission
-from agentd.providers.errormap import CallContext, SdkErrors, map_error_body, map_status, translate
+from agentd.providers.errormap import (
+    CallContext,
+    SdkErrors,
+    created_batch_id,
+    map_error_body,
+    map_status,
+    translate,
+)
 from agentd.providers.openai import parse_completion
 
 if TYPE_CHECKING:
@@ -51,15 +58,7 @@ async def submit(
         batch = raw.parse()
     except Exception as exc:
         raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
-    batch_id = getattr(batch, "id", None)
-    if not isinstance(batch_id, str) or not batch_id:
-        # The batch may exist (and be billed) without our knowing its id.
-        raise MalformedResponse(
-            ctx.say(f"{status} batch created without an id"),
-            http_status=status,
-            request_id=request_id,
-            may_have_billed=True,
-        )
+    batch_id = created_batch_id(batch, ctx, request_id, http_status=status)
     return BatchSubmission(batch_id, custom_id, request_id)
 
 
