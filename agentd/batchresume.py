@@ -206,7 +206,7 @@ async def finish_orphan(
             waited_s=max(waited, 0.0),
         )
     except BatchItemFailed as exc:
-        executor.record_outcome(
+        executor.recorder.record(
             trace,
             replace(pending, status="error", error_type=exc.code, error=str(exc)),
             usage=None,
@@ -218,7 +218,7 @@ async def finish_orphan(
         trace.batch_fallback = str(exc)
         return await _direct(config, ledger, executor, trace, route, orphan)
     cost = pricing.to_micro_usd(pricing.cost_usd(price, reply.usage)) if price else 0
-    executor.record_outcome(
+    executor.recorder.record(
         trace,
         replace(pending, status="ok", cost_micro_usd=cost, request_id=reply.request_id),
         usage=reply.usage,

@@ -32,7 +32,7 @@ from agentd.errors import (
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.providers import build_provider
-from agentd.providers.base import CacheMark, Message, Provider, Reply, Request, Usage
+from agentd.providers.base import CacheMark, Message, Provider, Reply, Request
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -64,7 +64,7 @@ class Executor:
     ) -> None:
         self.config = config
         self._simulator_clock = simulator_clock  # the simulated prompt cache's clock
-        self._recorder = Recorder(config, ledger)
+        self.recorder = Recorder(config, ledger)  # settles attempts (batchresume uses it too)
         # Tasks waiting on a submitted batch item: a stopping daemon cancels them at once,
         # since their items survive it (see `Dispatcher.drain`).
         self.batch_waiters: set[asyncio.Task[Any]] = set()
@@ -404,7 +404,7 @@ class Executor:
                         sleep=self._sleep,
                     )
                 cost = pricing.to_micro_usd(pricing.cost_usd(price, reply.usage)) if price else 0
-                self.record_outcome(
+                self.recorder.record(
                     trace,
                     replace(
                         pending,
@@ -422,7 +422,7 @@ class Executor:
                 return reply, cost
             except ProviderError as exc:
                 # A request that reached the provider without a usage report may be billed.
-                self.record_outcome(
+                self.recorder.record(
                     trace,
                     replace(
                         pending,
@@ -443,7 +443,7 @@ class Executor:
                 if not settled and submitted.batch_id is None:
                     # Cancellation or an unexpected bug mid-call: the request may have been
                     # sent, so keep its reservation as spent rather than pretend it was free.
-                    self.record_outcome(
+                    self.recorder.record(
                         trace,
                         replace(
                             pending,
@@ -458,21 +458,6 @@ class Executor:
                     )
         finally:
             slot.release()
-
-    def record_outcome(
-        self,
-        trace: RunTrace,
-        attempt: Attempt,
-        *,
-        usage: Usage | None,
-        priced: bool,
-        served_model: str | None = None,
-    ) -> None:
-        """Settle an attempt's row and note it in the trace and the log (`attempts.Recorder`).
-
-        Public for `agentd.batchresume`, which settles batch calls of runs it resumes.
-        """
-        self._recorder.record(trace, attempt, usage=usage, priced=priced, served_model=served_model)
 
 
 class _Slot:
