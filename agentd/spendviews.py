@@ -84,6 +84,9 @@ def calls_report(state_dir: Path, loop: str | None, limit: int, simulated: bool,
             Column("tier", "tier"),
             Column("request_id", "request_id"),
             Column("simulated", "simulated"),
+            Column("batch", "batch"),
+            Column("batch_id", "batch_id"),
+            Column("list_cost_micro_usd", "list_cost_usd", money=True),
         ]
     return render(rows, columns, fmt)
 
