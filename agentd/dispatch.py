@@ -25,6 +25,11 @@ from agentd.runner import RunResult, run_loop
 _CANCEL_WAIT_S = 10.0  # after cancelling, how long cancelled runs get to write `aborted`
 
 
+def _slot_done(state: loopstate.LoopState, slot: datetime) -> bool:
+    """Whether the loop already handled this slot (ran it, or skipped it paused)."""
+    return state.last_slot is not None and parse_iso(state.last_slot) >= slot
+
+
 @dataclass(eq=False)
 class Generation:
     """A config and the executor built for it; a run keeps the generation it started with."""
@@ -133,7 +138,10 @@ class Dispatcher:
         slot_text = None if slot is None else utc_iso(slot)
         log = self._log.bind(loop=name, trigger=trigger, slot=slot_text)
         try:
-            if slot_text is not None and self._slot_done(name, slot_text):
+            # One read for the slot, pause and backoff gates (a scheduled run with no jitter
+            # reads the state only here; 1,000 loops make this a hot path).
+            state = loopstate.get_state(self.ledger, name)
+            if slot is not None and _slot_done(state, slot):
                 log.info("loop.slot_done", note="this slot already ran; not running it again")
                 return
             loop = self.config.loops.get(name)
@@ -141,11 +149,12 @@ class Dispatcher:
                 delay = scheduling.jitter_delay(loop)
                 if delay:
                     await asyncio.sleep(delay)
+                    state = loopstate.get_state(self.ledger, name)  # it may have changed
             gen = self.current
             loop = gen.config.loops.get(name)
             if loop is None or self.stopping:
                 return  # removed by a reload, or the daemon began stopping, while waiting
-            if trigger != "manual" and self._skip(gen, name, loop, trigger, slot, log):
+            if trigger != "manual" and self._skip(gen, name, loop, state, trigger, slot, log):
                 return
             result = await self._execute(gen, name, trigger, slot_text, log)
             if result is not None:
@@ -159,15 +168,12 @@ class Dispatcher:
             if not self.stopping:
                 self._on_settled()
 
-    def _slot_done(self, name: str, slot_text: str) -> bool:
-        last = loopstate.get_state(self.ledger, name).last_slot
-        return last is not None and parse_iso(last) >= parse_iso(slot_text)
-
     def _skip(
         self,
         gen: Generation,
         name: str,
         loop: LoopConfig,
+        state: loopstate.LoopState,
         trigger: str,
         slot: datetime | None,
         log: Any,
@@ -177,8 +183,12 @@ class Dispatcher:
         slot_text = None if slot is None else utc_iso(slot)
         # A paused loop is skipped here without a runs row: the pause is recorded once, in
         # loop_state with its reason, rather than as one skipped row per slot.
-        reason = loopstate.paused_reason(self.ledger, name, now)
-        allowed = None if reason else loopstate.next_allowed_at(self.ledger, name, loop.on_failure)
+        reason = loopstate.pause_of(state, now)
+        allowed = None
+        if reason is None and state.consecutive_failures:
+            allowed = loopstate.next_allowed_at(
+                self.ledger, name, loop.on_failure, state.consecutive_failures
+            )
         if reason is not None or (allowed is not None and now < allowed):
             if slot_text is not None:
                 loopstate.set_last_slot(self.ledger, name, slot_text)  # handled: no catch-up
@@ -226,6 +236,13 @@ class Dispatcher:
                 self._close_later(gen)
         return None
 
+    def after_resumed(self, result: RunResult) -> None:
+        """What follows a run `agentd.batchresume` finished: backoff or pause, alerts, wake."""
+        if result.loop not in self.config.loops:
+            self.alerter.after_run(self.ledger, result)  # removed by a reload meanwhile
+            return
+        self._after_run(self.current, result.loop, result, self._log.bind(loop=result.loop))
+
     def _after_run(self, gen: Generation, name: str, result: RunResult, log: Any) -> None:
         """Back off or pause a failing loop; alerts; wake the loop named by `on_reply`."""
         self.alerter.after_run(self.ledger, result)
@@ -270,6 +287,11 @@ class Dispatcher:
         executor settles their calls at the reservation).
         """
         self.stopping = True
+        # A run waiting on a batch item could wait hours: stop waiting now. The item and the
+        # run stay in the ledger and the next start finishes them (`agentd.batchresume`).
+        for gen in (self.current, *self._retired):
+            for waiter in list(gen.executor.batch_waiters):
+                waiter.cancel()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         forced = asyncio.ensure_future(force.wait())

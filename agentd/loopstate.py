@@ -66,9 +66,16 @@ def paused_reason(ledger: Ledger, loop: str, now: datetime) -> str | None:
         row = conn.execute(
             "SELECT paused, paused_reason, paused_until FROM loop_state WHERE loop = ?", (loop,)
         ).fetchone()
-    if row is None or not row[0]:
+    if row is None:
         return None
-    reason, until = row[1] or "paused", row[2]
+    return pause_of(LoopState(loop, bool(row[0]), row[1], row[2]), now)
+
+
+def pause_of(state: LoopState, now: datetime) -> str | None:
+    """Why a loop with this state is paused at `now`, or None (`paused_reason` without a query)."""
+    if not state.paused:
+        return None
+    reason, until = state.paused_reason or "paused", state.paused_until
     if until is not None:
         if parse_iso(until) <= now:
             return None

@@ -3,10 +3,22 @@
 A *slot* is a loop's nominal fire time (whole seconds, UTC in the ledger). The daemon records
 the slot of every scheduled run, so a loop never runs twice for one slot, and after downtime
 `catch_up: once` knows which slots were missed.
+
+Phase of `every:` loops: an interval has no natural time of day, so each `every: N` loop gets
+a stable offset within its interval derived from its name (`phase_s`), and its slots are the
+grid `Unix epoch + phase + k·N` (like systemd's `RandomizedDelaySec=` with
+`FixedRandomDelay=yes`). Many loops with the same interval then fire spread over the interval
+instead of all in one second (1,000 `every: 60s` loops started together used to share one
+slot), and a loop's slots are the same across restarts and on every host. A new loop's first
+run comes within one interval of the start (not exactly one interval after it); a loop whose
+last slot is not on its grid (recorded by an older agentd, or before its interval changed)
+moves onto it at the first grid point at least one interval after that slot, so it never runs
+sooner than its interval. `cron:` loops are exact: their slots are the crontab's.
 """
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 from collections.abc import Awaitable, Callable
@@ -107,16 +119,28 @@ def trigger_for(loop: LoopConfig, tz: ZoneInfo, start: datetime | None = None) -
 
 
 def next_fire_times(
-    loop: LoopConfig, tz: ZoneInfo, n: int = 3, now: datetime | None = None
+    loop: LoopConfig,
+    tz: ZoneInfo,
+    n: int = 3,
+    now: datetime | None = None,
+    *,
+    name: str | None = None,
 ) -> list[datetime]:
-    """The next n fire times after now (default: the current time), in tz."""
+    """The next n fire times after now (default: the current time), in tz.
+
+    With the loop's `name`, an `every:` loop's times are the daemon's (its phased grid, see
+    the module docstring); without it they are counted one interval from now.
+    """
     if now is None:
         now = datetime.now(tz)
     elif now.tzinfo is None:
         now = now.replace(tzinfo=tz)  # a naive time is read as wall time in the config's zone
     start = None
     if loop.every_seconds is not None:
-        start = now + timedelta(seconds=loop.every_seconds)
+        if name is not None:
+            start = anchor_for(loop, name, None, now)
+        else:
+            start = now + timedelta(seconds=loop.every_seconds)
     trigger = trigger_for(loop, tz, start=start)
     fires: list[datetime] = []
     previous: datetime | None = None
@@ -137,9 +161,38 @@ def _floor_second(at: datetime) -> datetime:
     return at.replace(microsecond=0)
 
 
-def anchor_for(loop: LoopConfig, last_slot: datetime | None, now: datetime) -> datetime | None:
-    """Where an `every:` loop's slot grid starts: its last slot (so a restart keeps the cadence),
-    else one interval from now. None for a cron loop (its grid is the crontab).
+def phase_s(loop_name: str, every_s: int) -> int:
+    """A loop's stable offset into its interval, in whole seconds in [0, every_s).
+
+    A hash of the name, not Python's `hash()` (salted per process): the same loop gets the
+    same phase in every process, after every restart and on every host.
+    """
+    if every_s <= 1:
+        return 0
+    digest = hashlib.blake2b(loop_name.encode(), digest_size=8).digest()
+    return int.from_bytes(digest, "big") % every_s
+
+
+def grid_at_or_after(loop_name: str, every_s: int, at: datetime) -> datetime:
+    """The first slot of an `every:` loop's grid (epoch + phase + k·every) at or after `at`."""
+    phase = phase_s(loop_name, every_s)
+    # Integer arithmetic on epoch seconds: exact, and the grid is the same in any zone.
+    t = int(at.timestamp())
+    if t < at.timestamp():
+        t += 1  # a fractional `at`: the next whole second
+    t += (phase - t) % every_s
+    return datetime.fromtimestamp(t, UTC)
+
+
+def anchor_for(
+    loop: LoopConfig, loop_name: str, last_slot: datetime | None, now: datetime
+) -> datetime | None:
+    """The first slot of an `every:` loop's phased grid that the daemon may fire; None for cron.
+
+    After a last slot: the first grid point at least one interval later (the grid point one
+    interval on when the last slot is on the grid, so a restart keeps the cadence). A loop that
+    never ran, or whose last slot is in the future (the clock went back): the first grid point
+    at or after now (APScheduler moves a start in the past to the next grid point).
 
     Whole seconds: APScheduler adds intervals as float timestamps, exact only for integers.
     """
@@ -147,8 +200,9 @@ def anchor_for(loop: LoopConfig, last_slot: datetime | None, now: datetime) -> d
     if seconds is None:
         return None
     if last_slot is not None and last_slot <= now:
-        return _floor_second(last_slot)
-    return _floor_second(now) + timedelta(seconds=seconds)
+        after = _floor_second(last_slot) + timedelta(seconds=seconds)
+        return grid_at_or_after(loop_name, seconds, after)
+    return grid_at_or_after(loop_name, seconds, _floor_second(now))
 
 
 def loop_trigger(loop: LoopConfig, tz: ZoneInfo, anchor: datetime | None) -> BaseTrigger:
@@ -189,7 +243,7 @@ def slot_at(trigger: BaseTrigger, now: datetime, lookback_s: float) -> datetime:
 
 
 def missed_slot(
-    loop: LoopConfig, tz: ZoneInfo, last_slot: datetime | None, now: datetime
+    loop: LoopConfig, loop_name: str, tz: ZoneInfo, last_slot: datetime | None, now: datetime
 ) -> datetime | None:
     """With `catch_up: once`, the latest slot missed since `last_slot` (to run once at start).
 
@@ -198,7 +252,7 @@ def missed_slot(
     """
     if loop.catch_up != "once" or last_slot is None:
         return None
-    trigger = loop_trigger(loop, tz, anchor_for(loop, last_slot, now))
+    trigger = loop_trigger(loop, tz, anchor_for(loop, loop_name, last_slot, now))
     return latest_fire(trigger, last_slot, now)
 
 

@@ -5,7 +5,8 @@ both providers. `--kills` times, alternately, `agentd once work` or `agentd run`
 `every: 1s`) is started on one state directory and killed with SIGKILL, either at a random
 moment after start (half the kills: anywhere in start-up, reservation, call or settlement) or
 a random 0–latency after the server has seen a new request (the other half: mid-call). A run
-that finishes before its kill is recorded too (its `--json` run id must be in the ledger, ok).
+that printed its result before its kill (finished, or killed while the interpreter exits) is
+recorded too: its `--json` run id must be in the ledger, ok.
 
 Checked after the last kill, first without reconciling, then with the next start's open:
   * `PRAGMA integrity_check` is ok (and `foreign_key_check` is empty);
@@ -120,6 +121,16 @@ def _check(state: Path, server_requests: int, completed_runs: list[int]) -> dict
     }
 
 
+def _printed_run_id(out: str | None) -> int | None:
+    """The run id `agentd once --json` printed, or None if it was killed before printing."""
+    try:
+        data = json.loads(out or "")
+    except ValueError:
+        return None
+    run_id = data.get("run_id") if isinstance(data, dict) else None
+    return int(run_id) if isinstance(run_id, int) else None
+
+
 def _opened_ledger(state: Path, pid: int) -> bool:
     """Whether process `pid` got as far as owning a row (so its open had reconciled)."""
     with sqlite3.connect(state / "ledger.db") as conn:
@@ -143,7 +154,14 @@ def soak(kills: int, seed: int, latency_ms: float, max_delay_s: float) -> dict[s
         for name in ("work", "work2", "work3")
     }
     completed: list[int] = []
-    kinds = {"once": 0, "run": 0, "mid-call": 0, "random": 0, "finished": 0}
+    kinds = {
+        "once": 0,
+        "run": 0,
+        "mid-call": 0,
+        "random": 0,
+        "finished": 0,
+        "printed_then_killed": 0,
+    }
     killed_pids: list[int] = []
     with (
         tempfile.TemporaryDirectory(prefix="agentd-crash-") as tmp,
@@ -183,9 +201,12 @@ def soak(kills: int, seed: int, latency_ms: float, max_delay_s: float) -> dict[s
                 os.kill(proc.pid, signal.SIGKILL)
                 killed_pids.append(proc.pid)
             out, _ = proc.communicate(timeout=30)
-            if proc.returncode == 0 and mode == "once":
-                kinds["finished"] += 1
-                completed.append(int(json.loads(out)["run_id"]))
+            run_id = _printed_run_id(out) if mode == "once" else None
+            if run_id is not None:
+                # It printed its result, so the run is over: killed or not, it must be in the
+                # ledger, ok (a kill during interpreter exit must not lose it).
+                kinds["finished" if proc.returncode == 0 else "printed_then_killed"] += 1
+                completed.append(run_id)
         elapsed = time.monotonic() - started
         requests = server.stats()["requests"]
         result = _check(state, requests, completed)

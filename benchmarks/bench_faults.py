@@ -8,7 +8,7 @@ other), with one retry and short breaker cooldowns so faults exercise every path
 
 Sampled every few seconds: the daemon's RSS and CPU. After SIGTERM (the daemon drains and
 exits), checked on the ledger without reconciling anything:
-  * no run stuck: no `running` run; longest run; every loop kept firing;
+  * no run stuck: no `running` run; longest run; every loop kept firing (none ended paused);
   * no reservation leaked: no `pending`/`submitted` call;
   * ledger rows = server requests, minus attempts whose connection was never established
     (`connection_error` rows charged nothing: the server cannot count them);
@@ -55,6 +55,10 @@ def _config(url: str, loops: int, every: str) -> dict[str, Any]:
             "max_tokens": 64,
             "prompt": "work.md",
             "budget": {"per_day_usd": 100},
+            # The anomaly breaker pauses a loop whose ok run costs > 5× its median, which a
+            # run that retried past a timeout (settled at its reservation) does: with it on,
+            # every loop ends paused within minutes and the soak stops exercising faults.
+            "anomaly": {"enabled": False},
         }
         for i in range(loops)
     }
@@ -70,6 +74,14 @@ def _config(url: str, loops: int, every: str) -> dict[str, Any]:
             "daemon": {"shutdown_grace_s": 10, "misfire_grace_s": 30, "wal_checkpoint_s": 30},
         },
     )
+
+
+def _by_minute(samples: list[tuple[float, int, float]]) -> list[float]:
+    """Median RSS (MB) of each minute of the window: a leak climbs, warm-up levels off."""
+    minutes: dict[int, list[float]] = collections.defaultdict(list)
+    for t, rss, _ in samples:
+        minutes[int(t // 60)].append(rss / 1024)
+    return [round(percentile(minutes[m], 50), 1) for m in sorted(minutes)]
 
 
 def soak(
@@ -95,7 +107,7 @@ def soak(
             try:
                 while time.monotonic() < end and proc.poll() is None:
                     rss, cpu = proc_rss_kb(proc.pid), proc_cpu_s(proc.pid)
-                    if rss is not None and cpu is not None:
+                    if rss and cpu is not None:  # 0 while the process is still exec-ing
                         samples.append((time.monotonic() - t0, rss, cpu))
                     time.sleep(sample_s)
                 crashed = proc.poll()
@@ -137,6 +149,7 @@ def soak(
                 conn.execute("SELECT COALESCE(error_type, status), COUNT(*) FROM calls GROUP BY 1")
             )
             integrity = q("PRAGMA integrity_check")
+            paused = [r[0] for r in conn.execute("SELECT loop FROM loop_state WHERE paused = 1")]
     problems: list[str] = []
     if crashed is not None:
         problems.append(f"daemon exited on its own with {crashed}")
@@ -152,6 +165,8 @@ def soak(
         )
     if integrity != "ok":
         problems.append(f"integrity_check: {integrity}")
+    if paused:
+        problems.append(f"loops paused at the end (no longer exercised): {paused}")
     if len(per_loop) < loops or min(per_loop) == 0:
         problems.append(f"some loop never ran: {len(per_loop)} loops with runs")
     rss_mb = [s[1] / 1024 for s in samples]
@@ -178,6 +193,7 @@ def soak(
         "running_after_stop": running,
         "runs": run_status,
         "runs_per_loop_min_max": (min(per_loop, default=0), max(per_loop, default=0)),
+        "paused_loops_at_end": len(paused),
         "longest_run_s": round(longest or 0, 2),
         "call_outcomes": call_errors,
         "stop_s": round(stop_s, 2),
@@ -187,6 +203,7 @@ def soak(
             round(rss_mb[-1], 1) if rss_mb else None,
         ),
         "rss_growth_mb_after_warmup": round(percentile(last, 50) - percentile(first, 50), 2),
+        "rss_mb_p50_by_minute": _by_minute(samples),
         "cpu_pct_avg": round(cpu_pct, 2),
         "log_events": dict(events.most_common(12)),
         "problems": problems,

@@ -29,12 +29,13 @@ import pytest
 from builders import TEST_ENV, base_config, merge, write_config
 from fakeserver import FakeServer, error, timeout
 
-from agentd import loopstate
+from agentd import loopstate, scheduling
 from agentd.config import load_config
-from agentd.daemon import Daemon, DaemonRunning, acquire_pid_lock
+from agentd.daemon import Daemon
 from agentd.errors import LoopBusy, LoopPaused, MissingKeyError
 from agentd.ledger import Ledger, parse_iso, utc_iso
 from agentd.notify import Notifier, notify_address, watchdog_interval
+from agentd.pidlock import DaemonRunning, acquire_pid_lock
 from agentd.reload import check_primary_keys, diff_configs
 
 pytestmark = pytest.mark.slow
@@ -402,6 +403,15 @@ def test_shipped_config_simulated_one_daemon_per_state_dir_and_control(
         shutil.rmtree(state, ignore_errors=True)
 
 
+def _quiet_name(prefix: str, every_s: int, now: datetime) -> str:
+    """A loop name whose phased grid has no slot in the next 10 minutes (no stray fire)."""
+    for i in range(100):
+        name = f"{prefix}{i}"
+        if scheduling.grid_at_or_after(name, every_s, now) - now > timedelta(minutes=10):
+            return name
+    raise AssertionError("no quiet loop name")
+
+
 def test_catch_up_after_downtime_runs_once_and_never_twice(
     tmp_path: Path,
     fake_server: FakeServer,
@@ -409,9 +419,11 @@ def test_catch_up_after_downtime_runs_once_and_never_twice(
     daemons: list[DaemonProcess],
 ) -> None:
     state = tmp_path / "state"
-    loops = {"once": every("1h", catch_up="once"), "skip": every("1h", catch_up="skip")}
+    now = datetime.now(UTC)
+    once, skip = _quiet_name("once", 3600, now), _quiet_name("skip", 3600, now)
+    loops = {once: every("1h", catch_up="once"), skip: every("1h", catch_up="skip")}
     path = write_config(tmp_path / "cfg", config_with(fake_server, loops))
-    last = datetime.now(UTC).replace(microsecond=0) - timedelta(hours=3, minutes=10)
+    last = now.replace(microsecond=0) - timedelta(hours=3, minutes=10)
     with Ledger.open(state) as ledger:  # the slots of an earlier daemon, 3 h 10 m ago
         for name in loops:
             loopstate.set_last_slot(ledger, name, utc_iso(last))
@@ -419,10 +431,12 @@ def test_catch_up_after_downtime_runs_once_and_never_twice(
     proc = DaemonProcess(path, state, notify)
     daemons.append(proc)
     notify.wait_for("READY=1")
-    (caught,) = wait_until(lambda: runs(state, "once", trigger="catchup"), 10, "the catch-up")
-    assert caught[2] == utc_iso(last + timedelta(hours=3))  # the latest missed slot
-    wait_until(lambda: runs(state, "once")[0][3] == "ok", 10, "the catch-up to finish")
-    assert runs(state, "skip") == []
+    (caught,) = wait_until(lambda: runs(state, once, trigger="catchup"), 10, "the catch-up")
+    # The latest missed slot of the loop's phased grid (no slot is due in the next 10 min).
+    missed = scheduling.grid_at_or_after(once, 3600, now) - timedelta(hours=1)
+    assert caught[2] == utc_iso(missed) and missed > last + timedelta(hours=1)
+    wait_until(lambda: runs(state, once)[0][3] == "ok", 10, "the catch-up to finish")
+    assert runs(state, skip) == []
     proc.signal(signal.SIGTERM)
     assert proc.wait(10) == 0
 
@@ -434,7 +448,7 @@ def test_catch_up_after_downtime_runs_once_and_never_twice(
     time.sleep(0.5)
     proc.signal(signal.SIGTERM)
     assert proc.wait(10) == 0
-    assert len(runs(state, "once")) == 1 and runs(state, "skip") == []
+    assert len(runs(state, once)) == 1 and runs(state, skip) == []
     assert not proc.events("loop.catch_up")
 
 

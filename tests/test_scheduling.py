@@ -18,6 +18,7 @@ from agentd.scheduling import (
     add_loop_job,
     anchor_for,
     crontab_weekdays,
+    grid_at_or_after,
     is_active,
     jitter_delay,
     job_id,
@@ -26,6 +27,7 @@ from agentd.scheduling import (
     missed_slot,
     next_fire_times,
     next_run_time,
+    phase_s,
     remove_loop_job,
     schedule_key,
     slot_at,
@@ -131,33 +133,93 @@ T0 = datetime(2026, 3, 2, 10, 0, tzinfo=UTC)
 
 def test_anchor_for_every_loops() -> None:
     every = loop(every="1h")
-    # Continues the last slot's grid (whole seconds) so a restart keeps the cadence.
-    assert anchor_for(every, T0 + timedelta(microseconds=5), T0 + timedelta(hours=5)) == T0
-    # A loop that never ran: one interval from now.
+    on_grid = grid_at_or_after("hb", 3600, T0)
+    # A restart continues the grid: the next slot is one interval after the last one.
+    later = on_grid + timedelta(hours=5)
+    assert anchor_for(every, "hb", on_grid + timedelta(microseconds=5), later) == on_grid + (
+        timedelta(hours=1)
+    )
+    # A loop that never ran: its first grid point from now on (within one interval).
     now = T0 + timedelta(seconds=0.7)
-    assert anchor_for(every, None, now) == T0 + timedelta(hours=1)
+    first = anchor_for(every, "hb", None, now)
+    assert first is not None and T0 <= first < T0 + timedelta(hours=1)
+    assert first == grid_at_or_after("hb", 3600, T0)
     # A last slot in the future (the clock went back) is not trusted.
-    assert anchor_for(every, T0 + timedelta(days=1), T0) == T0 + timedelta(hours=1)
-    assert anchor_for(loop(cron="0 7 * * *"), T0, T0) is None
+    assert anchor_for(every, "hb", T0 + timedelta(days=1), T0) == grid_at_or_after("hb", 3600, T0)
+    assert anchor_for(loop(cron="0 7 * * *"), "hb", T0, T0) is None
+
+
+def test_every_loops_get_a_stable_phase_within_their_interval() -> None:
+    # Pinned: a different hash would move every deployed loop's schedule once.
+    assert [phase_s(name, 1800) for name in ("heartbeat", "research", "x")] == [1777, 196, 1383]
+    assert phase_s("anything", 1) == 0 and phase_s("anything", 0) == 0
+    phases = [phase_s(f"loop{i:04d}", 60) for i in range(1000)]
+    assert all(0 <= p < 60 for p in phases)
+    # 1,000 loops `every: 60s` land on all 60 seconds of the minute, not on one.
+    assert len(set(phases)) == 60 and max(phases.count(p) for p in set(phases)) < 40
+    # The grid: epoch + phase + k·interval, whole seconds, the same instants in any zone.
+    slot = grid_at_or_after("heartbeat", 1800, T0)
+    assert T0 <= slot < T0 + timedelta(minutes=30) and slot.microsecond == 0
+    assert int(slot.timestamp()) % 1800 == 1777
+    assert grid_at_or_after("heartbeat", 1800, slot) == slot
+    assert grid_at_or_after("heartbeat", 1800, slot + timedelta(microseconds=1)) == slot + (
+        timedelta(minutes=30)
+    )
+    assert grid_at_or_after("heartbeat", 1800, T0.astimezone(BERLIN)) == slot
+
+
+def test_a_loop_off_its_grid_moves_onto_it_never_sooner_than_its_interval() -> None:
+    every = loop(every="30m")
+    phase = phase_s("heartbeat", 1800)  # 29m37s into each half hour
+    last = T0  # 10:00:00, recorded by an older agentd (or before the interval changed)
+    start = anchor_for(every, "heartbeat", last, T0 + timedelta(minutes=5))
+    assert start == T0 + timedelta(minutes=30 + 29, seconds=37)
+    assert start is not None and int(start.timestamp()) % 1800 == phase
+    # The trigger fires there and every 30 minutes after it; the grid point at 10:29:37 is
+    # less than an interval after the last run, so it is no slot, not even for catch-up.
+    trigger = loop_trigger(every, UTC_ZONE, start)
+    first = trigger.get_next_fire_time(None, T0 + timedelta(minutes=5))
+    assert first == start
+    assert trigger.get_next_fire_time(first, first) == start + timedelta(minutes=30)
+    once = loop(every="30m", catch_up="once")
+    assert missed_slot(once, "heartbeat", UTC_ZONE, last, T0 + timedelta(minutes=40)) is None
+
+
+def test_next_fire_times_with_a_name_are_the_daemons() -> None:
+    now = datetime(2025, 1, 1, 12, 0, tzinfo=UTC)
+    fires = next_fire_times(loop(every="30m"), UTC_ZONE, 3, now, name="research")
+    first = datetime(2025, 1, 1, 12, 3, 16, tzinfo=UTC)  # phase 196 s
+    assert fires == [first + timedelta(minutes=m) for m in (0, 30, 60)]
+    # cron loops are exact, named or not.
+    cron = loop(cron="0 7 * * *")
+    assert next_fire_times(cron, BERLIN, 2, now, name="research") == next_fire_times(
+        cron, BERLIN, 2, now
+    )
 
 
 def test_missed_slot_every_once() -> None:
     once = loop(every="1h", catch_up="once")
-    assert missed_slot(once, UTC_ZONE, T0, T0 + timedelta(hours=3, minutes=30)) == T0 + timedelta(
-        hours=3
+    last = grid_at_or_after("once", 3600, T0)
+    hours = [last + timedelta(hours=h) for h in range(5)]
+    assert missed_slot(once, "once", UTC_ZONE, last, hours[3] + timedelta(minutes=30)) == hours[3]
+    assert missed_slot(once, "once", UTC_ZONE, last, last + timedelta(minutes=59)) is None
+    assert missed_slot(once, "once", UTC_ZONE, last, hours[1]) == hours[1]
+    # Off the grid: the grid points less than an interval after the last slot are not missed.
+    assert missed_slot(once, "once", UTC_ZONE, T0, T0 + timedelta(minutes=59)) is None
+    assert missed_slot(once, "once", UTC_ZONE, T0, T0 + timedelta(hours=3)) == T0 + timedelta(
+        hours=2, seconds=phase_s("once", 3600)
     )
-    assert missed_slot(once, UTC_ZONE, T0, T0 + timedelta(minutes=59)) is None
-    assert missed_slot(once, UTC_ZONE, T0, T0 + timedelta(hours=1)) == T0 + timedelta(hours=1)
 
 
 def test_missed_slot_cron_and_skip_and_never_ran() -> None:
     cron = loop(cron="0 */2 * * *", catch_up="once")
     last = datetime(2026, 3, 2, 8, 0, tzinfo=UTC)
     now = datetime(2026, 3, 2, 13, 10, tzinfo=UTC)
-    assert missed_slot(cron, UTC_ZONE, last, now) == datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
-    assert missed_slot(cron, UTC_ZONE, last, last + timedelta(minutes=119)) is None
-    assert missed_slot(loop(cron="0 */2 * * *"), UTC_ZONE, last, now) is None  # catch_up: skip
-    assert missed_slot(cron, UTC_ZONE, None, now) is None  # never ran on schedule
+    assert missed_slot(cron, "c", UTC_ZONE, last, now) == datetime(2026, 3, 2, 12, 0, tzinfo=UTC)
+    assert missed_slot(cron, "c", UTC_ZONE, last, last + timedelta(minutes=119)) is None
+    skip = loop(cron="0 */2 * * *")
+    assert missed_slot(skip, "c", UTC_ZONE, last, now) is None  # catch_up: skip
+    assert missed_slot(cron, "c", UTC_ZONE, None, now) is None  # never ran on schedule
 
 
 def test_missed_slot_after_a_long_outage_is_cheap() -> None:
@@ -165,9 +227,12 @@ def test_missed_slot_after_a_long_outage_is_cheap() -> None:
     last = datetime(2025, 1, 1, tzinfo=UTC)
     now = datetime(2026, 1, 1, 0, 0, 30, tzinfo=UTC)
     started = time.monotonic()
-    assert missed_slot(minutely, UTC_ZONE, last, now) == datetime(2026, 1, 1, tzinfo=UTC)
+    assert missed_slot(minutely, "m", UTC_ZONE, last, now) == datetime(2026, 1, 1, tzinfo=UTC)
     yearly = loop(cron="0 7 1 1 *", catch_up="once")
-    assert missed_slot(yearly, BERLIN, last, now) == datetime(2025, 1, 1, 6, 0, tzinfo=UTC)
+    assert missed_slot(yearly, "y", BERLIN, last, now) == datetime(2025, 1, 1, 6, 0, tzinfo=UTC)
+    hourly = loop(every="1h", catch_up="once")
+    found = missed_slot(hourly, "h", UTC_ZONE, last, now)
+    assert found == grid_at_or_after("h", 3600, now - timedelta(hours=1))
     assert time.monotonic() - started < 1.0
 
 
@@ -175,7 +240,7 @@ def test_missed_slot_cron_in_a_zone() -> None:
     daily = loop(cron="0 7 * * *", catch_up="once")
     last = datetime(2026, 3, 27, 6, 0, tzinfo=UTC)  # 07:00 Berlin (winter)
     now = datetime(2026, 3, 30, 12, 0, tzinfo=UTC)  # after the switch to summer time
-    assert missed_slot(daily, BERLIN, last, now) == datetime(2026, 3, 30, 5, 0, tzinfo=UTC)
+    assert missed_slot(daily, "d", BERLIN, last, now) == datetime(2026, 3, 30, 5, 0, tzinfo=UTC)
 
 
 def test_slot_at_is_the_nominal_fire_time() -> None:
@@ -248,7 +313,7 @@ def test_loop_job_fires_on_a_real_scheduler() -> None:
         try:
             now = datetime.now(UTC)
             every = loop(every="1s")
-            trigger = loop_trigger(every, UTC_ZONE, anchor_for(every, None, now))
+            trigger = loop_trigger(every, UTC_ZONE, anchor_for(every, "tick", None, now))
             job_obj = add_loop_job(scheduler, "tick", job, trigger, 300)
             assert job_obj.max_instances == 1 and job_obj.coalesce
             assert job_obj.misfire_grace_time == 300
