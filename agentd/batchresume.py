@@ -110,8 +110,15 @@ def adopt(ledger: Ledger, orphan: Orphan) -> bool:
 class BatchResumer:
     """The daemon's part: scan for orphaned batch calls and finish each in its own task."""
 
-    def __init__(self, ledger: Ledger, current: Callable[[], tuple[Config, Executor]]) -> None:
+    def __init__(
+        self,
+        ledger: Ledger,
+        current: Callable[[], tuple[Config, Executor]],
+        on_result: Callable[[RunResult], None] = lambda _: None,
+    ) -> None:
         self.ledger = ledger
+        # What the daemon does after any run (alerts, backoff, `on_reply` wakes).
+        self._on_result = on_result
         # The config and executor in force now (a reload swaps them): read at each scan.
         self._current = current
         self.tasks: dict[int, asyncio.Task[RunResult | None]] = {}
@@ -159,7 +166,9 @@ class BatchResumer:
                 self._log.info(
                     "batch.resumed", call_id=orphan.call_id, run_id=orphan.run_id, loop=orphan.loop
                 )
-                return await finish_orphan(config, self.ledger, executor, orphan)
+                result = await finish_orphan(config, self.ledger, executor, orphan)
+            self._on_result(result)
+            return result
         except LoopBusy:
             return None  # the loop is running here or elsewhere: the next scan tries again
         except AgentdError as exc:

@@ -394,3 +394,60 @@ def test_daemon_stop_mid_wait_leaves_the_batch_for_the_next_start(
     [call] = h.calls()
     assert call["status"] == "submitted"
     assert h.ledger.get_run(call["run_id"])["status"] == "running"  # type: ignore[index]
+
+
+def test_sigterm_mid_wait_stops_at_once_and_the_next_daemon_finishes_it(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    fake_server.batch_polls = 10_000
+    patch = {"loops": {"work": {"every": "1s"}}, "daemon": {"shutdown_grace_s": 60}}
+    h = Harness(tmp_path, fake_server, patch)
+    fake_server.script(HAIKU, ok("night plan", input_tokens=1000, output_tokens=200))
+    fake_server.set_default("other", input_tokens=10, output_tokens=5)
+
+    def daemon(log: Path) -> subprocess.Popen[bytes]:
+        with log.open("wb") as err:
+            return subprocess.Popen(
+                [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
+                stdout=subprocess.DEVNULL,
+                stderr=err,
+                env=_env(),
+            )
+
+    def events(log: Path, name: str) -> list[dict[str, Any]]:
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
+        return [e for e in lines if e.get("event") == name]
+
+    first = daemon(tmp_path / "first.log")
+    try:
+        _wait(lambda: fake_server.retrieves() >= 1, "the first poll")
+        first.send_signal(signal.SIGTERM)
+        assert first.wait(timeout=50) == 0  # well inside the 60 s grace
+    finally:
+        if first.poll() is None:
+            first.kill()
+    # The waiting run was let go at once (not cancelled at the end of the grace) ...
+    assert events(tmp_path / "first.log", "daemon.aborting_runs") == []
+    [call] = [c for c in h.calls() if c["batch_id"]]
+    assert call["status"] == "submitted"
+    run = sqlite_row(h.state, "SELECT status FROM runs WHERE id = ?", call["run_id"])
+    assert run == ("running",)
+
+    # ... and the next daemon adopts it and finishes the run when the batch ends.
+    fake_server.finish_batch(call["batch_id"])
+    second = daemon(tmp_path / "second.log")
+    try:
+        _wait(
+            lambda: sqlite_row(h.state, "SELECT status FROM runs WHERE id = ?", call["run_id"])
+            == ("ok",),
+            "the resumed run",
+            timeout_s=90,
+        )
+        second.send_signal(signal.SIGTERM)
+        assert second.wait(timeout=50) == 0
+    finally:
+        if second.poll() is None:
+            second.kill()
+    assert events(tmp_path / "second.log", "batch.resumed")
+    final = sqlite_row(h.state, "SELECT status, cost_micro_usd FROM calls WHERE id = ?", call["id"])
+    assert final == ("ok", 1000)
