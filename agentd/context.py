@@ -188,7 +188,7 @@ def last_ok_reply(ledger: Ledger, loop: str, *, simulated: bool = False) -> str 
     with ledger.read() as conn:
         row = conn.execute(
             "SELECT reply FROM runs WHERE loop = ? AND status = 'ok' AND reply IS NOT NULL"
-            " AND simulated = ? ORDER BY id DESC LIMIT 1",
+            " AND simulated = ? ORDER BY started_at DESC, id DESC LIMIT 1",
             (loop, int(simulated)),
         ).fetchone()
     return None if row is None else str(row[0])

@@ -142,7 +142,7 @@ def check_anomaly(
             int(r[0] or 0)
             for r in conn.execute(
                 "SELECT cost_micro_usd FROM runs WHERE loop = ? AND status = 'ok'"
-                " AND simulated = ? AND id < ? ORDER BY id DESC LIMIT ?",
+                " AND simulated = ? AND id < ? ORDER BY started_at DESC, id DESC LIMIT ?",
                 (loop_name, int(simulated), run_id, settings.history),
             )
         ]
@@ -204,7 +204,7 @@ def _median_history(ledger: Ledger | None, loop_name: str) -> list[int]:
             int(r[0] or 0)
             for r in conn.execute(
                 "SELECT cost_micro_usd FROM runs WHERE loop = ? AND status = 'ok'"
-                " AND simulated = 0 ORDER BY id DESC LIMIT ?",
+                " AND simulated = 0 ORDER BY started_at DESC, id DESC LIMIT ?",
                 (loop_name, PROJECTION_HISTORY),
             )
         ]

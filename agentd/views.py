@@ -91,7 +91,7 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             # The budget line of the projection is the loop's budget as a monthly rate.
             shown = "monthly" + line.removeprefix("budget") if line.startswith("budget:") else line
             lines.append(f"  {shown}")
-        fires = next_fire_times(loop, tz, 3, now)
+        fires = next_fire_times(loop, tz, 3, now, name=name)
         lines.append(
             "  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes") for f in fires)
         )
