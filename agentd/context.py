@@ -202,14 +202,18 @@ def _display_path(path: str, base: Path) -> str:
         return path
 
 
-def _read_files(config: Config, source: ContextSource) -> tuple[str, str | None]:
-    """The text of a `file:` source and, when something was wrong, a warning."""
+def matching_files(config: Config, source: ContextSource) -> list[str]:
+    """The files a `file:` source names (a path, or a glob sorted by name), resolved."""
     assert source.file is not None
     pattern = str(config.resolve_path(source.file))
     if _GLOB_MAGIC.search(source.file):
-        paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-    else:
-        paths = [pattern] if os.path.isfile(pattern) else []
+        return sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
+    return [pattern] if os.path.isfile(pattern) else []
+
+
+def _read_files(config: Config, source: ContextSource) -> tuple[str, str | None]:
+    """The text of a `file:` source and, when something was wrong, a warning."""
+    paths = matching_files(config, source)
     if not paths:
         return f"[no file matches {source.file}]", "no file matches"
     buf = bytearray()

@@ -15,14 +15,13 @@
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from agentd.config import Config
-from agentd.context import SourceText, cap_utf8, child_env, run_command
+from agentd.context import SourceText, cap_utf8, child_env, matching_files, run_command
 
 CHECKLIST_SOURCE = "checklist"
 PRECHECK_PLACEHOLDER = "precheck"
@@ -41,7 +40,6 @@ _EMPTY_LINE = re.compile(
 )
 _SETEXT = re.compile(r"^(?:=+|-{2,})$")
 _LIST_ITEM = re.compile(r"^(?:[-*+]|\d+[.)])\s")
-_GLOB_MAGIC = re.compile(r"[*?\[]")
 
 
 @dataclass(frozen=True)
@@ -77,12 +75,7 @@ def empty_checklist(config: Config, loop_name: str) -> str | None:
     if not sources:
         return None
     for source in sources:
-        assert source.file is not None
-        pattern = str(config.resolve_path(source.file))
-        if _GLOB_MAGIC.search(source.file):
-            paths = sorted(p for p in glob.glob(pattern, recursive=True) if os.path.isfile(p))
-        else:
-            paths = [pattern] if os.path.isfile(pattern) else []
+        paths = matching_files(config, source)
         if not paths:
             return None  # missing: not "nothing to do" — the prompt will say it is missing
         for path in paths:
