@@ -19,6 +19,30 @@ from agentd.ledger import Ledger
 
 PROCS = Path(__file__).parent / "procs"
 
+# report_hours and report_days (m010, m012) share every column but their first.
+REPORT_CACHE_COLUMNS = [
+    *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
+    *[
+        (c, "INTEGER")
+        for c in (
+            "simulated",
+            "calls",
+            "failed",
+            "runs",
+            "input_tokens",
+            "cache_read_tokens",
+            "cache_write_tokens",
+            "output_tokens",
+            "reasoning_tokens",
+            "cost_micro_usd",
+            "latency_count",
+            "latency_ms_sum",
+        )
+    ],
+    *[(f"l{i:02d}", "INTEGER") for i in range(64)],
+    ("list_cost_micro_usd", "INTEGER"),
+]
+
 EXPECTED_COLUMNS = {
     "runs": [
         ("id", "INTEGER"),
@@ -112,49 +136,11 @@ EXPECTED_COLUMNS = {
     ],
     "report_hours": [
         ("hour", "TEXT"),
-        *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
-        *[
-            (c, "INTEGER")
-            for c in (
-                "simulated",
-                "calls",
-                "failed",
-                "runs",
-                "input_tokens",
-                "cache_read_tokens",
-                "cache_write_tokens",
-                "output_tokens",
-                "reasoning_tokens",
-                "cost_micro_usd",
-                "latency_count",
-                "latency_ms_sum",
-            )
-        ],
-        *[(f"l{i:02d}", "INTEGER") for i in range(64)],
-        ("list_cost_micro_usd", "INTEGER"),
+        *REPORT_CACHE_COLUMNS,
     ],
     "report_days": [
         ("day", "TEXT"),
-        *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
-        *[
-            (c, "INTEGER")
-            for c in (
-                "simulated",
-                "calls",
-                "failed",
-                "runs",
-                "input_tokens",
-                "cache_read_tokens",
-                "cache_write_tokens",
-                "output_tokens",
-                "reasoning_tokens",
-                "cost_micro_usd",
-                "latency_count",
-                "latency_ms_sum",
-            )
-        ],
-        *[(f"l{i:02d}", "INTEGER") for i in range(64)],
-        ("list_cost_micro_usd", "INTEGER"),
+        *REPORT_CACHE_COLUMNS,
     ],
     "report_cache": [("id", "INTEGER"), ("through", "TEXT"), ("last_id", "INTEGER")],
     "report_holes": [("hour", "TEXT")],
