@@ -18,7 +18,7 @@ import asyncio
 import json
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Any, Literal
 
 from agentd import budgets
@@ -36,6 +36,7 @@ from agentd.providers.base import (
 
 if TYPE_CHECKING:
     from agentd.attempts import Attempt, RunTrace
+    from agentd.config import Config
 
 Sleep = Callable[[float], Awaitable[None]]
 
@@ -52,7 +53,7 @@ class BatchMode:
     wait: bool = True  # False: `agentd once --no-wait` returns once the item is submitted
 
     @classmethod
-    def for_loop(cls, config: Any, loop_name: str, *, wait: bool = True) -> BatchMode | None:
+    def for_loop(cls, config: Config, loop_name: str, *, wait: bool = True) -> BatchMode | None:
         """The loop's batch mode, or None when the loop does not batch."""
         setting = config.loops[loop_name].batch
         if setting is None:
@@ -115,7 +116,6 @@ class StoredRequest:
     tier: str | None
     alias: str
     custom_id: str
-    extra: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
     def of(cls, request: Request, attempt: Attempt, custom_id: str) -> StoredRequest:
