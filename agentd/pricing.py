@@ -178,6 +178,13 @@ def _price_from_model_price(model_price: Any, context_window: int | None) -> Pri
     )
 
 
+# Prices looked up "now", kept for the current UTC minute: every attempt asks for its model's
+# price two or three times (route, reservation, list price), and a genai-prices lookup costs
+# ~10 µs. Keyed by the minute because genai-prices has time-of-day prices (off-peak rates on
+# half-hour boundaries), so a cached price never outlives the minute it was true in.
+_NOW_PRICES: dict[tuple[str, str, bool], tuple[int, Price | None]] = {}
+
+
 def lookup_price(
     provider_type: str, model_id: str, at: datetime | None = None, *, batch: bool = False
 ) -> Price | None:
@@ -187,6 +194,22 @@ def lookup_price(
     model without one is priced at `BATCH_FACTOR` of its standard rates, the providers'
     published batch discount.
     """
+    if at is not None:
+        return _lookup_price(provider_type, model_id, at, batch=batch)
+    now = datetime.now(tz=UTC)
+    minute = int(now.timestamp()) // 60
+    key = (provider_type, model_id, batch)
+    cached = _NOW_PRICES.get(key)
+    if cached is not None and cached[0] == minute:
+        return cached[1]
+    price = _lookup_price(provider_type, model_id, now, batch=batch)
+    _NOW_PRICES[key] = (minute, price)
+    return price
+
+
+def _lookup_price(
+    provider_type: str, model_id: str, when: datetime, *, batch: bool
+) -> Price | None:
     provider_id = _GENAI_PROVIDER_ID.get(provider_type)
     if provider_id is None:
         return None
@@ -197,7 +220,6 @@ def lookup_price(
         _, model = get_snapshot().find_provider_model(model_id, None, provider_id, None)
     except LookupError:
         return None
-    when = at or datetime.now(tz=UTC)
     if not batch:
         return _price_from_model_price(model.get_prices(when), model.context_window)
     variant = any(v.when.get("processing") == "batch" for v in model.price_variants or ())
