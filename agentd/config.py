@@ -41,9 +41,16 @@ from agentd.configpaths import timezone_problem, top_level
 from agentd.errors import ConfigError
 from agentd.loopconfig import (
     _STRICT,
+    MAX_COUNT,
+    MAX_TOKENS,
     AnomalyConfig,
     BudgetConfig,
+    Count,
     LoopConfig,
+    Seconds,
+    Share,
+    Usd,
+    Wait,
 )
 from agentd.pricing import Price, batch_price, lookup_price, override_price
 from agentd.routeprompts import REQUIRED as ROUTE_TEMPLATE_PLACEHOLDERS
@@ -83,10 +90,12 @@ class ProviderConfig(BaseModel):
         "the config file's directory",
     )
     base_url: str | None = Field(None, description="Override the API base URL")
-    timeout_s: float = Field(60, gt=0, description="Per-request timeout in seconds")
-    max_retries: int = Field(2, ge=0, description="Retries of one model on transient errors")
-    retry_max_wait_s: float = Field(30, ge=0, description="Total backoff wait per model")
-    max_concurrency: int = Field(4, ge=1, description="Concurrent calls to this provider")
+    timeout_s: Seconds = Field(60, description="Per-request timeout in seconds")
+    max_retries: Annotated[int, Field(ge=0, le=MAX_COUNT)] = Field(
+        2, description="Retries of one model on transient errors"
+    )
+    retry_max_wait_s: Wait = Field(30, description="Total backoff wait per model")
+    max_concurrency: Count = Field(4, description="Concurrent calls to this provider")
 
     @model_validator(mode="after")
     def _one_key_source(self) -> ProviderConfig:
@@ -95,18 +104,15 @@ class ProviderConfig(BaseModel):
         return self
 
 
-_Usd = Annotated[Decimal, Field(ge=0)]
-
-
 class PriceConfig(BaseModel):
     """A price override in USD per million tokens (wins over the built-in table)."""
 
     model_config = _STRICT
-    input: _Usd = Field(description="USD per million input tokens")
-    output: _Usd = Field(description="USD per million output tokens")
-    cache_read: _Usd | None = Field(None, description="Cache reads; default: the input price")
-    cache_write: _Usd | None = Field(None, description="Cache writes; default: the input price")
-    cache_write_1h: _Usd | None = Field(None, description="1-hour cache writes")
+    input: Usd = Field(description="USD per million input tokens")
+    output: Usd = Field(description="USD per million output tokens")
+    cache_read: Usd | None = Field(None, description="Cache reads; default: the input price")
+    cache_write: Usd | None = Field(None, description="Cache writes; default: the input price")
+    cache_write_1h: Usd | None = Field(None, description="1-hour cache writes")
 
 
 class ModelConfig(BaseModel):
@@ -116,34 +122,36 @@ class ModelConfig(BaseModel):
     provider: str = Field(description="A key of providers")
     model: str = Field(min_length=1, description="The provider's model id")
     price: PriceConfig | None = None
-    context_window: int | None = Field(None, gt=0, description="Context window in tokens")
+    context_window: Annotated[int, Field(gt=0, le=100 * MAX_TOKENS)] | None = Field(
+        None, description="Context window in tokens"
+    )
 
 
 class DaemonConfig(BaseModel):
     """How the daemon (`agentd run`) schedules, drains and keeps its ledger tidy."""
 
     model_config = _STRICT
-    shutdown_grace_s: float = Field(
-        30, ge=0, description="On SIGTERM, wait this long for in-flight runs before aborting them"
+    shutdown_grace_s: Wait = Field(
+        30, description="On SIGTERM, wait this long for in-flight runs before aborting them"
     )
-    misfire_grace_s: float = Field(
-        300, gt=0, description="A run this late is still run; later ones count as missed"
+    misfire_grace_s: Seconds = Field(
+        300, description="A run this late is still run; later ones count as missed"
     )
-    wal_checkpoint_s: float = Field(300, gt=0, description="How often to checkpoint the WAL")
+    wal_checkpoint_s: Seconds = Field(300, description="How often to checkpoint the WAL")
 
 
 class CircuitBreakerConfig(BaseModel):
     """When a failing model is skipped, and for how long."""
 
     model_config = _STRICT
-    failures: int = Field(3, ge=1, description="Consecutive failures that open a circuit")
-    cooldowns_s: list[Annotated[float, Field(gt=0)]] = Field(
+    failures: Count = Field(3, description="Consecutive failures that open a circuit")
+    cooldowns_s: list[Seconds] = Field(
         default_factory=lambda: [30.0, 60.0, 300.0],
         min_length=1,
         description="Cooldown of the n-th consecutive trip; the last value repeats",
     )
-    auth_cooldown_s: float = Field(900, gt=0, description="Cooldown after a 401/403")
-    billing_cooldown_s: float = Field(3600, gt=0, description="Cooldown after billing errors")
+    auth_cooldown_s: Seconds = Field(900, description="Cooldown after a 401/403")
+    billing_cooldown_s: Seconds = Field(3600, description="Cooldown after billing errors")
 
 
 class GuardrailsConfig(BaseModel):
@@ -153,10 +161,10 @@ class GuardrailsConfig(BaseModel):
     anomaly: AnomalyConfig = Field(
         default_factory=AnomalyConfig, description="Defaults of every loop's anomaly breaker"
     )
-    warn_unbudgeted_usd_per_month: _Usd = Field(
+    warn_unbudgeted_usd_per_month: Usd = Field(
         Decimal(10), description="Warn when a loop without a budget is projected above this"
     )
-    reload_increase_warn: _Usd = Field(
+    reload_increase_warn: Share = Field(
         Decimal("0.25"),
         description="Warn on a reload that raises the projected monthly total by more than "
         "this share (0.25 = 25 %)",
@@ -169,7 +177,7 @@ class AlertSink(BaseModel):
     model_config = _STRICT
     webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
     command: list[str] | None = Field(None, min_length=1, description="argv; gets JSON on stdin")
-    timeout_s: float = Field(10, gt=0, description="Command / webhook timeout")
+    timeout_s: Seconds = Field(10, description="Command / webhook timeout")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> AlertSink:
@@ -183,8 +191,8 @@ class AlertsConfig(BaseModel):
 
     model_config = _STRICT
     sinks: list[AlertSink] = Field(default_factory=list, description="Where alerts go")
-    min_interval_s: float = Field(
-        3600, ge=0, description="The same event (key) is sent at most once per this many seconds"
+    min_interval_s: Wait = Field(
+        3600, description="The same event (key) is sent at most once per this many seconds"
     )
 
 
@@ -442,10 +450,15 @@ class Config(BaseModel):
 # ---------------------------------------------------------------------------- loading
 
 
-def load_config(path: Path | str) -> Config:
-    """Read and validate a config file; every problem raises one ConfigError, never a traceback."""
+def load_config(
+    path: Path | str, *, missing_hint: str = f"give --config PATH or set {ENV_CONFIG}"
+) -> Config:
+    """Read and validate a config file; every problem raises one ConfigError, never a traceback.
+
+    `missing_hint` ends the message for a file that is not there (where to give another).
+    """
     try:
-        document = read_document(Path(path), f"give --config PATH or set {ENV_CONFIG}")
+        document = read_document(Path(path), missing_hint)
     except YamlProblem as exc:
         raise _config_error(str(path), exc) from None
     return _validate(document, Path(path), str(path))
@@ -474,9 +487,23 @@ def _validate(document: YamlDocument, path: Path, file: str) -> Config:
 # ---------------------------------------------------------------------------- JSON schema
 
 
+def _number_defaults(node: Any) -> None:
+    """A Decimal default is a string in pydantic's schema; where a number is allowed, a number."""
+    if isinstance(node, dict):
+        types = [node.get("type")] + [a.get("type") for a in node.get("anyOf", [])]
+        if "number" in types and isinstance(node.get("default"), str):
+            node["default"] = json.loads(node["default"])  # a schema, not money arithmetic
+        for value in node.values():
+            _number_defaults(value)
+    elif isinstance(node, list):
+        for value in node:
+            _number_defaults(value)
+
+
 def config_json_schema() -> dict[str, Any]:
     """The JSON Schema of the config file (from the pydantic models), for editors."""
     schema = Config.model_json_schema()
+    _number_defaults(schema)
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["$id"] = f"urn:agentd:{SCHEMA_FILENAME}"
     schema["title"] = "agentd configuration (agent-model-config.yaml)"

@@ -6,30 +6,98 @@ import re
 from decimal import Decimal
 from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
+from pydantic_core import PydanticCustomError
 
-from agentd.yamlload import ConfigProblem
+from agentd.yamlload import ConfigProblem, show_value
 
 PERIODS = ("hour", "day", "week", "month")
 _DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
 
-_STRICT = ConfigDict(extra="forbid", frozen=True)
+# Models forbid unknown keys, and values are never coerced: `true` is not 1, "512" is not 512.
+_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+# Upper bounds of numbers in the config. A value beyond them is a typo, and letting it through
+# would end in a traceback further on (datetime overflow, Decimal precision, SQLite integers).
+MAX_SECONDS = 366 * 86400  # every duration and every `*_s` setting
+MAX_USD = 1_000_000_000  # every budget, price (per million tokens) and USD threshold
+MAX_TOKENS = 10_000_000  # a token count of one call (max_tokens, a context window...)
+MAX_COUNT = 1_000_000  # counts: retries, failures, runs, calls
+MAX_BYTES = 1 << 30  # a cap on bytes read into a prompt
 
 
 def parse_duration(text: str) -> int:
-    """Seconds in a duration like `45s`, `30m`, `2h`, `1d` or `1h30m`; ValueError if malformed."""
+    """Seconds in a duration like `45s`, `30m`, `2h` or `1h30m`, up to 366d; else ValueError."""
     match = _DURATION.match(text.strip())
+    got = show_value(text)
     if not text.strip() or match is None:
-        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {text!r})")
+        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {got})")
+    # A part of 10+ digits is over the bound anyway (and int() refuses 4300+ digits).
+    if any(g and len(g.lstrip("0")) > 9 for g in match.groups()):
+        raise ValueError(f"must be at most 366d (got {got})")
     days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
     total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
     if total <= 0:
-        raise ValueError(f"must be longer than zero (got {text!r})")
+        raise ValueError(f"must be longer than zero (got {got})")
+    if total > MAX_SECONDS:
+        raise ValueError(f"must be at most 366d (got {got})")
     return total
 
 
-_Limit = Annotated[Decimal, Field(gt=0)]
+# A quoted plain decimal ("0.50") is still money: quoting is how many operators keep amounts
+# exact in YAML, and configs written that way were accepted before numbers became strict.
+_DECIMAL_TEXT = re.compile(r"\s*[0-9]+(\.[0-9]+)?\s*")
+
+
+def _exact_decimal(value: Any) -> Any:
+    """Money and shares: a YAML number (int, or Decimal from its text) or a quoted plain decimal.
+
+    No bool, no float, no other string (`"1e3"`, `"five"`, `"true"`).
+    """
+    if isinstance(value, Decimal):
+        return value
+    if isinstance(value, int) and not isinstance(value, bool):
+        return Decimal(value)
+    if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value):
+        return Decimal(value.strip())
+    if isinstance(value, float):
+        raise ConfigProblem((), f"must be an exact decimal, not a binary float (got {value})")
+    raise PydanticCustomError("decimal_type", "Input should be a valid decimal")
+
+
+def _number(low: int, high: int, *, above: bool = False) -> WithJsonSchema:
+    """The JSON schema of an exact Decimal: a number, or a quoted plain decimal like "0.50"."""
+    bound = "exclusiveMinimum" if above else "minimum"
+    return WithJsonSchema(
+        {
+            "anyOf": [
+                {"type": "number", bound: low, "maximum": high},
+                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
+            ]
+        }
+    )
+
+
+_Exact = BeforeValidator(_exact_decimal)
+_Limit = Annotated[Decimal, _Exact, Field(gt=0, le=MAX_USD), _number(0, MAX_USD, above=True)]
+Usd = Annotated[Decimal, _Exact, Field(ge=0, le=MAX_USD), _number(0, MAX_USD)]
+# A share of an amount: 0.25 = 25 %, 2 = 200 %.
+Share = Annotated[Decimal, _Exact, Field(ge=0, le=1000), _number(0, 1000)]
+_Factor = Annotated[Decimal, _Exact, Field(gt=1, le=1_000_000), _number(1, 1_000_000, above=True)]
+Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
+Wait = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]  # zero allowed
+Tokens = Annotated[int, Field(gt=0, le=MAX_TOKENS)]
+Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
+Bytes = Annotated[int, Field(gt=0, le=MAX_BYTES)]
 
 
 class BudgetConfig(BaseModel):
@@ -94,8 +162,8 @@ class ContextSource(BaseModel):
     name: str | None = Field(
         None, pattern=r"^[A-Za-z_][A-Za-z0-9_]*$", description="Placeholder name in the template"
     )
-    timeout_s: float = Field(10, gt=0, description="Command timeout")
-    max_bytes: int = Field(65536, gt=0, description="Cap on the text taken from this source")
+    timeout_s: Seconds = Field(10, description="Command timeout")
+    max_bytes: Bytes = Field(65536, description="Cap on the text taken from this source")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> ContextSource:
@@ -124,7 +192,7 @@ class Delivery(BaseModel):
     file: str | None = Field(None, description="Append here; relative to the state directory")
     command: list[str] | None = Field(None, min_length=1, description="argv; gets reply on stdin")
     webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
-    timeout_s: float = Field(10, gt=0, description="Command / webhook timeout")
+    timeout_s: Seconds = Field(10, description="Command / webhook timeout")
 
     @model_validator(mode="after")
     def _exactly_one(self) -> Delivery:
@@ -146,12 +214,12 @@ class OnFailure(BaseModel):
     """How a failing loop backs off, and when it is paused."""
 
     model_config = _STRICT
-    backoff_s: list[Annotated[float, Field(gt=0)]] = Field(
+    backoff_s: list[Seconds] = Field(
         default_factory=lambda: [30.0, 60.0, 300.0, 900.0, 3600.0],
         min_length=1,
         description="Wait after the n-th consecutive failure; the last value repeats",
     )
-    pause_after: int = Field(5, ge=1, description="Consecutive failures that pause the loop")
+    pause_after: Count = Field(5, description="Consecutive failures that pause the loop")
 
 
 class Precheck(BaseModel):
@@ -159,9 +227,9 @@ class Precheck(BaseModel):
 
     model_config = _STRICT
     command: list[str] = Field(min_length=1, description="argv; run without a shell")
-    timeout: float | None = Field(None, gt=0, description="Seconds before it is killed (10)")
-    timeout_s: float | None = Field(None, gt=0, description="Same as timeout")
-    max_bytes: int = Field(65536, gt=0, description="Cap on the stdout fed to {precheck}")
+    timeout: Seconds | None = Field(None, description="Seconds before it is killed (10)")
+    timeout_s: Seconds | None = Field(None, description="Same as timeout")
+    max_bytes: Bytes = Field(65536, description="Cap on the stdout fed to {precheck}")
 
     @model_validator(mode="before")
     @classmethod
@@ -189,9 +257,11 @@ class RunLimits(BaseModel):
     """
 
     model_config = _STRICT
-    max_calls_per_run: int | None = Field(None, gt=0, description="Attempts per run")
-    max_tokens_per_run: int | None = Field(
-        None, gt=0, description="Settled input + output tokens per run"
+    max_calls_per_run: Annotated[int, Field(gt=0, le=MAX_COUNT)] | None = Field(
+        None, description="Attempts per run"
+    )
+    max_tokens_per_run: Annotated[int, Field(gt=0, le=100 * MAX_TOKENS)] | None = Field(
+        None, description="Settled input + output tokens per run"
     )
     max_usd_per_run: _Limit | None = Field(
         None, description="USD per run: spent + the next attempt's worst case"
@@ -203,11 +273,11 @@ class AnomalyConfig(BaseModel):
 
     model_config = _STRICT
     enabled: bool = Field(True, description="Whether the breaker watches this loop")
-    factor: Annotated[Decimal, Field(gt=1)] = Field(
+    factor: _Factor = Field(
         Decimal(5), description="A run costing more than factor × the median pauses the loop"
     )
-    min_runs: int = Field(10, ge=1, description="ok runs needed before the breaker acts")
-    history: int = Field(20, ge=1, description="How many recent ok runs the median is over")
+    min_runs: Count = Field(10, description="ok runs needed before the breaker acts")
+    history: Count = Field(20, description="How many recent ok runs the median is over")
 
     @model_validator(mode="after")
     def _min_le_history(self) -> AnomalyConfig:
@@ -299,8 +369,8 @@ class RoutingConfig(BaseModel):
     """Settings of a loop's route strategy; each key belongs to one strategy."""
 
     model_config = _STRICT
-    short_input_tokens: int = Field(
-        100, gt=0, description="rules: below this estimated input size a task counts as short"
+    short_input_tokens: Tokens = Field(
+        100, description="rules: below this estimated input size a task counts as short"
     )
     classifier_tier: str = Field("fast", description="classify: the tier that labels the task")
     labels: RouteLabels = Field(
@@ -309,9 +379,13 @@ class RoutingConfig(BaseModel):
     classifier_prompt: str | None = Field(
         None, description="classify: template with {task} (and {labels}); relative to the config"
     )
-    classify_max_tokens: int = Field(64, gt=0, description="classify: output cap of the label")
+    classify_max_tokens: Tokens = Field(64, description="classify: output cap of the label")
     threshold: float = Field(
-        0.8, ge=0, le=1, description="cascade: a review score below this escalates"
+        0.8,
+        ge=0,
+        le=1,
+        allow_inf_nan=False,
+        description="cascade: a review score below this escalates",
     )
     review_tier: str = Field("fast", description="cascade: the tier that scores the draft")
     escalate_tier: str = Field("deep", description="cascade: the tier that improves the draft")
@@ -323,7 +397,7 @@ class RoutingConfig(BaseModel):
         description="cascade: template with {task} and {draft} (and {score}); relative to "
         "the config",
     )
-    review_max_tokens: int = Field(64, gt=0, description="cascade: output cap of the review")
+    review_max_tokens: Tokens = Field(64, description="cascade: output cap of the review")
 
 
 # Which strategy reads each `routing:` key: a key another strategy would ignore is an error.
@@ -350,9 +424,9 @@ class LoopConfig(BaseModel):
     cron: str | None = Field(None, description='5-field crontab, e.g. "0 7 * * *"')
     tier: str | None = Field(None, description="A key of tiers")
     model: str | None = Field(None, description="A model alias (instead of tier)")
-    max_tokens: int = Field(gt=0, description="Output token limit of a call")
-    min_tokens: int | None = Field(
-        None, gt=0, description="Smallest max_tokens a budget downgrade may use"
+    max_tokens: Tokens = Field(description="Output token limit of a call")
+    min_tokens: Tokens | None = Field(
+        None, description="Smallest max_tokens a budget downgrade may use"
     )
     prompt: str | None = Field(
         None, description="Prompt template; relative to the config file's directory"

@@ -342,24 +342,23 @@ def _families(
     tokens_f = _Family(
         "agentd_tokens_total",
         "counter",
-        "Tokens of settled calls by kind: input (all input, cache included), output "
-        "(reasoning included), cache_read, cache_write, reasoning.",
+        "Tokens of settled calls by loop, model, status and kind: input (all input, cache "
+        "included), output (reasoning included), cache_read, cache_write, reasoning.",
     )
     cost_f = _Family(
         "agentd_cost_micro_usd_total",
         "counter",
-        "Spend of settled calls in micro-USD (aborted calls at their reservation).",
+        "Spend of settled calls in micro-USD by loop, model and status (aborted calls at "
+        "their reservation).",
     )
-    by_model: dict[tuple[str, str], list[int]] = defaultdict(lambda: [0] * 6)
+    # One series per (loop, model, status) in all three families, so a dashboard can split
+    # tokens and spend by outcome exactly like the call counts (e.g. what failed calls cost).
     for (loop, model, status), sums in sorted(calls.items()):
-        calls_f.add((("loop", loop), ("model", model), ("status", status)), sums[0])
-        acc = by_model[(loop, model)]
-        for i in range(6):
-            acc[i] += sums[i + 1]
-    for (loop, model), acc in sorted(by_model.items()):
-        for kind, value in zip(TOKEN_KINDS, acc[:5], strict=True):
-            tokens_f.add((("loop", loop), ("model", model), ("kind", kind)), value)
-        cost_f.add((("loop", loop), ("model", model)), acc[5])
+        series = (("loop", loop), ("model", model), ("status", status))
+        calls_f.add(series, sums[0])
+        for kind, value in zip(TOKEN_KINDS, sums[1:6], strict=True):
+            tokens_f.add((*series, ("kind", kind)), value)
+        cost_f.add(series, sums[6])
 
     flight_f = _Family(
         "agentd_calls_in_flight",

@@ -323,6 +323,10 @@ def describe_error(error: ErrorDetails, root: type[BaseModel]) -> tuple[KeyTuple
         return loc, f"must be greater than {show_value(ctx.get('gt'))} (got {got})"
     if kind == "greater_than_equal":
         return loc, f"must be at least {show_value(ctx.get('ge'))} (got {got})"
+    if kind == "less_than_equal":
+        return loc, f"must be at most {show_value(ctx.get('le'))} (got {got})"
+    if kind == "less_than":
+        return loc, f"must be less than {show_value(ctx.get('lt'))} (got {got})"
     if kind in ("too_short", "string_too_short"):
         return loc, "must not be empty"
     if kind == "literal_error":

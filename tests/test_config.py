@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -97,7 +98,7 @@ def test_base_loads_with_defaults(tmp_path: Path) -> None:
 
 def test_shipped_config_loads_and_chains_are_right() -> None:
     config = load_config(SHIPPED)
-    assert set(config.loops) == {"heartbeat", "research", "planning"}
+    assert set(config.loops) == {"heartbeat", "research", "planning", "triage"}
 
     def aliases(loop: str) -> list[tuple[str | None, str]]:
         return [(e.tier, e.alias) for e in config.chain(loop)]
@@ -216,6 +217,88 @@ def test_money_is_exact_decimal_from_the_source_text(tmp_path: Path) -> None:
     assert config.price("haiku") == lookup_price("anthropic", "claude-haiku-4-5")
 
 
+def test_quoted_plain_decimals_are_money_too(tmp_path: Path) -> None:
+    # Configs that quote amounts to keep them exact were valid before numbers became strict.
+    text = mutate("    tier: fast\n", "    tier: fast\n    budget: {per_day_usd: '0.10'}\n")
+    text = mutate(
+        "model: gpt-4o-mini}", "model: gpt-4o-mini, price: {input: ' 2', output: 3}}", text
+    )
+    config = load_config(write(tmp_path, text))
+    budget = config.loops["heartbeat"].budget
+    assert budget is not None and budget.per_day_usd == Decimal("0.10")
+    price = config.price("mini")
+    assert price is not None and price.base.input == Decimal("2")
+
+
+def test_numbers_take_ints_where_decimals_are_allowed_and_the_bounds_themselves(
+    tmp_path: Path,
+) -> None:
+    text = mutate(
+        "{type: anthropic, api_key_env: ANTHROPIC_API_KEY}",
+        "{type: anthropic, api_key_env: ANTHROPIC_API_KEY, timeout_s: 31622400}",
+    )
+    text = mutate("every: 30m", "every: 366d", text)
+    text = mutate("max_tokens: 512", "max_tokens: 10000000", text)
+    text = mutate(
+        "    tier: fast\n",
+        "    tier: fast\n    budget: {per_day_usd: 5, per_month_usd: 1000000000}\n"
+        "    limits: {max_usd_per_run: 0.50}\n",
+        text,
+    )
+    text = mutate("loops:\n", "guardrails: {reload_increase_warn: 2}\nloops:\n", text)
+    config = load_config(write(tmp_path, text))
+    loop = config.loops["heartbeat"]
+    assert (loop.every_seconds, loop.max_tokens) == (366 * 86400, 10_000_000)
+    assert config.providers["anthropic"].timeout_s == 31622400
+    assert loop.budget is not None and loop.budget.limits() == {
+        "day": Decimal(5),
+        "month": Decimal(1_000_000_000),
+    }
+    assert loop.limits is not None and str(loop.limits.max_usd_per_run) == "0.50"
+    share = config.guardrails.reload_increase_warn
+    assert isinstance(share, Decimal) and share == 2
+    assert str(load_config(write(tmp_path, BASE)).guardrails.reload_increase_warn) == "0.25"
+
+
+@pytest.mark.parametrize(
+    ("data", "problem"),
+    [
+        ({"timeout_s": float("inf")}, "must be a finite number (got inf)"),
+        ({"timeout_s": float("nan")}, "must be a finite number (got nan)"),
+        ({"timeout_s": Decimal("NaN")}, "must be a finite number (got NaN)"),
+    ],
+)
+def test_non_finite_numbers_are_refused(tmp_path: Path, data: dict[str, Any], problem: str) -> None:
+    base = load_yaml(BASE).data
+    base["providers"]["anthropic"].update(data)
+    with pytest.raises(ConfigError) as info:
+        parse_config(base, tmp_path / "agent-model-config.yaml")
+    assert (info.value.key_path, info.value.problem) == ("providers.anthropic.timeout_s", problem)
+
+
+@pytest.mark.parametrize(
+    ("value", "problem"),
+    [
+        (Decimal("Infinity"), "must be a finite number (got Infinity)"),
+        (0.1, "must be an exact decimal, not a binary float (got 0.1)"),
+    ],
+)
+def test_money_is_never_a_float_or_infinite(tmp_path: Path, value: object, problem: str) -> None:
+    base = load_yaml(BASE).data
+    base["budgets"] = {"per_day_usd": value}
+    with pytest.raises(ConfigError) as info:
+        parse_config(base, tmp_path / "agent-model-config.yaml")
+    assert (info.value.key_path, info.value.problem) == ("budgets.per_day_usd", problem)
+
+
+def test_durations_are_bounded_to_a_year() -> None:
+    assert parse_duration("366d") == 366 * 86400
+    assert parse_duration("0000000000001s") == 1  # leading zeros are not a huge number
+    for text in ("366d1s", "8785h", "99999999999d", "9" * 5000 + "m"):
+        with pytest.raises(ValueError, match="must be at most 366d"):
+            parse_duration(text)
+
+
 def test_merge_keys_work_and_errors_point_at_the_explicit_key(tmp_path: Path) -> None:
     text = mutate(
         "  heartbeat:\n",
@@ -251,6 +334,16 @@ def test_yaml_floats_are_the_decimal_of_their_text(value: Decimal) -> None:
 
 
 # ---------------------------------------------------------------------------- invalid files
+
+# Fragments and key paths shared by many rows of the table below.
+LOOP_KEY = "    tier: fast\n"  # a key added after it lands on line 15
+ANTHROPIC = "anthropic: {type: anthropic, api_key_env: ANTHROPIC_API_KEY"
+MAX_TOKENS = "loops.heartbeat.max_tokens"
+EVERY = "loops.heartbeat.every"
+TIMEOUT = "providers.anthropic.timeout_s"
+PER_DAY = "loops.heartbeat.budget.per_day_usd"
+SHARE = "guardrails.reload_increase_warn"
+MANY_DIGITS = "every: " + "9" * 5000 + "s"  # int() refuses 4300+ digits
 
 INVALID = [
     # id, old fragment, new fragment, key path, line, problem substring
@@ -554,6 +647,280 @@ INVALID = [
         12,
         "loop names use letters, digits",
     ),
+    # Numbers are strict: no bool, no numeric string, no fraction for an integer (issue 2).
+    (
+        "max-tokens-bool",
+        "max_tokens: 512",
+        "max_tokens: true",
+        MAX_TOKENS,
+        15,
+        "must be an integer (got true)",
+    ),
+    (
+        "max-tokens-string",
+        "max_tokens: 512",
+        'max_tokens: "512"',
+        MAX_TOKENS,
+        15,
+        "must be an integer (got '512')",
+    ),
+    (
+        "max-tokens-fraction",
+        "max_tokens: 512",
+        "max_tokens: 512.0",
+        MAX_TOKENS,
+        15,
+        "must be an integer (got 512.0)",
+    ),
+    (
+        "min-tokens-string",
+        LOOP_KEY,
+        LOOP_KEY + "    min_tokens: '8'\n",
+        "loops.heartbeat.min_tokens",
+        15,
+        "must be an integer (got '8')",
+    ),
+    (
+        "timeout-bool",
+        ANTHROPIC,
+        ANTHROPIC + ", timeout_s: true",
+        TIMEOUT,
+        2,
+        "must be a number (got true)",
+    ),
+    (
+        "timeout-string",
+        ANTHROPIC,
+        ANTHROPIC + ", timeout_s: '60'",
+        TIMEOUT,
+        2,
+        "must be a number (got '60')",
+    ),
+    (
+        "timeout-inf",
+        ANTHROPIC,
+        ANTHROPIC + ", timeout_s: .inf",
+        TIMEOUT,
+        2,
+        "must be a number (got '.inf')",
+    ),
+    (
+        "timeout-overflow",
+        ANTHROPIC,
+        ANTHROPIC + ", timeout_s: 1e400",
+        TIMEOUT,
+        2,
+        "must be a finite number (got 1E+400)",
+    ),
+    (
+        "retries-bool",
+        ANTHROPIC,
+        ANTHROPIC + ", max_retries: false",
+        "providers.anthropic.max_retries",
+        2,
+        "must be an integer (got false)",
+    ),
+    (
+        "budget-bool",
+        LOOP_KEY,
+        LOOP_KEY + "    budget: {per_day_usd: true}\n",
+        PER_DAY,
+        15,
+        "must be a number (got true)",
+    ),
+    (
+        "budget-string",
+        LOOP_KEY,
+        LOOP_KEY + "    budget: {per_day_usd: '1e-1'}\n",
+        PER_DAY,
+        15,
+        "must be a number (got '1e-1')",
+    ),
+    (
+        "price-string",
+        "model: gpt-4o-mini}",
+        "model: gpt-4o-mini, price: {input: 'one', output: 2}}",
+        "models.mini.price.input",
+        6,
+        "must be a number (got 'one')",
+    ),
+    (
+        "factor-string",
+        "loops:\n",
+        "guardrails: {anomaly: {factor: '5x'}}\nloops:\n",
+        "guardrails.anomaly.factor",
+        11,
+        "must be a number (got '5x')",
+    ),
+    (
+        "share-bool",
+        "loops:\n",
+        "guardrails: {reload_increase_warn: true}\nloops:\n",
+        SHARE,
+        11,
+        "must be a number (got true)",
+    ),
+    (
+        "backoff-bool",
+        LOOP_KEY,
+        LOOP_KEY + "    on_failure: {backoff_s: [30, true]}\n",
+        "loops.heartbeat.on_failure.backoff_s[1]",
+        15,
+        "must be a number (got true)",
+    ),
+    (
+        "grace-bool",
+        "loops:\n",
+        "daemon: {shutdown_grace_s: false}\nloops:\n",
+        "daemon.shutdown_grace_s",
+        11,
+        "must be a number (got false)",
+    ),
+    (
+        "enabled-yaml11-word",
+        LOOP_KEY,
+        LOOP_KEY + "    enabled: off\n",
+        "loops.heartbeat.enabled",
+        15,
+        "must be true or false (got 'off')",
+    ),
+    (
+        "enabled-number",
+        LOOP_KEY,
+        LOOP_KEY + "    enabled: 1\n",
+        "loops.heartbeat.enabled",
+        15,
+        "must be true or false (got 1)",
+    ),
+    # Upper bounds: beyond them `check` or `run` used to crash with a traceback (issue 2).
+    (
+        "every-overflow",
+        "every: 30m",
+        "every: 99999999999d",
+        EVERY,
+        13,
+        "must be at most 366d (got '99999999999d')",
+    ),
+    (
+        "every-over-a-year",
+        "every: 30m",
+        "every: 366d1s",
+        EVERY,
+        13,
+        "must be at most 366d (got '366d1s')",
+    ),
+    (
+        "every-many-digits",
+        "every: 30m",
+        MANY_DIGITS,
+        EVERY,
+        13,
+        "must be at most 366d (got '99999",
+    ),
+    (
+        "jitter-over-a-year",
+        LOOP_KEY,
+        LOOP_KEY + "    jitter: 400d\n",
+        "loops.heartbeat.jitter",
+        15,
+        "must be at most 366d (got '400d')",
+    ),
+    (
+        "batch-timeout-over-a-year",
+        LOOP_KEY,
+        LOOP_KEY + "    batch: {timeout: 9999d}\n",
+        "loops.heartbeat.batch.timeout",
+        15,
+        "must be at most 366d (got '9999d')",
+    ),
+    (
+        "timeout-over-a-year",
+        ANTHROPIC,
+        ANTHROPIC + ", timeout_s: 31622401",
+        TIMEOUT,
+        2,
+        "must be at most 31622400 (got 31622401)",
+    ),
+    (
+        "cooldown-over-a-year",
+        "loops:\n",
+        "circuit_breaker: {cooldowns_s: [30, 1e12]}\nloops:\n",
+        "circuit_breaker.cooldowns_s[1]",
+        11,
+        "must be at most 31622400 (got 1E+12)",
+    ),
+    (
+        "max-tokens-huge",
+        "max_tokens: 512",
+        "max_tokens: 99999999999",
+        MAX_TOKENS,
+        15,
+        "must be at most 10000000 (got 99999999999)",
+    ),
+    (
+        "max-bytes-huge",
+        LOOP_KEY,
+        LOOP_KEY + "    context: [{last_reply: true, max_bytes: 2000000000}]\n",
+        "loops.heartbeat.context[0].max_bytes",
+        15,
+        "must be at most 1073741824 (got 2000000000)",
+    ),
+    (
+        "budget-overflow",
+        LOOP_KEY,
+        LOOP_KEY + "    budget: {per_day_usd: 1e400}\n",
+        PER_DAY,
+        15,
+        "must be at most 1000000000 (got 1E+400)",
+    ),
+    (
+        "global-budget-huge",
+        "loops:\n",
+        "budgets: {per_month_usd: 1000000000.01}\nloops:\n",
+        "budgets.per_month_usd",
+        11,
+        "must be at most 1000000000 (got 1000000000.01)",
+    ),
+    (
+        "price-huge",
+        "model: gpt-4o-mini}",
+        "model: gpt-4o-mini, price: {input: 1, output: 1e10}}",
+        "models.mini.price.output",
+        6,
+        "must be at most 1000000000 (got 1E+10)",
+    ),
+    (
+        "per-run-usd-huge",
+        LOOP_KEY,
+        LOOP_KEY + "    limits: {max_usd_per_run: 1e400}\n",
+        "loops.heartbeat.limits.max_usd_per_run",
+        15,
+        "must be at most 1000000000 (got 1E+400)",
+    ),
+    (
+        "factor-huge",
+        "loops:\n",
+        "guardrails: {anomaly: {factor: 1e400}}\nloops:\n",
+        "guardrails.anomaly.factor",
+        11,
+        "must be at most 1000000 (got 1E+400)",
+    ),
+    (
+        "share-negative",
+        "loops:\n",
+        "guardrails: {reload_increase_warn: -0.25}\nloops:\n",
+        SHARE,
+        11,
+        "must be at least 0 (got -0.25)",
+    ),
+    (
+        "share-huge",
+        "loops:\n",
+        "guardrails: {reload_increase_warn: 1e400}\nloops:\n",
+        SHARE,
+        11,
+        "must be at most 1000 (got 1E+400)",
+    ),
 ]
 
 
@@ -822,6 +1189,24 @@ def test_schema_file_is_in_sync() -> None:
     assert "LoopConfig" in schema["$defs"]
 
 
+def test_schema_numbers_are_numbers_with_bounds() -> None:
+    defs = config_json_schema()["$defs"]
+    per_day = defs["BudgetConfig"]["properties"]["per_day_usd"]["anyOf"]
+    # Money is a number up to the bound validation enforces, or a quoted plain decimal.
+    assert per_day[0] == {"type": "number", "exclusiveMinimum": 0, "maximum": 1_000_000_000}
+    assert per_day[1] == {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"}
+    share = defs["GuardrailsConfig"]["properties"]["reload_increase_warn"]
+    number = share["anyOf"][0]
+    assert (number["type"], number["minimum"], number["maximum"], share["default"]) == (
+        "number",
+        0,
+        1000,
+        0.25,
+    )
+    assert defs["LoopConfig"]["properties"]["max_tokens"]["maximum"] == 10_000_000
+    assert defs["ProviderConfig"]["properties"]["timeout_s"]["maximum"] == 366 * 86400
+
+
 def test_loop_config_can_be_built_directly() -> None:
     loop = LoopConfig(every="1h30m", model="haiku", max_tokens=10, prompt="p.md")
     assert loop.every_seconds == 5400
@@ -909,7 +1294,7 @@ ROUTE_INVALID = [
         "threshold-above-one",
         "    route: cascade\n    routing: {threshold: 1.5, escalate_tier: balanced}\n",
         "loops.heartbeat.routing.threshold",
-        "less than or equal to 1",
+        "must be at most 1 (got 1.5)",
     ),
     (
         "short-input-tokens-zero",

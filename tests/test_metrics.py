@@ -182,8 +182,14 @@ def test_counters_are_exact(populated: Ledger, config: Config) -> None:
     assert val(samples, "agentd_calls_total", loop="work", model=HAIKU, status="ok") == 1
     assert val(samples, "agentd_calls_total", loop="work", model=HAIKU, status="error") == 1
 
+    # Tokens and spend carry the same loop/model/status series as the call counts.
+    series = names(samples, "agentd_calls_total")
+    assert names(samples, "agentd_cost_micro_usd_total") == series
+    assert names(samples, "agentd_tokens_total") == [
+        {**labels, "kind": kind} for labels in series for kind in metrics.TOKEN_KINDS
+    ]
     tokens = {
-        kind: val(samples, "agentd_tokens_total", loop="work", model=HAIKU, kind=kind)
+        kind: val(samples, "agentd_tokens_total", loop="work", model=HAIKU, status="ok", kind=kind)
         for kind in metrics.TOKEN_KINDS
     }
     assert tokens == {
@@ -193,10 +199,24 @@ def test_counters_are_exact(populated: Ledger, config: Config) -> None:
         "cache_write": 100,
         "reasoning": 50,
     }
-    assert val(samples, "agentd_tokens_total", loop="work", model=MINI, kind="input") == 10
+    for kind in metrics.TOKEN_KINDS:  # the failed attempt reported no usage
+        assert (
+            val(samples, "agentd_tokens_total", loop="work", model=HAIKU, status="error", kind=kind)
+            == 0
+        )
+    mini_ok = {"loop": "work", "model": MINI, "status": "ok"}
+    assert val(samples, "agentd_tokens_total", **mini_ok, kind="input") == 10
+    assert val(samples, "agentd_tokens_total", **mini_ok, kind="output") == 5
+    cost = {
+        (x["model"], x["status"]): val(samples, "agentd_cost_micro_usd_total", **x) for x in series
+    }
     # An aborted call counts at its reservation, as in the ledger reports.
-    assert val(samples, "agentd_cost_micro_usd_total", loop="work", model=HAIKU) == 1234
-    assert val(samples, "agentd_cost_micro_usd_total", loop="work", model=MINI) == 3007
+    assert cost == {
+        (HAIKU, "error"): 0,
+        (HAIKU, "ok"): 1234,
+        (MINI, "aborted"): 3000,
+        (MINI, "ok"): 7,
+    }
 
     assert val(samples, "agentd_calls_in_flight", loop="other", model=HAIKU) == 1
     assert val(samples, "agentd_reserved_micro_usd", loop="other", model=HAIKU) == 4000
@@ -212,7 +232,11 @@ def test_counters_are_exact(populated: Ledger, config: Config) -> None:
     assert types["agentd_budget_remaining_micro_usd"] == "gauge"
     # Money is integer micro-USD on the wire, never a float.
     text = render_metrics(populated, config, now=T0)
-    assert 'agentd_cost_micro_usd_total{loop="work",model="gpt-4o-mini"} 3007\n' in text
+    assert 'agentd_cost_micro_usd_total{loop="work",model="gpt-4o-mini",status="ok"} 7\n' in text
+    assert (
+        'agentd_tokens_total{loop="work",model="gpt-4o-mini",status="aborted",kind="input"} 0\n'
+        in text
+    )
 
 
 def test_run_duration_histogram(populated: Ledger, config: Config) -> None:
@@ -274,7 +298,8 @@ def test_simulated_rows_are_excluded_by_default(populated: Ledger, config: Confi
     sim, _, _ = parse(render_metrics(populated, config, now=T0, simulated=True))
     assert val(sim, "agentd_simulated") == 1
     assert names(sim, "agentd_calls_total") == [{"loop": "work", "model": HAIKU, "status": "ok"}]
-    assert val(sim, "agentd_cost_micro_usd_total", loop="work", model=HAIKU) == 999
+    assert val(sim, "agentd_cost_micro_usd_total", loop="work", model=HAIKU, status="ok") == 999
+    assert val(sim, "agentd_tokens_total", loop="work", model=HAIKU, status="ok", kind="input") == 1
     assert val(sim, "agentd_runs_total", loop="work", status="ok") == 1
     assert val(sim, "agentd_run_duration_seconds_sum", loop="work") == 1.0
     assert val(sim, "agentd_budget_spent_micro_usd", scope="work", period="day") == 999
@@ -362,7 +387,7 @@ def test_incremental_scrapes_match_a_full_recount(populated: Ledger, config: Con
     full = render_metrics(populated, config, now=T0)
     assert incremental == full
     samples, _, _ = parse(full)
-    assert val(samples, "agentd_cost_micro_usd_total", loop="other", model=HAIKU) == 40
+    assert val(samples, "agentd_cost_micro_usd_total", loop="other", model=HAIKU, status="ok") == 40
     assert val(samples, "agentd_calls_total", loop="work", model=HAIKU, status="ok") == 2
     assert not names(samples, "agentd_calls_in_flight")
     assert val(samples, "agentd_runs_total", loop="other", status="ok") == 1
