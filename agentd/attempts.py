@@ -1,13 +1,16 @@
-"""What a run's calls did: its attempts, its trace, and writing an attempt's outcome."""
+"""What a run's calls did: its attempts, its trace, a chain's budget refusals, and writing an
+attempt's outcome."""
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
 from agentd import budgets, pricing
+from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
+from agentd.errors import BudgetExceeded
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.providers.base import Reply, Usage
@@ -43,8 +46,10 @@ class RunTrace:
     simulated: bool
     attempts: list[Attempt] = field(default_factory=list)
     skipped: list[dict[str, Any]] = field(default_factory=list)
+    # Models the budget refused ("alias: why"), in order; each is also one of `skipped`.
+    budget_refusals: list[str] = field(default_factory=list)
 
-    numbered: int = 0
+    numbered: int = 0  # attempts with a `calls` row so far (the executor numbers them)
     tokens: int = 0  # settled input + output tokens of the run's attempts so far
     # Called before each attempt with (trace, reservation in micro-USD); raises to refuse it
     # before anything is reserved (the run's ceilings, `agentd.guardrails.RunGuard`).
@@ -59,11 +64,6 @@ class RunTrace:
         """Money this run has spent (or may have been billed) so far."""
         return sum(a.cost_micro_usd for a in self.attempts)
 
-    def next_attempt(self) -> int:
-        """Number the run's next attempt (at reservation, so concurrent calls never share one)."""
-        self.numbered += 1
-        return self.numbered
-
 
 @dataclass(frozen=True)
 class CallOutcome:
@@ -73,6 +73,32 @@ class CallOutcome:
     entry: ChainEntry
     cost_micro_usd: int
     fallback: bool
+
+
+class ChainOverBudget(BudgetWindowExceeded):
+    """No model of a chain fitted the budget: each refusal in the message, and the numbers (and
+    reset time) of the one nearest to fitting, so `when_over_budget: pause` waits no longer
+    than the cheapest model needs."""
+
+    def __init__(self, nearest: BudgetWindowExceeded, message: str) -> None:
+        super().__init__(
+            nearest.budget_window,
+            used_micro_usd=nearest.used_micro_usd,
+            asked_micro_usd=nearest.asked_micro_usd,
+            resets_at=nearest.resets_at,
+        )
+        self.args = (message,)
+
+
+def chain_over_budget(refusals: Sequence[tuple[str, BudgetExceeded]]) -> BudgetExceeded:
+    """The refusal of a chain where no model fitted: every model's refusal in the message."""
+    message = "; ".join(f"{alias}: {exc}" for alias, exc in refusals)
+    windowed = [exc for _, exc in refusals if isinstance(exc, BudgetWindowExceeded)]
+    if not windowed:
+        return BudgetExceeded(message, window=refusals[0][1].window)
+    # The cheapest model is the first to fit again: its window names the refusal.
+    nearest = min(windowed, key=lambda exc: (exc.asked_micro_usd, exc.resets_at))
+    return ChainOverBudget(nearest, message)
 
 
 class Recorder:
@@ -127,6 +153,8 @@ class Recorder:
             list_cost_micro_usd=list_cost,
         )
         trace.attempts.append(attempt)
+        if served_model and served_model != attempt.model:
+            self._substituted(trace, attempt, served_model)
         tokens: dict[str, int] = {}
         if usage is not None:
             trace.tokens += usage.input_tokens + usage.output_tokens
@@ -156,4 +184,24 @@ class Recorder:
             latency_ms=attempt.latency_ms,
             simulated=trace.simulated,
             **tokens,
+        )
+
+    def _substituted(self, trace: RunTrace, attempt: Attempt, served: str) -> None:
+        """Log `call.model_substituted`: the provider says another model answered.
+
+        A dated snapshot of the model asked for (`claude-haiku-4-5` served as
+        `claude-haiku-4-5-20251001`) is how the providers resolve an alias: logged at info.
+        Any other model is a pin that drifted: a warning.
+        """
+        snapshot = served.startswith(f"{attempt.model}-")
+        emit = self._log.info if snapshot else self._log.warning
+        emit(
+            "call.model_substituted",
+            loop=trace.loop,
+            run_id=trace.run_id,
+            alias=attempt.alias,
+            provider=attempt.provider,
+            asked=attempt.model,
+            served=served,
+            snapshot=snapshot,
         )

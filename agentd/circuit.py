@@ -6,6 +6,20 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+from agentd.errors import ModelUnavailable, ProviderError
+
+
+def counts_against_health(exc: ProviderError) -> bool:
+    """True when a failed attempt counts towards opening the model's circuit.
+
+    Only errors that say something about the model's (or its provider's) health, whoever sent
+    the request, count: the retryable ones (rate limit, overload, 5xx, timeouts, connection
+    errors), auth or billing trouble, and a model the provider does not serve. A bad request,
+    a prompt too long for the context window or a malformed reply do not: one loop's oversized
+    prompt must not open a model's circuit for every loop.
+    """
+    return exc.retryable or exc.opens_provider_circuit or isinstance(exc, ModelUnavailable)
+
 
 @dataclass
 class _State:

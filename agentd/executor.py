@@ -12,7 +12,7 @@ from typing import Any
 from agentd import batches, budgets, pricing
 from agentd.attempts import Attempt as Attempt
 from agentd.attempts import CallOutcome as CallOutcome
-from agentd.attempts import Recorder
+from agentd.attempts import Recorder, chain_over_budget
 from agentd.attempts import RunTrace as RunTrace
 from agentd.batches import (
     BatchItemFailed,
@@ -20,7 +20,7 @@ from agentd.batches import (
     Submitted,
 )
 from agentd.budgets import CallStart, Window
-from agentd.circuit import CircuitBreakers
+from agentd.circuit import CircuitBreakers, counts_against_health
 from agentd.config import ChainEntry, Config
 from agentd.errors import (
     BudgetExceeded,
@@ -142,9 +142,14 @@ class Executor:
         `batch` sends the call through the providers' batch APIs (`agentd.batches`): when no
         batch item comes back with a reply, its `on_failure` makes the call directly or fails.
 
-        Raises BudgetExceeded when no model fitted and none was tried, MissingKeyError when the
-        primary model's key is missing, and RunFailed (or CircuitOpen) when every model failed or
-        was cooling down.
+        A model whose reservation does not fit the budget is skipped like one whose circuit is
+        open (no `calls` row; listed in the trace's `skipped` and `budget_refusals`), and the
+        chain goes on to the next model.
+
+        Raises BudgetExceeded when no model was tried and at least one was refused by the
+        budget (the loop's `when_over_budget` decides then), MissingKeyError when the primary
+        model's key is missing, and RunFailed (or CircuitOpen) when every model failed or was
+        cooling down.
         """
         args = (trace, purpose, chain, system, messages, max_tokens, windows, cache)
         if batch is None:
@@ -174,7 +179,7 @@ class Executor:
     ) -> CallOutcome:
         """`call` along one chain, directly or (with `batch`) through the batch APIs."""
         tries: list[_ModelTry] = []
-        attempts_before = len(trace.attempts)
+        refusals: list[tuple[str, BudgetExceeded]] = []
         missing_key: MissingKeyError | None = None
         skipped_providers: set[str] = set()
         for index, entry in enumerate(chain):
@@ -211,10 +216,12 @@ class Executor:
                     batch,
                 )
             except BudgetExceeded as exc:
+                # A refusal is a skip, like an open circuit: a cheaper model further along the
+                # chain may still fit. Only a chain where nothing fitted goes back to the loop's
+                # `when_over_budget` (below).
                 self._skip(trace, entry, str(exc))
-                if len(trace.attempts) == attempts_before:
-                    # Nothing tried yet: the loop's `when_over_budget` decides, not the chain.
-                    raise
+                refusals.append((entry.alias, exc))
+                trace.budget_refusals.append(f"{entry.alias}: {exc}")
                 if model_try.attempts == 0:
                     tries.pop()
                 else:
@@ -233,6 +240,8 @@ class Executor:
                 fallback=entry.alias != chain[0].alias,
             )
         if not tries:
+            if refusals:
+                raise chain_over_budget(refusals)
             if missing_key is not None:
                 raise missing_key
             reasons = "; ".join(f"{s['alias']}: {s['reason']}" for s in trace.skipped)
@@ -291,8 +300,11 @@ class Executor:
                         cb.billing_cooldown_s if exc.code == "billing_error" else cb.auth_cooldown_s
                     )
                     self.breakers.open_provider(entry.provider_name, cooldown, str(exc))
-                # The reason keeps the real error, so "every model is cooling down" still says why.
-                opened = self.breakers.record_failure(model_key, str(exc))
+                opened = False
+                if counts_against_health(exc):
+                    # The reason keeps the real error, so "every model is cooling down" still
+                    # says why.
+                    opened = self.breakers.record_failure(model_key, str(exc))
                 if opened:
                     self._log.warning("circuit.opened", model=model_key, reason=exc.code)
                 if not exc.retryable or opened or retries >= settings.max_retries:
@@ -307,11 +319,16 @@ class Executor:
 
     @staticmethod
     def _backoff(retries: int, retry_after_s: float | None) -> float:
-        """Exponential backoff with jitter; the provider's retry-after wins when it says more."""
-        if retry_after_s is not None:
-            return max(retry_after_s, 0.0)
+        """Exponential backoff with jitter; the provider's retry-after wins when it says more.
+
+        A retry-after of 0 (or shorter than the backoff) does not shorten the wait: a provider
+        that is failing gets the backoff's breathing room whatever its header says.
+        """
         jitter: float = random.uniform(0.5, 1.0)
-        return _BACKOFF_BASE_S * (2.0**retries) * jitter
+        backoff = _BACKOFF_BASE_S * (2.0**retries) * jitter
+        if retry_after_s is None:
+            return backoff
+        return max(backoff, retry_after_s)
 
     async def _attempt(
         self,
@@ -343,7 +360,9 @@ class Executor:
         try:
             if trace.guard is not None:
                 trace.guard(trace, reserved)
-            number = trace.next_attempt()
+            # Numbered once its row exists: a refused reservation is no attempt, and reserve()
+            # does not await, so no other call of the run takes a number meanwhile.
+            number = trace.numbered + 1
             call_id = budgets.reserve(
                 self.ledger,
                 CallStart(
@@ -362,6 +381,7 @@ class Executor:
                 windows,
                 self.config.tz,
             )
+            trace.numbered = number
             model_try.attempts += 1
             request = Request(
                 model=entry.model.model,

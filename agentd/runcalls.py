@@ -18,21 +18,50 @@ from agentd.logs import get_logger
 from agentd.providers.base import Message
 from agentd.routing import context_skips, estimate_tokens
 
+DEEP_TIER = "deep"
+# Why an interactive loop's chains leave the deep tier out (route reasons and skips say so).
+INTERACTIVE_NO_DEEP = "latency: interactive never uses deep"
+
 
 @dataclass(frozen=True)
 class Plan:
-    """One way to make a call: which tier's chain and how many output tokens."""
+    """One way to make a call: which tier's chain and how many output tokens.
+
+    `left_out`: models of the chain an interactive loop may not use (the deep tier's).
+    """
 
     tier: str | None
     chain: tuple[ChainEntry, ...]
     max_tokens: int
     reason: str
+    left_out: tuple[ChainEntry, ...] = ()
+
+
+def latency_split(
+    config: Config, loop_name: str, entries: Sequence[ChainEntry]
+) -> tuple[tuple[ChainEntry, ...], tuple[ChainEntry, ...]]:
+    """(the chain the loop may use, the models left out): `latency: interactive` never goes to
+    the deep tier, whether as its target, a fallback tier or a downgrade."""
+    if config.loops[loop_name].latency != "interactive":
+        return tuple(entries), ()
+    kept = tuple(e for e in entries if e.tier != DEEP_TIER)
+    return kept, tuple(e for e in entries if e.tier == DEEP_TIER)
 
 
 def target_chain(
     config: Config, loop_name: str, tier: str | None, model: str | None
 ) -> tuple[ChainEntry, ...]:
-    """The loop's chain, or a tier's or model's (then the loop's fallback tiers)."""
+    """The loop's chain, or a tier's or model's (then the loop's fallback tiers).
+
+    An interactive loop's chain leaves the deep tier out (`latency_split`).
+    """
+    return latency_split(config, loop_name, _full_chain(config, loop_name, tier, model))[0]
+
+
+def _full_chain(
+    config: Config, loop_name: str, tier: str | None, model: str | None
+) -> tuple[ChainEntry, ...]:
+    """`target_chain` before the latency filter."""
     if tier is None and model is None:
         return tuple(config.chain(loop_name))
     if tier is not None:
@@ -71,29 +100,35 @@ def plans_for(
     loop = config.loops[loop_name]
     max_tokens = max_tokens or loop.max_tokens
     system = loop.system if system is None else system
-    own_chain = target_chain(config, loop_name, tier, model)
-    own_tier = tier or (own_chain[0].tier if model else loop.tier or own_chain[0].tier)
+    full = _full_chain(config, loop_name, tier, model)
+    own_chain, left_out = latency_split(config, loop_name, full)
+    own_tier = tier or (full[0].tier if model else loop.tier or full[0].tier)
     if reason is None:
         asked = tier is not None or model is not None
         reason = "asked by handler" if asked else "configured"
-    own = Plan(own_tier, own_chain, max_tokens, reason)
+    own = Plan(own_tier, own_chain, max_tokens, reason, left_out)
     if loop.when_over_budget != "downgrade" or not downgrade:
         return [own]
     messages = [Message("user", prompt)]
 
-    def primary_cost(chain: tuple[ChainEntry, ...], tokens: int) -> int:
-        amount = executor.reservation_micro_usd(chain[0], system, messages, tokens)
-        return amount if amount is not None else 0
+    def cheapest_cost(chain: tuple[ChainEntry, ...], tokens: int) -> int:
+        # A refused model is skipped and the chain goes on, so a chain fits as soon as its
+        # cheapest model does: that model's worst case is the chain's (0: none is priced).
+        amounts = (executor.reservation_micro_usd(e, system, messages, tokens) for e in chain)
+        return min((a for a in amounts if a is not None), default=0)
 
-    own_cost = primary_cost(own_chain, max_tokens)
+    own_cost = cheapest_cost(own_chain, max_tokens)
     cheaper: list[tuple[int, Plan]] = []
     for other in config.tiers:
         if other == own.tier:
             continue
-        chain = tuple(config.tier_chain(other))
-        cost = primary_cost(chain, max_tokens)
+        chain, dropped = latency_split(config, loop_name, config.tier_chain(other))
+        if not chain:
+            continue  # the deep tier, for an interactive loop: never a plan
+        cost = cheapest_cost(chain, max_tokens)
         if cost < own_cost:
-            cheaper.append((cost, Plan(other, chain, max_tokens, f"downgraded to {other}")))
+            plan = Plan(other, chain, max_tokens, f"downgraded to {other}", dropped)
+            cheaper.append((cost, plan))
     # Dearest cheaper tier first: give up as little quality as the budget allows.
     cheaper.sort(key=lambda item: -item[0])
     plans = [own, *(plan for _, plan in cheaper)]
@@ -101,11 +136,12 @@ def plans_for(
         last = plans[-1]
         tokens = max_tokens // 2
         while tokens > loop.min_tokens:
-            plans.append(Plan(last.tier, last.chain, tokens, f"max_tokens reduced to {tokens}"))
+            reduced = f"max_tokens reduced to {tokens}"
+            plans.append(Plan(last.tier, last.chain, tokens, reduced, last.left_out))
             tokens //= 2
         if loop.min_tokens < max_tokens:
             reason = f"max_tokens reduced to {loop.min_tokens}"
-            plans.append(Plan(last.tier, last.chain, loop.min_tokens, reason))
+            plans.append(Plan(last.tier, last.chain, loop.min_tokens, reason, last.left_out))
     return plans
 
 
@@ -206,26 +242,34 @@ class RunCalls:
     ) -> CallOutcome:
         """Try the plans in order until one fits the budget; BudgetExceeded when none does.
 
-        `record` (default: the run's route) gets the plan's tier, max_tokens and reason, and the
-        model that answered. Models whose context window cannot hold the call are skipped (not
-        attempts; listed in the route's `skipped`); RunFailed when no plan has any model left.
+        `record` (default: the run's route) gets the plan's tier, max_tokens and reason, the
+        model that answered and the tier it answered from (`answered_tier`: a fallback tier's
+        model answers for the plan's `tier`). Models whose context window cannot hold the call,
+        and an interactive loop's deep models, are skipped (not attempts; listed in the route's
+        `skipped`); RunFailed when no plan has any model left. Every model the budget refused
+        is listed in `refusals` (the route's `budget_refusals`), also when another answered.
         """
         self.guard.refuse_if_reached()
         record = self.route if record is None else record
         messages = (Message("user", prompt),)
         tokens = estimate_tokens(prompt) + estimate_tokens(system)
         refused: list[str] = []
-        too_small: list[str] = []
+        unusable: list[str] = []
         for plan in plans:
             record.update(tier=plan.tier, max_tokens=plan.max_tokens, reason=plan.reason)
+            self._leave_out(plan, record)
+            if not plan.chain:
+                unusable.append(f"{plan.reason}: {INTERACTIVE_NO_DEEP}, and no other model is left")
+                continue
             chain = self._fitting(plan, tokens)
             if not chain:
-                too_small.append(
+                unusable.append(
                     f"{plan.reason}: no model's context window holds ~{tokens} input "
                     f"+ {plan.max_tokens} output tokens"
                 )
                 continue
             mark = None if self.cache is None else self.cache.mark(prompt, chain[0].alias)
+            seen = len(self.trace.budget_refusals)
             try:
                 outcome = await self.executor.call(
                     self.trace,
@@ -239,20 +283,46 @@ class RunCalls:
                     batch=self.batch,
                 )
             except BudgetExceeded as exc:
-                refused.append(f"{plan.reason}: {exc}")
-                self.refusals.append(refused[-1])
+                refused.extend(self._take_refusals(plan, seen, exc))
                 self.last_refusal = exc
                 continue
+            self._take_refusals(plan, seen)  # models refused on the way to the answer
             if chain[0].alias != plan.chain[0].alias:
                 # The plan's primary was skipped: the answer comes from a fallback model.
                 outcome = replace(outcome, fallback=True)
             self.outcomes.append(outcome)
             record["model"] = outcome.entry.alias
+            record["answered_tier"] = outcome.entry.tier
             return outcome
-        if too_small and not refused:
-            raise RunFailed(" | ".join(too_small))
+        if unusable and not refused:
+            raise RunFailed(" | ".join(unusable))
         window = self.last_refusal.window if self.last_refusal else ""
-        raise BudgetExceeded(" | ".join(refused + too_small), window=window)
+        raise BudgetExceeded(" | ".join(refused + unusable), window=window)
+
+    def _take_refusals(self, plan: Plan, seen: int, exc: BudgetExceeded | None = None) -> list[str]:
+        """The models the budget refused since `seen` (else `exc` itself), each with the plan's
+        reason; added to the run's `refusals` (the route's `budget_refusals`)."""
+        lines = [f"{plan.reason}: {refusal}" for refusal in self.trace.budget_refusals[seen:]]
+        if not lines and exc is not None:
+            lines = [f"{plan.reason}: {exc}"]
+        self.refusals.extend(lines)
+        return lines
+
+    def _leave_out(self, plan: Plan, record: dict[str, Any]) -> None:
+        """Record the models an interactive loop's plan left out: skips and a route reason."""
+        if not plan.left_out:
+            return
+        for entry in plan.left_out:
+            skip = {"alias": entry.alias, "model": entry.model.model, "reason": INTERACTIVE_NO_DEEP}
+            if skip not in self.trace.skipped:
+                self.trace.skipped.append(skip)
+                get_logger().info("call.skipped", **skip)
+        reasons = record.get("reasons", self.route.get("reasons"))
+        if isinstance(reasons, list):
+            aliases = ", ".join(e.alias for e in plan.left_out)
+            reason = f"{INTERACTIVE_NO_DEEP}: {aliases} left out of the chain"
+            if reason not in reasons:
+                reasons.append(reason)
 
     def _fitting(self, plan: Plan, input_tokens: int) -> tuple[ChainEntry, ...]:
         """The plan's chain without models too small for the call; skips go into the trace."""
@@ -307,6 +377,7 @@ class RunCalls:
         note.update(
             status="ok",
             tier=self.route["tier"],
+            answered_tier=outcome.entry.tier,
             model=outcome.entry.alias,
             max_tokens=self.route["max_tokens"],
             reason=self.route["reason"],
@@ -336,5 +407,6 @@ class RunCalls:
             raise
         note["status"] = "ok"
         # As for a static call: the run's top-level tier and model are those of its last call.
-        self.route.update({k: note[k] for k in ("tier", "max_tokens", "reason", "model")})
+        keys = ("tier", "answered_tier", "max_tokens", "reason", "model")
+        self.route.update({k: note[k] for k in keys if k in note})
         return outcome.reply.text

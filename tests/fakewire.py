@@ -24,6 +24,7 @@ class Ok:
     reasoning: int = 0
     stop_reason: str = "end_turn"
     cache_write_1h: int = 0  # the part of cache_write written with a 1-hour TTL (Anthropic)
+    served_model: str | None = None  # the reply's `model` (None: the model asked for)
 
     @property
     def fixes_cache(self) -> bool:
@@ -98,6 +99,7 @@ def ok(
     reasoning: int = 0,
     stop_reason: str = "end_turn",
     cache_write_1h: int = 0,
+    served_model: str | None = None,
 ) -> Ok:
     """A successful reply.
 
@@ -108,6 +110,8 @@ def ok(
     request so that they never exceed agentd's reservation bound: input = max(1, UTF-8 bytes
     of the prompt // 4), output = min(max_tokens, 16). `cache_write_1h` (Anthropic) is the part
     of `cache_write` written with a 1-hour TTL, reported as `usage.cache_creation`.
+    `served_model` is the model the reply says answered (a dated snapshot, or a substitute);
+    left as None, it is the model of the request.
     """
     if not 0 <= cache_write_1h <= cache_write:
         raise ValueError("cache_write_1h is part of cache_write")
@@ -120,6 +124,7 @@ def ok(
         reasoning,
         stop_reason,
         cache_write_1h,
+        served_model,
     )
 
 
@@ -285,6 +290,7 @@ def ok_body(
     fields come from it and Anthropic's `input_tokens` is the rest of the estimate.
     """
     model = body.get("model") if isinstance(body, dict) else None
+    served = step.served_model or model
     max_tokens = 4096
     if isinstance(body, dict):
         max_tokens = int(body.get("max_tokens") or body.get("max_completion_tokens") or 4096)
@@ -314,7 +320,7 @@ def ok_body(
             "id": "msg_" + request_id.removeprefix("req_"),
             "type": "message",
             "role": "assistant",
-            "model": model,
+            "model": served,
             "content": [{"type": "text", "text": text}],
             "stop_reason": step.stop_reason,
             "stop_sequence": None,
@@ -330,7 +336,7 @@ def ok_body(
         "id": "chatcmpl-" + request_id.removeprefix("req_"),
         "object": "chat.completion",
         "created": 1_700_000_000,
-        "model": model,
+        "model": served,
         "choices": [
             {
                 "index": 0,

@@ -2,7 +2,23 @@
 
 from __future__ import annotations
 
-from agentd.circuit import CircuitBreakers
+import pytest
+
+from agentd.circuit import CircuitBreakers, counts_against_health
+from agentd.errors import (
+    AuthFailed,
+    BadRequest,
+    BillingExhausted,
+    ConnectionFailed,
+    ContextTooLong,
+    MalformedResponse,
+    ModelUnavailable,
+    Overloaded,
+    ProviderError,
+    ProviderTimeout,
+    RateLimited,
+    ServerError,
+)
 
 
 class Clock:
@@ -56,3 +72,25 @@ def test_provider_circuit_covers_all_its_models() -> None:
     assert cb.open_reason("openai", "openai/gpt") is None
     clock.now += 900
     assert cb.open_reason("anthropic", "anthropic/any-model") is None
+
+
+@pytest.mark.parametrize(
+    ("exc", "counts"),
+    [
+        (RateLimited("429"), True),
+        (Overloaded("529"), True),
+        (ServerError("500"), True),
+        (ProviderTimeout("timeout"), True),
+        (ConnectionFailed("refused"), True),
+        (AuthFailed("401"), True),
+        (BillingExhausted("402"), True),
+        (ModelUnavailable("404"), True),
+        (BadRequest("400"), False),
+        (ContextTooLong("too long"), False),
+        (MalformedResponse("not JSON"), False),
+    ],
+)
+def test_only_errors_about_the_models_health_count(exc: ProviderError, counts: bool) -> None:
+    # A bad request, an oversized prompt or a garbled reply is one call's trouble: it must not
+    # open a circuit that every loop shares.
+    assert counts_against_health(exc) is counts

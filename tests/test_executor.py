@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 from builders import TEST_ENV, base_config, merge, write_config
 from fakeserver import FakeServer, drop, error, malformed, no_usage, ok, timeout
+from structlog.testing import capture_logs
 
 from agentd.config import load_config
 from agentd.errors import MissingKeyError
@@ -284,3 +285,110 @@ def test_cancelled_call_is_settled_aborted(harness: Harness) -> None:
     assert call["cost_micro_usd"] == call["reserved_micro_usd"]
     [run] = harness.ledger.conn.execute("SELECT status FROM runs").fetchall()
     assert run[0] == "aborted"
+
+
+def test_a_retry_after_shorter_than_the_backoff_does_not_shorten_it(harness: Harness) -> None:
+    # retry-after: 0 says "now"; the first backoff is 0.5-1 s (jittered) and it wins.
+    harness.server.script("claude-haiku-4-5", error(429, retry_after=0), error(503), ok())
+    result = harness.run()
+    assert result.status == "ok" and result.model == "claude-haiku-4-5"
+    first, second = harness.sleeps
+    assert 0.5 <= first <= 1.0 and 1.0 <= second <= 2.0  # plain backoff: 1 s, then 2 s, ×0.5-1
+
+
+def test_a_retry_after_longer_than_the_backoff_wins(harness: Harness) -> None:
+    harness.server.script("claude-haiku-4-5", error(429, retry_after=5), ok())
+    assert harness.run().status == "ok"
+    assert harness.sleeps == [5.0]
+
+
+def test_a_retry_after_beyond_the_wait_cap_moves_to_the_next_model(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server, {"providers": {"anthropic": {"retry_max_wait_s": 3}}})
+    fake_server.script("claude-haiku-4-5", error(429, retry_after=10))
+    result = h.run()
+    assert result.status == "ok" and result.model == "gpt-4o-mini"
+    assert h.sleeps == []  # no wait at all: the cap would be passed
+    assert [(c["model"], c["error_type"]) for c in h.calls()] == [
+        ("claude-haiku-4-5", "rate_limited"),
+        ("gpt-4o-mini", None),
+    ]
+
+
+# A 400 the provider calls "prompt is too long" (Anthropic's wording).
+_TOO_LONG = error(400, message="prompt is too long: 210000 tokens > 200000 maximum")
+
+
+@pytest.mark.parametrize(
+    ("step", "error_type"),
+    [
+        (error(400), "bad_request"),
+        (_TOO_LONG, "context_too_long"),
+        (malformed(), "malformed_response"),
+    ],
+)
+def test_errors_of_the_request_do_not_open_the_models_circuit(
+    tmp_path: Path, fake_server: FakeServer, step: Any, error_type: str
+) -> None:
+    # One loop's bad or oversized request says nothing about the model's health: with
+    # `failures: 2` three such runs in a row still try haiku every time.
+    h = Harness(tmp_path, fake_server, {"circuit_breaker": {"failures": 2, "cooldowns_s": [60]}})
+    fake_server.script("claude-haiku-4-5", step, step, step)
+    for _ in range(3):
+        result = h.run()
+        assert result.status == "ok" and result.model == "gpt-4o-mini"
+        assert result.route["skipped"] == []  # haiku's circuit never opened
+    assert fake_server.count("claude-haiku-4-5") == 3
+    assert [c["error_type"] for c in h.calls() if c["model"] == "claude-haiku-4-5"] == [
+        error_type
+    ] * 3
+    assert h.executor.breakers.open_reason("anthropic", "anthropic/claude-haiku-4-5") is None
+
+
+def test_server_errors_still_open_the_models_circuit(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "circuit_breaker": {"failures": 2, "cooldowns_s": [60]},
+            "providers": {"anthropic": {"max_retries": 0}},
+        },
+    )
+    fake_server.script("claude-haiku-4-5", error(500), error(500))
+    h.run()
+    h.run()
+    third = h.run()
+    assert third.status == "ok" and third.model == "gpt-4o-mini"
+    [skip] = third.route["skipped"]
+    assert skip["alias"] == "haiku" and "model circuit open" in skip["reason"]
+    assert fake_server.count("claude-haiku-4-5") == 2
+
+
+def test_a_served_model_other_than_the_one_asked_for_is_logged(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server)
+    fake_server.script(
+        "claude-haiku-4-5",
+        ok(served_model="claude-haiku-4-5-20251001"),  # the alias resolved to a snapshot
+        ok(served_model="claude-3-haiku-20240307"),  # another model altogether
+        ok(),
+    )
+    with capture_logs() as logs:
+        runs = [h.run() for _ in range(3)]
+    assert [c["served_model"] for c in h.calls()] == [
+        "claude-haiku-4-5-20251001",
+        "claude-3-haiku-20240307",
+        "claude-haiku-4-5",
+    ]
+    events = [e for e in logs if e["event"] == "call.model_substituted"]
+    assert [
+        (e["log_level"], e["run_id"], e["asked"], e["served"], e["snapshot"]) for e in events
+    ] == [
+        ("info", runs[0].run_id, "claude-haiku-4-5", "claude-haiku-4-5-20251001", True),
+        ("warning", runs[1].run_id, "claude-haiku-4-5", "claude-3-haiku-20240307", False),
+    ]
+    assert all(e["loop"] == "work" and e["alias"] == "haiku" for e in events)

@@ -193,7 +193,8 @@ def test_every_model_failing_inside_a_handler_fails_the_run(
 def test_handler_over_budget_before_any_call_is_skipped(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
-    h = handler_harness(tmp_path, fake_server, TWO_CALLS, budget={"per_day_usd": "0.0001"})
+    # The first call (50 output tokens) needs ~340 micro-USD on haiku, ~37 on gpt-mini.
+    h = handler_harness(tmp_path, fake_server, TWO_CALLS, budget={"per_day_usd": "0.00002"})
     result = h.run()
     assert result.status == "skipped_budget" and result.exit_code == 75
     assert h.calls() == [] and fake_server.count() == 0
@@ -202,13 +203,14 @@ def test_handler_over_budget_before_any_call_is_skipped(
 
 
 def test_handler_over_budget_after_a_call_fails(tmp_path: Path, fake_server: FakeServer) -> None:
-    # 3,000 micro-USD fit 50 output tokens on haiku, not 2,000.
+    # 1,000 micro-USD fit 50 output tokens on haiku, not 2,000 (~10,070 on haiku, ~1,206 on
+    # gpt-mini).
     code = """
         async def run(ctx):
             await ctx.complete("small", max_tokens=50)
             return await ctx.complete("big", max_tokens=2000)
     """
-    h = handler_harness(tmp_path, fake_server, code, budget={"per_day_usd": "0.003"})
+    h = handler_harness(tmp_path, fake_server, code, budget={"per_day_usd": "0.001"})
     result = h.run()
     assert result.status == "failed"
     assert (result.error or "").startswith("over budget after 1 successful call(s): ")
@@ -224,7 +226,8 @@ def test_handler_can_catch_budget_refusals(tmp_path: Path, fake_server: FakeServ
             except BudgetExceeded:
                 return "too dear today"
     """
-    h = handler_harness(tmp_path, fake_server, code, budget={"per_day_usd": "0.003"})
+    # 4,000 output tokens: ~20,070 micro-USD on haiku, ~2,406 on gpt-mini; neither fits 2,000.
+    h = handler_harness(tmp_path, fake_server, code, budget={"per_day_usd": "0.002"})
     result = h.run()
     assert (result.status, result.reply) == ("ok", "too dear today")
 

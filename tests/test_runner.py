@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import sys
+import textwrap
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -19,8 +20,9 @@ from agentd.runner import RunResult, render_prompt, run_loop
 def test_over_budget_is_skipped_without_any_request(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
-    # The worst case of one call is ~1,084 micro-USD on haiku; a 500 micro-USD cap refuses it.
-    h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.0005"}}}})
+    # The worst case of one call is ~1,084 micro-USD on haiku and ~127 on gpt-mini; a 100
+    # micro-USD cap refuses both (a refused model is skipped and the next one tried).
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"budget": {"per_day_usd": "0.0001"}}}})
     result = h.run()
     assert result.status == "skipped_budget" and result.exit_code == 75
     assert h.calls() == []
@@ -57,10 +59,12 @@ def test_downgrade_reduces_max_tokens_down_to_min_tokens(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
     # 2,000 output tokens on haiku need ~10,084 micro-USD; 4,000 micro-USD fits 500 tokens.
+    # The fast tier is haiku alone: gpt-mini would fit all 2,000 tokens (~1,207 micro-USD).
     h = Harness(
         tmp_path,
         fake_server,
         {
+            "tiers": {"fast": ["haiku"]},
             "loops": {
                 "work": {
                     "max_tokens": 2000,
@@ -68,7 +72,7 @@ def test_downgrade_reduces_max_tokens_down_to_min_tokens(
                     "budget": {"per_day_usd": "0.004"},
                     "when_over_budget": "downgrade",
                 }
-            }
+            },
         },
     )
     result = h.run()
@@ -81,7 +85,7 @@ def test_pause_when_over_budget(tmp_path: Path, fake_server: FakeServer) -> None
     h = Harness(
         tmp_path,
         fake_server,
-        {"loops": {"work": {"budget": {"per_day_usd": "0.0005"}, "when_over_budget": "pause"}}},
+        {"loops": {"work": {"budget": {"per_day_usd": "0.0001"}, "when_over_budget": "pause"}}},
     )
     first = h.run()
     assert first.status == "skipped_budget"
@@ -92,7 +96,7 @@ def test_pause_when_over_budget(tmp_path: Path, fake_server: FakeServer) -> None
 
 
 def test_global_budget_applies_to_every_loop(tmp_path: Path, fake_server: FakeServer) -> None:
-    h = Harness(tmp_path, fake_server, {"budgets": {"per_hour_usd": "0.0005"}})
+    h = Harness(tmp_path, fake_server, {"budgets": {"per_hour_usd": "0.0001"}})
     assert h.run().status == "skipped_budget"
 
 
@@ -261,3 +265,89 @@ def test_a_smaller_max_tokens_plan_may_fit_the_context_window(
     result = h.run()
     assert result.status == "ok" and result.route["max_tokens"] == 100
     assert fake_server.requests[-1].body["max_tokens"] == 100
+
+
+# ---------------------------------------------------------------------------- the run's model
+
+HAIKU, SONNET, OPUS = "claude-haiku-4-5", "claude-sonnet-4-5", "claude-opus-4-1"
+CASCADE = {"tier": "balanced", "route": "cascade", "handler": "handler.py:run"}
+
+
+def handler_harness(tmp_path: Path, server: FakeServer, code: str) -> Harness:
+    h = Harness(tmp_path, server, {"loops": {"work": CASCADE}})
+    (h.config.dir / "handler.py").write_text(textwrap.dedent(code))
+    return h
+
+
+def run_model(h: Harness, result: RunResult) -> tuple[str | None, str | None]:
+    """(runs.model in the ledger, the result's model): both must name the reply's author."""
+    return h.run_row(result.run_id)["model"], result.model
+
+
+def test_a_kept_cascade_draft_is_the_runs_model_not_the_reviewer(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    code = """
+        async def run(ctx):
+            return await ctx.complete("Explain TCP slow start.")
+    """
+    h = handler_harness(tmp_path, fake_server, code)
+    fake_server.script(SONNET, ok("draft answer"))
+    fake_server.script(HAIKU, ok("0.95"))  # the review keeps the draft
+    result = h.run()
+    assert (result.status, result.reply) == ("ok", "draft answer")
+    assert [c["model"] for c in h.calls(result.run_id)] == [SONNET, HAIKU]  # the review is last
+    assert run_model(h, result) == (SONNET, SONNET)
+    assert result.tier == "balanced"
+
+
+def test_an_escalated_cascade_answer_is_the_runs_model(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    code = """
+        async def run(ctx):
+            answer = await ctx.complete("Explain TCP slow start.")
+            await ctx.complete("Rate this: " + answer, tier="fast", purpose="check")
+            return answer
+    """
+    h = handler_harness(tmp_path, fake_server, code)
+    fake_server.script(SONNET, ok("draft answer"))
+    fake_server.script(HAIKU, ok("0.2"), ok("fine"))  # review escalates; then the check
+    fake_server.script(OPUS, ok("improved answer"))
+    result = h.run()
+    assert (result.status, result.reply) == ("ok", "improved answer")
+    assert [c["model"] for c in h.calls(result.run_id)] == [SONNET, HAIKU, OPUS, HAIKU]
+    assert run_model(h, result) == (OPUS, OPUS) and result.tier == "deep"
+
+
+def test_a_composed_reply_takes_the_model_of_the_last_answer(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # The handler writes its own reply: no call's text matches it, so the run's model is the
+    # one that answered its last complete() (the kept draft), not the review after it.
+    code = """
+        async def run(ctx):
+            notes = await ctx.complete("List the facts.", tier="fast", max_tokens=50)
+            answer = await ctx.complete("Explain: " + notes)
+            return "Summary: " + answer
+    """
+    h = handler_harness(tmp_path, fake_server, code)
+    fake_server.script(HAIKU, ok("facts"), ok("0.9"))
+    fake_server.script(SONNET, ok("draft answer"))
+    result = h.run()
+    assert (result.status, result.reply) == ("ok", "Summary: draft answer")
+    assert [c["model"] for c in h.calls(result.run_id)] == [HAIKU, SONNET, HAIKU]
+    assert run_model(h, result) == (SONNET, SONNET)
+
+
+def test_a_prompt_loops_kept_cascade_draft_is_the_runs_model(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path, fake_server, {"loops": {"work": {"tier": "balanced", "route": "cascade"}}}
+    )
+    fake_server.script(SONNET, ok("draft answer"))
+    fake_server.script(HAIKU, ok("0.95"))
+    result = h.run()
+    assert result.reply == "draft answer"
+    assert run_model(h, result) == (SONNET, SONNET)
