@@ -17,6 +17,8 @@ Choices an operator sees (the gates themselves live in `agentd.dispatch`):
 - `jitter:` delays each scheduled run inside its task, so slots stay on the nominal grid.
 - `every:` loops fire at a stable per-loop phase within their interval (a hash of the name),
   so loops sharing an interval do not all fire in the same second; `cron:` loops are exact.
+- READY=1 waits for the SDKs of the providers that have a key to import (in threads).
+- Every `RECONCILE_INTERVAL_S` the ledger's rows of dead processes are settled (as at start).
 """
 
 from __future__ import annotations
@@ -27,8 +29,10 @@ import os
 import signal
 import threading
 from collections.abc import Mapping
-from datetime import UTC, datetime
+from concurrent.futures import Future
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
 from agentd import loopstate, scheduling
@@ -62,6 +66,9 @@ _STOP_SIGNALS = (signal.SIGTERM, signal.SIGINT)
 # time: the line counts today's runs and spend, which grows through a busy day.
 _STATUS_INTERVAL_S = 1.0
 _STATUS_COST_FACTOR = 50
+# How often the daemon settles calls and runs of processes that died (an `agentd once` killed
+# by SIGKILL or OOM): their reservations would otherwise hold budget until the next open.
+RECONCILE_INTERVAL_S = 60.0
 
 
 class DaemonStopping(AgentdError):
@@ -81,8 +88,10 @@ class Daemon(DaemonView):
         simulate: bool = False,
         notifier: Notifier | None = None,
         env: Mapping[str, str] | None = None,
+        reconcile_s: float = RECONCILE_INTERVAL_S,
     ) -> None:
         super().__init__(state_dir, simulate)
+        self._reconcile_s = reconcile_s
         self._env: Mapping[str, str] = os.environ if env is None else env
         self._notifier = notifier or Notifier(None)
         self._initial = config
@@ -158,6 +167,8 @@ class Daemon(DaemonView):
     async def _start(self) -> None:
         """Open the ledger, schedule every enabled loop, catch up, serve control, READY=1."""
         config = self._initial
+        # The SDKs import in threads meanwhile; READY=1 waits for them (see _sdks_imported).
+        imports = self._start_sdk_imports(config)
         self._ledger = Ledger.open(self.state_dir)  # reconciles rows of dead processes
         self._dispatch = Dispatcher(
             config, self._ledger, simulate=self.simulate, on_settled=self._refresh_status
@@ -186,6 +197,7 @@ class Daemon(DaemonView):
                 self._dispatch.spawn(name, "catchup", missed)
         await self._start_control()
         self._background_task(self._checkpoint_loop())
+        self._background_task(self._reconcile_loop())
         # Batch calls a stopped process left submitted: adopt them and finish their runs.
         from agentd.batchresume import BatchResumer
 
@@ -196,6 +208,7 @@ class Daemon(DaemonView):
             on_result=dispatch.after_resumed,
         )
         self._background_task(resumer.run_forever())
+        await self._sdks_imported(imports)
         self._notifier.ready(self.status_line())
         self._log.info(
             "daemon.started",
@@ -257,6 +270,50 @@ class Daemon(DaemonView):
                 self._log.warning("ledger.checkpoint_failed", error=str(exc))
             else:
                 self._log.debug("ledger.checkpoint", busy=busy, wal_frames=frames, done=done)
+            self._refresh_report_cache()
+
+    def _refresh_report_cache(self) -> None:
+        """Cache the hours that closed since the last round, so month-long reports find them.
+
+        On the event loop (the ledger's connection belongs to it): in steady state one round
+        sums the few calls of the hours that just closed. After a long stop only the last day
+        is filled here; older hours stay holes for the report that asks for them.
+        """
+        from agentd import spendcache
+
+        now = datetime.now(UTC)
+        try:
+            spendcache.refresh(self.ledger, now, since=now - timedelta(days=1))
+        except Exception as exc:  # the next round, or a report, fills what this one could not
+            self._log.warning("ledger.report_cache_failed", error=str(exc))
+
+    def _start_sdk_imports(self, config: Config) -> dict[str, Future[ModuleType]]:
+        """Start importing the SDKs a run could need, in threads (see agentd.providers.sdkload)."""
+        from agentd.providers.sdkload import warm_up
+
+        return {} if self.simulate else warm_up(config, self._env)
+
+    async def _sdks_imported(self, imports: dict[str, Future[ModuleType]]) -> None:
+        """Wait for the SDK imports; a failed one is logged and fails the calls that need it."""
+        from agentd.providers.sdkload import wait_imports
+
+        for module, error in (await wait_imports(imports)).items():
+            self._log.error("provider.sdk_import_failed", sdk=module, error=error)
+
+    async def _reconcile_loop(self) -> None:
+        """Settle dead processes' leftovers now and then, not only when the daemon starts.
+
+        `reconcile_abandoned` touches only rows whose owner process is gone (never this
+        daemon's own, nor a live `agentd once`'s); it charges their calls at the reservation.
+        """
+        from agentd.budgets import reconcile_abandoned
+
+        while True:
+            await asyncio.sleep(self._reconcile_s)
+            try:
+                reconcile_abandoned(self.ledger)
+            except Exception as exc:  # a busy or failing ledger is tried again next time
+                self._log.warning("ledger.reconcile_failed", error=str(exc))
 
     async def _start_control(self) -> None:
         from agentd import control
@@ -361,6 +418,7 @@ class Daemon(DaemonView):
             message = f"reload refused, the running configuration is kept: {exc}"
             return {"ok": False, "message": message, "changed": {}}
         change = self._apply(old, new)
+        self._start_sdk_imports(new)  # a newly added provider's SDK, without waiting for it
         self._log.info("daemon.reloaded", source=source, **change.as_dict())
         body: dict[str, Any] = {
             "ok": True,

@@ -187,3 +187,11 @@ class MalformedResponse(ProviderError):
 
 class CircuitOpen(AgentdError):
     """Every model the run could use is cooling down after repeated failures."""
+
+
+class Terminated(Exception):
+    """SIGTERM stopped a command; what it was doing was cancelled and recorded.
+
+    Not an `AgentdError`: like KeyboardInterrupt, it is an exit by signal (128 + 15), not a
+    failure with one of the design's exit codes.
+    """

@@ -351,14 +351,37 @@ async def _run_handler(
     if reply is not None and not isinstance(reply, str):
         error = f"handler returned {type(reply).__name__}; expected str or None"
         return _Done("failed", "run.failed", error=error)
-    last = calls.outcomes[-1] if calls.outcomes else None
+    answer = _answering_outcome(reply, calls.outcomes, calls.route.get("model"))
     return _Done(
         "ok",
         "run.finished",
         reply=reply,
         fallback=any(o.fallback for o in calls.outcomes),
-        entry=last.entry if last else None,
+        entry=answer.entry if answer else None,
     )
+
+
+def _answering_outcome(
+    reply: str | None, outcomes: list[CallOutcome], answer_alias: object
+) -> CallOutcome | None:
+    """The call that produced a handler's reply, whose model is the run's (not just the last).
+
+    1. A reply that is a call's text verbatim came from that call (the latest such): when a
+       cascade keeps its draft, the review is the last call but the reply is the draft's.
+    2. A reply the handler composed: the answer of its last `complete()`, whose alias
+       `RunCalls` keeps in the route's `model` (a routed call's draft or escalation, never
+       its review); the latest call of that alias. 3. Else the last call.
+    """
+    if not outcomes:
+        return None
+    if reply is not None:
+        for outcome in reversed(outcomes):
+            if outcome.reply.text == reply:
+                return outcome
+    for outcome in reversed(outcomes):
+        if outcome.entry.alias == answer_alias:
+            return outcome
+    return outcomes[-1]
 
 
 def _record_precheck(

@@ -193,8 +193,17 @@ def test_base_url_from_environment_is_not_used(monkeypatch: pytest.MonkeyPatch) 
     monkeypatch.setenv("OPENAI_BASE_URL", "http://attacker.invalid/v1")
     ant = AnthropicProvider("a", api_key="k", base_url=None)
     oai = OpenAIProvider("o", api_key="k", base_url=None)
-    assert str(ant._sdk()[0].base_url).startswith("https://api.anthropic.com")
-    assert str(oai._sdk()[0].base_url).startswith("https://api.openai.com/v1")
+
+    async def built() -> tuple[str, str]:
+        await ant.prepare()
+        await oai.prepare()
+        ant_built, oai_built = ant._sdk.built, oai._sdk.built
+        assert ant_built is not None and oai_built is not None
+        return str(ant_built[0].base_url), str(oai_built[0].base_url)
+
+    ant_url, oai_url = asyncio.run(built())
+    assert ant_url.startswith("https://api.anthropic.com")
+    assert oai_url.startswith("https://api.openai.com/v1")
 
 
 # --- HTTP errors -------------------------------------------------------------------------

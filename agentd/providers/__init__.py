@@ -17,7 +17,7 @@ def build_provider(
     base_url: str | None,
     timeout_s: float,
 ) -> Provider:
-    """The provider for a configured `type`; its SDK is imported only when first called."""
+    """The provider for a configured `type`; its SDK is imported (off the loop) when first used."""
     # The provider modules are imported here, not at the top: `import agentd.providers` must
     # stay cheap (the SDKs take seconds to import and most commands never call a model).
     if provider_type == "anthropic":

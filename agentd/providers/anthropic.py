@@ -1,8 +1,8 @@
-"""The Anthropic Messages API provider (official async SDK, imported on first use)."""
+"""The Anthropic Messages API provider (official async SDK, imported off the event loop)."""
 
 from __future__ import annotations
 
-import asyncio
+from types import ModuleType
 from typing import TYPE_CHECKING, Any, cast
 
 from agentd.errors import MalformedResponse, ProviderError
@@ -23,6 +23,7 @@ from agentd.providers.errormap import (
     require_usage,
     translate,
 )
+from agentd.providers.sdkload import SdkClient
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
@@ -56,41 +57,34 @@ class AnthropicProvider:
         # key wherever the environment points: the config is the only source of endpoints.
         self._base_url = base_url or DEFAULT_BASE_URL
         self._timeout_s = timeout_s
-        self._client: AsyncAnthropic | None = None
-        self._errors: SdkErrors | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sdk: SdkClient[AsyncAnthropic] = SdkClient("anthropic", self._build)
 
-    def _sdk(self) -> tuple[AsyncAnthropic, SdkErrors]:
-        """The client, created on first use (importing the SDK takes seconds) and per event loop.
+    def _build(self, anthropic: ModuleType) -> tuple[AsyncAnthropic, SdkErrors]:
+        """The client and the SDK's error classes (runs in a worker thread: see sdkload)."""
+        # An explicit api_key makes the 2.x client skip every other credential source
+        # (env vars, `config`/`profile`, workload identity).
+        client = anthropic.AsyncAnthropic(
+            api_key=self._api_key or NO_KEY,
+            base_url=self._base_url,
+            timeout=self._timeout_s,
+            max_retries=0,
+        )
+        errors = SdkErrors(
+            status=anthropic.APIStatusError,
+            timeout=anthropic.APITimeoutError,
+            connection=anthropic.APIConnectionError,
+            validation=anthropic.APIResponseValidationError,
+            base=anthropic.AnthropicError,
+        )
+        return client, errors
 
-        An async HTTP client is bound to the loop it first ran in; a caller that makes calls
-        from successive `asyncio.run()`s gets a fresh client instead of "Event loop is closed".
-        """
-        loop = _running_loop()
-        if self._client is None or self._errors is None or self._loop is not loop:
-            self._loop = loop
-            import anthropic
-
-            # An explicit api_key makes the 2.x client skip every other credential source
-            # (env vars, `config`/`profile`, workload identity).
-            self._client = anthropic.AsyncAnthropic(
-                api_key=self._api_key or NO_KEY,
-                base_url=self._base_url,
-                timeout=self._timeout_s,
-                max_retries=0,
-            )
-            self._errors = SdkErrors(
-                status=anthropic.APIStatusError,
-                timeout=anthropic.APITimeoutError,
-                connection=anthropic.APIConnectionError,
-                validation=anthropic.APIResponseValidationError,
-                base=anthropic.AnthropicError,
-            )
-        return self._client, self._errors
+    async def prepare(self) -> None:
+        """Import the SDK and build the client off the event loop (the first call does it too)."""
+        await self._sdk.get()
 
     async def complete(self, request: Request) -> Reply:
         """Make one Messages API call and return its text, usage and request id."""
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
         request_id: str | None = None
         status: int | None = None
@@ -107,7 +101,7 @@ class AnthropicProvider:
 
     async def submit_batch(self, request: Request, custom_id: str) -> BatchSubmission:
         """Create a Message Batch whose only item is `request` (the same params as `complete`)."""
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         ctx = CallContext(self.name, request.model, request.timeout_s, self._api_key)
         item = {"custom_id": custom_id, "params": message_params(request)}
         request_id: str | None = None
@@ -125,7 +119,7 @@ class AnthropicProvider:
 
     async def poll_batch(self, batch_id: str, custom_id: str) -> BatchOutcome:
         """Retrieve the batch; once it has ended, read the item's result from its results."""
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         ctx = CallContext(self.name, f"batch {batch_id}", self._timeout_s, self._api_key)
         found: MessageBatchIndividualResponse | None = None
         try:
@@ -146,9 +140,7 @@ class AnthropicProvider:
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was created (in this event loop)."""
-        client, self._client = self._client, None
-        if client is not None and self._loop is _running_loop():
-            await client.close()
+        await self._sdk.aclose()
 
 
 def message_params(request: Request) -> dict[str, Any]:
@@ -271,10 +263,3 @@ def _split_first(message: Message, mark: CacheMark) -> MessageParam:
     if message.role == "user":
         return {"role": "user", "content": blocks}
     return {"role": "assistant", "content": blocks}
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

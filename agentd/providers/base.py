@@ -91,6 +91,14 @@ class Provider(Protocol):
 
     name: str
 
+    async def prepare(self) -> None:
+        """Import the SDK and build the client off the event loop; `complete` does it too.
+
+        Awaited before a call's latency clock starts, so the first call's latency is the
+        request's and not the SDK's import (seconds).
+        """
+        ...
+
     async def complete(self, request: Request) -> Reply:
         """Make one call (no retries: the executor owns them) and return the reply."""
         ...

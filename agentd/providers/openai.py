@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-import asyncio
+from types import ModuleType
 from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
 from agentd.providers.errormap import CallContext, SdkErrors, require_usage, translate
+from agentd.providers.sdkload import SdkClient
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -43,35 +44,28 @@ class OpenAIProvider:
         # deprecated `max_tokens` and would silently generate without a cap, so they get both.
         self._send_max_tokens = urlsplit(self._base_url).hostname != "api.openai.com"
         self._timeout_s = timeout_s
-        self._client: AsyncOpenAI | None = None
-        self._errors: SdkErrors | None = None
-        self._loop: asyncio.AbstractEventLoop | None = None
+        self._sdk: SdkClient[AsyncOpenAI] = SdkClient("openai", self._build)
 
-    def _sdk(self) -> tuple[AsyncOpenAI, SdkErrors]:
-        """The client, created on first use (importing the SDK takes seconds) and per event loop.
+    def _build(self, openai: ModuleType) -> tuple[AsyncOpenAI, SdkErrors]:
+        """The client and the SDK's error classes (runs in a worker thread: see sdkload)."""
+        client = openai.AsyncOpenAI(
+            api_key=self._api_key or NO_KEY,
+            base_url=self._base_url,
+            timeout=self._timeout_s,
+            max_retries=0,
+        )
+        errors = SdkErrors(
+            status=openai.APIStatusError,
+            timeout=openai.APITimeoutError,
+            connection=openai.APIConnectionError,
+            validation=openai.APIResponseValidationError,
+            base=openai.OpenAIError,
+        )
+        return client, errors
 
-        An async HTTP client is bound to the loop it first ran in; a caller that makes calls
-        from successive `asyncio.run()`s gets a fresh client instead of "Event loop is closed".
-        """
-        loop = _running_loop()
-        if self._client is None or self._errors is None or self._loop is not loop:
-            self._loop = loop
-            import openai
-
-            self._client = openai.AsyncOpenAI(
-                api_key=self._api_key or NO_KEY,
-                base_url=self._base_url,
-                timeout=self._timeout_s,
-                max_retries=0,
-            )
-            self._errors = SdkErrors(
-                status=openai.APIStatusError,
-                timeout=openai.APITimeoutError,
-                connection=openai.APIConnectionError,
-                validation=openai.APIResponseValidationError,
-                base=openai.OpenAIError,
-            )
-        return self._client, self._errors
+    async def prepare(self) -> None:
+        """Import the SDK and build the client off the event loop (the first call does it too)."""
+        await self._sdk.get()
 
     def _context(self, model: str, timeout_s: float | None = None) -> CallContext:
         """What this provider's error messages may say (never the key)."""
@@ -94,7 +88,7 @@ class OpenAIProvider:
 
     async def complete(self, request: Request) -> Reply:
         """Make one Chat Completions call and return its text, usage and request id."""
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         ctx = self._context(request.model, request.timeout_s)
         request_id: str | None = None
         status: int | None = None
@@ -113,7 +107,7 @@ class OpenAIProvider:
         """Upload `request` as a one-line JSONL file and create a batch from it."""
         from agentd.providers.openai_batch import submit
 
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         ctx = self._context(request.model, request.timeout_s)
         return await submit(client, errors, ctx, self.chat_body(request), custom_id)
 
@@ -121,14 +115,12 @@ class OpenAIProvider:
         """Retrieve the batch; once it has ended, read the item's line from its result files."""
         from agentd.providers.openai_batch import poll
 
-        client, errors = self._sdk()
+        client, errors = await self._sdk.get()
         return await poll(client, errors, self._context(f"batch {batch_id}"), batch_id, custom_id)
 
     async def aclose(self) -> None:
         """Close the HTTP client, if one was created (in this event loop)."""
-        client, self._client = self._client, None
-        if client is not None and self._loop is _running_loop():
-            await client.close()
+        await self._sdk.aclose()
 
 
 def parse_completion(
@@ -160,10 +152,3 @@ def parse_completion(
         request_id=request_id,
         stop_reason=getattr(first, "finish_reason", None),
     )
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None

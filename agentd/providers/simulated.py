@@ -137,6 +137,9 @@ class SimulatedProvider:
         )
         return BatchOutcome("succeeded", reply=reply, detail="unknown simulated batch")
 
+    async def prepare(self) -> None:
+        """Nothing to import or build."""
+
     async def aclose(self) -> None:
         """Nothing to release."""
 
