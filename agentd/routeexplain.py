@@ -1,5 +1,17 @@
 """`agentd route`: the strategy, tier, models and worst-case cost a task would get, and why.
 
+What TEXT is. Without `--loop` it is the whole prompt. With `--loop` it is what the loop would
+work on, and the input is estimated as a run of the loop would build it, its `system` prompt
+included: for a prompt loop, the loop's template filled as a run fills it, with TEXT as the
+text of its first context source (else of its precheck's output, else appended as context);
+for a handler loop, the prompt of one `ctx.complete()` that names no tier or model. The size
+estimate, the rules decision, the classifier's input and the worst cases all use that input.
+
+The budget. With `--loop` the loop's windows (and the global ones) are read as `agentd budget`
+reads them, and each call walks the plans a run would (`agentd.routebudget`): the tier it
+would run on now (downgraded, with `when_over_budget: downgrade`), or that it would be skipped
+or the loop paused, and for a cascade whether the review and the escalation would still fit.
+
 `static` and `rules` are explained without any model call. `cascade` is explained as the calls
 it may make (the escalation only if the review scores low). `classify` cannot be explained
 without its classifier: that call is made for real — one ledger run of the loop (trigger
@@ -7,7 +19,7 @@ without its classifier: that call is made for real — one ledger run of the loo
 one `classify` call under the loop's budget — or, with `simulate`, by the simulated model.
 
 Without a loop, the task is explained as `static` on the `balanced` tier (else the first
-tier) with max_tokens 1024: the middle tier is where the design sends unclassified work.
+tier) with max_tokens 1024 and no budget: the middle tier is where unclassified work goes.
 """
 
 from __future__ import annotations
@@ -19,13 +31,28 @@ from typing import Any
 
 import structlog
 
-from agentd import budgets, pricing, routeprompts, routing
-from agentd.config import ChainEntry, Config
+from agentd import pricing, routeprompts, routing
+from agentd.config import Config
 from agentd.errors import EXIT_USAGE, AgentdError
 from agentd.executor import Executor, RunTrace
 from agentd.ledger import Ledger
 from agentd.loopconfig import LABELS
-from agentd.runcalls import RunCalls, target_chain
+from agentd.routeplan import (
+    BudgetView,
+    CallSpec,
+    PlannedCall,
+    WindowView,
+    budget_reasons,
+    call_names,
+    loop_input,
+    loop_windows,
+    planned_call,
+    pricing_executor,
+    read_only_ledger,
+    window_statuses,
+    worst_case_micro_usd,
+)
+from agentd.runcalls import RunCalls
 
 DEFAULT_TIER = "balanced"
 DEFAULT_MAX_TOKENS = 1024
@@ -38,28 +65,14 @@ class RouteUsageError(AgentdError):
 
 
 @dataclass(frozen=True)
-class PlannedCall:
-    """One call the task would make: its purpose, chain and worst-case cost."""
-
-    purpose: str
-    tier: str | None
-    chain: tuple[str, ...]  # "alias (provider/model)", primary first, context skips removed
-    max_tokens: int
-    worst_case_micro_usd: int | None  # the reservation on its primary; None when unpriced
-    skipped: tuple[dict[str, Any], ...] = ()  # models whose context window is too small
-    when: str | None = None  # the condition under which it is made, if any
-    cost_micro_usd: int | None = None  # what it did cost, when explaining made it
-
-
-@dataclass(frozen=True)
 class RouteExplanation:
     """What a task would get under a loop's route, and why."""
 
     loop: str | None
     strategy: str
-    tier: str | None
+    tier: str | None  # of the answering call, after the budget
     chain: tuple[str, ...]
-    estimated_input_tokens: int
+    estimated_input_tokens: int  # the answering call's prompt and system, UTF-8 bytes / 4
     calls: tuple[PlannedCall, ...]
     worst_case_micro_usd: int | None  # every call above, the conditional ones included
     reasons: tuple[str, ...]
@@ -70,6 +83,13 @@ class RouteExplanation:
     run_id: int | None = None
     spent_micro_usd: int = 0
     extra: dict[str, Any] = field(default_factory=dict)  # strategy details (kind, threshold…)
+    requested_tier: str | None = None  # what the route asks for, before the budget
+    input: str = "TEXT is the whole prompt"  # how TEXT became the estimated input
+    # no_budget | fits | downgraded | skipped | paused | refused (a handler's call) |
+    # no_model_fits: what the budget makes of the run's answering call now
+    budget: str = "no_budget"
+    when_over_budget: str | None = None
+    windows: tuple[WindowView, ...] = ()
 
 
 async def explain_route(
@@ -77,8 +97,9 @@ async def explain_route(
 ) -> RouteExplanation:
     """Explain which strategy, tier, models and worst-case cost the task `text` would get.
 
-    Only `classify` calls a model (a real ledger row under the loop's budget, or simulated).
-    Raises RouteUsageError for an undefined loop, MissingKeyError for a missing key.
+    Only `classify` calls a model (a real ledger row under the loop's budget, or simulated);
+    otherwise the ledger is only read. Raises RouteUsageError for an undefined loop,
+    MissingKeyError for a missing key.
     """
     if loop is None:
         return _default(config, text)
@@ -86,75 +107,112 @@ async def explain_route(
         known = ", ".join(sorted(config.loops))
         raise RouteUsageError(f"no loop named {loop!r} (loops: {known})")
     lc = config.loops[loop]
-    tokens = routing.estimate_tokens(text)
-    reasons: list[str] = []
-    if lc.handler is not None:
-        reasons.append(
-            f"loop {loop} is a handler: this is what its ctx.complete() gets when the call "
-            "names no tier or model"
-        )
+    prompt, how = loop_input(config, loop, text)
+    if lc.route == "classify":
+        return await _classify(config, state_dir, loop, prompt, how, simulate)
+    with read_only_ledger(state_dir) as ledger:
+        executor = pricing_executor(config, ledger)
+        view = BudgetView(config, executor, loop, window_statuses(config, ledger, loop, simulate))
+        return _explain_offline(config, view, loop, prompt, how)
+
+
+def _explain_offline(
+    config: Config, view: BudgetView, loop: str, prompt: str, how: str
+) -> RouteExplanation:
+    """static, rules and cascade: no model call, the budget read once."""
+    lc = config.loops[loop]
+    tokens = routing.estimate_tokens(prompt) + routing.estimate_tokens(lc.system)
+    reasons = _handler_note(config, loop)
     if lc.route == "rules":
         assert lc.kind is not None
         short = lc.routing.short_input_tokens
         tier, why = routing.rules_tier(lc.kind, lc.stakes, lc.latency, tokens, short)
         reasons.extend(why)
-        work = _planned(config, loop, "work", tier, text, lc.system, lc.max_tokens)
+        spec = CallSpec("work", tier, prompt, lc.system, lc.max_tokens, reason="chosen by rules")
+        work, _ = planned_call(config, view, spec)
         extra = {"kind": lc.kind, "stakes": lc.stakes, "latency": lc.latency}
-        return _explained(config, loop, "rules", tier, tokens, (work,), reasons, extra=extra)
-    if lc.route == "classify":
-        return await _classify(config, state_dir, loop, text, simulate, reasons)
+        return _explained(config, view, loop, "rules", tokens, (work,), reasons, how, extra=extra)
     if lc.route == "cascade":
-        draft = _planned(config, loop, "draft", None, text, lc.system, lc.max_tokens)
-        return _cascade(config, loop, text, tokens, draft, reasons)
-    own = _planned(config, loop, "work", None, text, lc.system, lc.max_tokens)
+        return _cascade(config, view, loop, prompt, tokens, reasons, how)
+    work, _ = planned_call(config, view, CallSpec("work", None, prompt, lc.system, lc.max_tokens))
     reasons.append(f"route: static uses the loop's {routing.own_target(lc)}")
-    return _explained(config, loop, "static", own.tier, tokens, (own,), reasons)
+    return _explained(config, view, loop, "static", tokens, (work,), reasons, how)
+
+
+def _handler_note(config: Config, loop: str) -> list[str]:
+    if config.loops[loop].handler is None:
+        return []
+    return [
+        f"loop {loop} is a handler: this is what its ctx.complete() gets when the call names "
+        "no tier or model"
+    ]
 
 
 def _default(config: Config, text: str) -> RouteExplanation:
-    """No loop given: static on the balanced tier (else the first one)."""
+    """No loop given: static on the balanced tier (else the first one), no budget."""
     if not config.tiers:
         raise RouteUsageError("the config defines no tiers: pass --loop LOOP")
     tier = DEFAULT_TIER if DEFAULT_TIER in config.tiers else next(iter(config.tiers))
     entries = tuple(config.tier_chain(tier))
-    work = _call("work", tier, entries, config, text, None, DEFAULT_MAX_TOKENS)
+    tokens = routing.estimate_tokens(text)
+    fitting, skipped = routing.context_skips(config, entries, tokens, DEFAULT_MAX_TOKENS)
+    cost = (
+        worst_case_micro_usd(config, fitting[0], None, text, DEFAULT_MAX_TOKENS)
+        if fitting
+        else None
+    )
+    work = PlannedCall(
+        purpose="work",
+        tier=tier,
+        chain=call_names(fitting),
+        max_tokens=DEFAULT_MAX_TOKENS,
+        worst_case_micro_usd=cost,
+        skipped=tuple(skipped),
+        requested_tier=tier,
+        budget="no_budget",
+        plan="default route",
+    )
     reasons = [
         f"no --loop: the default route, static on tier {tier} with max_tokens "
-        f"{DEFAULT_MAX_TOKENS}; pass --loop LOOP to explain a loop's own route"
+        f"{DEFAULT_MAX_TOKENS} and no budget; pass --loop LOOP to explain a loop's own route"
     ]
-    tokens = routing.estimate_tokens(text)
-    return _explained(config, None, "static", tier, tokens, (work,), reasons)
+    return _assemble(None, "static", tokens, (work,), reasons, "TEXT is the whole prompt")
 
 
 def _cascade(
     config: Config,
+    view: BudgetView,
     loop: str,
-    text: str,
+    prompt: str,
     tokens: int,
-    draft: PlannedCall,
     reasons: list[str],
+    how: str,
 ) -> RouteExplanation:
     """Draft, review and (maybe) escalation; the draft's size is bounded by max_tokens."""
     lc = config.loops[loop]
     settings = lc.routing
-    # The draft is not written yet: count it as max_tokens of input to the later calls.
-    review_text = routing.reviewer_prompt(config, loop, text, "")
-    escalation = routing.route_template(config, loop, "escalation_prompt")
-    escalate_text = routeprompts.fill(escalation, task=text, draft="", score="0.00")
-    review = _planned(
-        config,
-        loop,
+    draft, draft_fit = planned_call(
+        config, view, CallSpec("draft", None, prompt, lc.system, lc.max_tokens)
+    )
+    # The draft is not written yet: count it as max_tokens of input to the later calls, and
+    # count the earlier calls at their worst case against what the windows have left.
+    spent = (draft_fit.reservation_micro_usd or 0) if draft_fit.fits else 0
+    review_text = routing.reviewer_prompt(config, loop, prompt, "")
+    review_spec = CallSpec(
         "review",
         settings.review_tier,
         review_text,
-        None,
+        "",
         settings.review_max_tokens,
         extra_input=lc.max_tokens,
+        reason="reviewer",
     )
+    review, review_fit = planned_call(config, view, review_spec, spent)
+    spent += (review_fit.reservation_micro_usd or 0) if review_fit.fits else 0
+    escalation = routing.route_template(config, loop, "escalation_prompt")
+    escalate_text = routeprompts.fill(escalation, task=prompt, draft="", score="0.00")
     condition = f"only if the review scores below {settings.threshold:g} or gives no score"
-    escalate = _planned(
-        config,
-        loop,
+    escalate_spec = CallSpec(
         "escalate",
         settings.escalate_tier,
         escalate_text,
@@ -162,7 +220,10 @@ def _cascade(
         lc.max_tokens,
         extra_input=lc.max_tokens,
         when=condition,
+        reason="escalation",
+        downgrade=False,  # as in a run: only the escalation tier at full size, or the draft
     )
+    escalate, _ = planned_call(config, view, escalate_spec, spent)
     reasons.extend(
         [
             f"route: cascade drafts on the loop's {routing.own_target(lc)}",
@@ -174,67 +235,70 @@ def _cascade(
     )
     extra = {"threshold": settings.threshold}
     calls = (draft, review, escalate)
-    return _explained(config, loop, "cascade", draft.tier, tokens, calls, reasons, extra=extra)
+    return _explained(config, view, loop, "cascade", tokens, calls, reasons, how, extra=extra)
 
 
 async def _classify(
-    config: Config, state_dir: Path, loop: str, text: str, simulate: bool, reasons: list[str]
+    config: Config, state_dir: Path, loop: str, prompt: str, how: str, simulate: bool
 ) -> RouteExplanation:
     """Make the classifier call for real (or simulated) in a run of its own, then plan."""
     lc = config.loops[loop]
-    tokens = routing.estimate_tokens(text)
+    tokens = routing.estimate_tokens(prompt) + routing.estimate_tokens(lc.system)
+    reasons = _handler_note(config, loop)
+    text = routing.classifier_prompt(config, loop, prompt)
+    settings = lc.routing
+    spec = CallSpec(
+        "classify", settings.classifier_tier, text, "", settings.classify_max_tokens,
+        reason="classifier",
+    )  # fmt: skip
     with Ledger.open(state_dir) as ledger:
         executor = Executor(config, ledger, simulate=simulate)
         try:
-            executor.provider_for(config.tier_chain(lc.routing.classifier_tier)[0])
+            executor.provider_for(config.tier_chain(settings.classifier_tier)[0])
+            before = BudgetView(
+                config, executor, loop, window_statuses(config, ledger, loop, simulate)
+            )
+            classifier, _ = planned_call(config, before, spec)
             run_id = ledger.start_run(loop=loop, trigger="manual", simulated=simulate)
             structlog.contextvars.bind_contextvars(loop=loop, run_id=run_id)
             trace = RunTrace(run_id=run_id, loop=loop, simulated=simulate)
-            windows = budgets.windows_for(
-                loop,
-                lc.budget.limits() if lc.budget else None,
-                config.budgets.limits() if config.budgets else None,
-            )
             route: dict[str, Any] = {"strategy": "classify", "explain": True}
-            calls = RunCalls(config, executor, loop, trace, windows, route)
+            calls = RunCalls(config, executor, loop, trace, loop_windows(config, loop), route)
             status = "failed"
             try:
-                tier = await routing.classify(calls, text, route)
+                tier = await routing.classify(calls, prompt, route)
                 outcome = route.get("classify", "")
                 status = outcome if outcome in ("skipped_budget", "failed") else "ok"
             finally:
                 route["skipped"] = trace.skipped
                 ledger.finish_run(run_id, status=status, route=route, error=None)
                 structlog.contextvars.unbind_contextvars("loop", "run_id")
+            # The work call fits what the windows have left after the classifier's real cost.
+            view = BudgetView(
+                config, executor, loop, window_statuses(config, ledger, loop, simulate)
+            )
+            reason = "no usable label" if tier is None else f"label {route['label']}"
+            work_spec = CallSpec("work", tier, prompt, lc.system, lc.max_tokens, reason=reason)
+            work, _ = planned_call(config, view, work_spec)
         finally:
             await executor.aclose()
     step = (route.get("steps") or [{}])[0]
-    classifier_chain = tuple(config.tier_chain(lc.routing.classifier_tier))
-    classifier = _call(
-        "classify",
-        lc.routing.classifier_tier,
-        classifier_chain,
-        config,
-        routing.classifier_prompt(config, loop, text),
-        None,
-        lc.routing.classify_max_tokens,
-    )
     classifier = replace(classifier, cost_micro_usd=trace.cost_micro_usd)
-    work = _planned(config, loop, "work", tier, text, lc.system, lc.max_tokens)
-    how = "the simulated model" if simulate else f"model {step.get('model') or '?'}"
+    who = "the simulated model" if simulate else f"model {step.get('model') or '?'}"
     reasons.append(
-        f"the classifier was called to explain this ({how}, run {run_id}, labels: "
+        f"the classifier was called to explain this ({who}, run {run_id}, labels: "
         f"{', '.join(LABELS)})"
     )
     reasons.extend(route["reasons"])
     return _explained(
         config,
+        view,
         loop,
         "classify",
-        work.tier,
         tokens,
         (classifier, work),
         reasons,
+        how,
         label=route.get("label"),
         classifier_reply=route.get("classifier_reply"),
         model_called=True,
@@ -244,85 +308,55 @@ async def _classify(
     )
 
 
-def _planned(
-    config: Config,
-    loop: str,
-    purpose: str,
-    tier: str | None,
-    text: str,
-    system: str | None,
-    max_tokens: int,
-    *,
-    extra_input: int = 0,
-    when: str | None = None,
-) -> PlannedCall:
-    """A call of the loop on a tier (None: the loop's own target), with its fallback tiers."""
-    entries = target_chain(config, loop, tier, None)
-    if tier is None:
-        tier = config.loops[loop].tier or entries[0].tier
-    return _call(purpose, tier, entries, config, text, system, max_tokens, extra_input, when)
-
-
-def _call(
-    purpose: str,
-    tier: str | None,
-    entries: tuple[ChainEntry, ...],
-    config: Config,
-    text: str,
-    system: str | None,
-    max_tokens: int,
-    extra_input: int = 0,
-    when: str | None = None,
-) -> PlannedCall:
-    """Filter the chain by context window and price the call on its (new) primary."""
-    tokens = routing.estimate_tokens(text) + routing.estimate_tokens(system) + extra_input
-    fitting, skipped = routing.context_skips(config, entries, tokens, max_tokens)
-    cost = (
-        worst_case_micro_usd(config, fitting[0], system, text, max_tokens, extra_input)
-        if fitting
-        else None
-    )
-    return PlannedCall(
-        purpose=purpose,
-        tier=tier,
-        chain=tuple(f"{e.alias} ({e.provider_name}/{e.model.model})" for e in fitting),
-        max_tokens=max_tokens,
-        worst_case_micro_usd=cost,
-        skipped=tuple(skipped),
-        when=when,
-    )
-
-
-def worst_case_micro_usd(
-    config: Config,
-    entry: ChainEntry,
-    system: str | None,
-    prompt: str,
-    max_tokens: int,
-    extra_input_tokens: int = 0,
-) -> int | None:
-    """The reservation one attempt of this call would make (the executor's byte bound)."""
-    price = config.price(entry.alias)
-    if price is None:
-        return None
-    text_bytes = len(prompt.encode()) + (len(system.encode()) if system else 0)
-    bound = pricing.input_token_bound(text_bytes, 1 + (1 if system else 0))
-    usd = pricing.worst_case_usd(price, bound + extra_input_tokens, max_tokens)
-    return pricing.to_micro_usd(usd)
-
-
 def _explained(
     config: Config,
-    loop: str | None,
+    view: BudgetView,
+    loop: str,
     strategy: str,
-    tier: str | None,
     tokens: int,
     calls: tuple[PlannedCall, ...],
     reasons: list[str],
+    how: str,
     **more: Any,
 ) -> RouteExplanation:
-    """Assemble the explanation: the answering call's chain, the total worst case."""
-    answering = calls[-1] if strategy != "cascade" else calls[0]
+    """A loop's explanation: the reasons the budget adds, then the common assembly."""
+    lc = config.loops[loop]
+    handler = lc.handler is not None
+    answering = _answering(strategy, calls)
+    outcome = answering.budget
+    if outcome == "over_budget":
+        outcome = (
+            "refused" if handler else "paused" if lc.when_over_budget == "pause" else "skipped"
+        )
+    if not view.budgeted:
+        reasons.append(f"budget: no window applies to loop {loop}")
+    for call in calls:
+        reasons.extend(budget_reasons(lc.when_over_budget, handler, answering, call))
+    more.update(
+        budget=outcome,
+        when_over_budget=lc.when_over_budget,
+        windows=view.views(),
+        requested_tier=answering.requested_tier,
+    )
+    return _assemble(loop, strategy, tokens, calls, reasons, how, **more)
+
+
+def _answering(strategy: str, calls: tuple[PlannedCall, ...]) -> PlannedCall:
+    """The call a run cannot do without: the draft of a cascade, else the last (work) call."""
+    return calls[0] if strategy == "cascade" else calls[-1]
+
+
+def _assemble(
+    loop: str | None,
+    strategy: str,
+    tokens: int,
+    calls: tuple[PlannedCall, ...],
+    reasons: list[str],
+    how: str,
+    **more: Any,
+) -> RouteExplanation:
+    """The answering call's chain, the total worst case, the context-window reasons."""
+    answering = _answering(strategy, calls)
     costs = [c.worst_case_micro_usd for c in calls]
     total = None if any(c is None for c in costs) else sum(c for c in costs if c is not None)
     for call in calls:
@@ -330,21 +364,30 @@ def _explained(
             reasons.append(f"{call.purpose}: {skip['alias']} skipped: {skip['reason']}")
         if not call.chain:
             reasons.append(f"{call.purpose}: no model's context window holds this call")
+    more.setdefault("requested_tier", answering.requested_tier)
     return RouteExplanation(
         loop=loop,
         strategy=strategy,
-        tier=tier,
+        tier=answering.tier,
         chain=answering.chain,
         estimated_input_tokens=tokens,
         calls=calls,
         worst_case_micro_usd=total,
         reasons=tuple(reasons),
+        input=how,
         **more,
     )
 
 
 def _usd(micro: int | None) -> str | None:
     return None if micro is None else pricing.format_usd(micro)
+
+
+def _worst(call: PlannedCall) -> str:
+    if not call.chain:
+        return "none: no model's context window holds it"
+    cost = _usd(call.worst_case_micro_usd)
+    return f"${cost}" if cost is not None else "unpriced"
 
 
 def format_explanation(expl: RouteExplanation, as_json: bool) -> str:
@@ -356,14 +399,27 @@ def format_explanation(expl: RouteExplanation, as_json: bool) -> str:
         for call in data["calls"]:
             call["worst_case_usd"] = _usd(call.pop("worst_case_micro_usd"))
             call["cost_usd"] = _usd(call.pop("cost_micro_usd"))
+        for window in data["windows"]:
+            window["limit_usd"] = pricing.format_usd(window.pop("limit_micro_usd"))
+            window["remaining_usd"] = pricing.format_usd(window.pop("remaining_micro_usd"))
         data.update(data.pop("extra"))
         return json.dumps(data, indent=2)
     where = f"loop {expl.loop}" if expl.loop else "no loop (default route)"
+    tier = expl.tier or "-"
+    if expl.requested_tier not in (None, expl.tier):
+        tier += f" (the route asks for {expl.requested_tier})"
     lines = [
-        f"{where}: route {expl.strategy}, tier {expl.tier or '-'}",
-        f"task: ~{expl.estimated_input_tokens} input tokens (estimated as UTF-8 bytes / 4)",
+        f"{where}: route {expl.strategy}, tier {tier}",
+        f"input: ~{expl.estimated_input_tokens} tokens (UTF-8 bytes / 4): {expl.input}",
         "chain: " + (" -> ".join(expl.chain) or "none fits"),
     ]
+    if expl.windows:
+        left = ", ".join(
+            f"{w.window} ${pricing.format_usd(w.remaining_micro_usd)} left of "
+            f"${pricing.format_usd(w.limit_micro_usd)}"
+            for w in expl.windows
+        )
+        lines.append(f"budget: {expl.budget} (when_over_budget: {expl.when_over_budget}); {left}")
     if expl.label is not None or expl.model_called:
         reply = expl.classifier_reply
         shown = "no reply" if reply is None else repr(reply)
@@ -374,19 +430,25 @@ def format_explanation(expl: RouteExplanation, as_json: bool) -> str:
         )
     lines.append("calls:")
     for call in expl.calls:
-        cost = _usd(call.worst_case_micro_usd)
         text = (
             f"  {call.purpose:<9} tier {call.tier or '-'}: {' -> '.join(call.chain) or 'none'}"
-            f", max_tokens {call.max_tokens}, worst case "
-            + (f"${cost}" if cost is not None else "unpriced")
+            f", max_tokens {call.max_tokens}, worst case {_worst(call)}"
         )
+        if call.budget in ("downgraded", "over_budget"):
+            text += f" [{call.budget.replace('_', ' ')}: {call.plan}]"
         if call.cost_micro_usd is not None:
             text += f", spent ${_usd(call.cost_micro_usd)}"
         if call.when:
             text += f" ({call.when})"
         lines.append(text)
+    unfit = [c.purpose for c in expl.calls if not c.chain]
     total = _usd(expl.worst_case_micro_usd)
-    lines.append(f"worst case: ${total}" if total is not None else "worst case: unpriced")
+    if unfit:
+        lines.append(
+            f"worst case: none: no model's context window holds the {', '.join(unfit)} call"
+        )
+    else:
+        lines.append(f"worst case: ${total}" if total is not None else "worst case: unpriced")
     lines.append("why:")
     lines.extend(f"  - {reason}" for reason in expl.reasons)
     return "\n".join(lines)

@@ -22,7 +22,6 @@ JSON for a prompt loop, or the entry of one `complete()` in `route.calls` for a 
 
 from __future__ import annotations
 
-import re
 from collections.abc import Sequence
 from typing import TYPE_CHECKING, Any
 
@@ -31,6 +30,7 @@ from agentd.config import ChainEntry, Config
 from agentd.errors import BudgetExceeded, CircuitOpen, RunFailed
 from agentd.logs import get_logger
 from agentd.loopconfig import LABELS, LoopConfig
+from agentd.routeprompts import parse_label, parse_score
 
 if TYPE_CHECKING:
     from agentd.executor import CallOutcome
@@ -38,9 +38,6 @@ if TYPE_CHECKING:
 
 KeyPath = tuple[str | int, ...]
 RAW_REPLY_CHARS = 200  # how much of an odd classifier or reviewer reply is logged and recorded
-_QUOTES = "\"'`“”‘’"
-_NUMBER = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)")
-_DENOMINATOR = re.compile(r"\s*/\s*(\d+(?:\.\d*)?|\.\d+)")
 _DEFAULT_TEMPLATES = {
     "classifier_prompt": routeprompts.CLASSIFIER,
     "reviewer_prompt": routeprompts.REVIEWER,
@@ -124,47 +121,6 @@ def tiers_used(loop: LoopConfig) -> list[tuple[KeyPath, str, str]]:
             (("routing", "escalate_tier"), settings.escalate_tier, "the escalation"),
         ]
     return []
-
-
-def normalise_reply(text: str) -> str:
-    """A classifier reply as compared with the labels: lower case, without surrounding
-    whitespace, quotes or backticks, and without a trailing period."""
-    previous = None
-    while text != previous:
-        previous = text
-        text = text.strip().strip(_QUOTES).strip()
-        if text.endswith("."):
-            text = text[:-1]
-    return text.lower()
-
-
-def parse_label(reply: str) -> str | None:
-    """The label of a classifier reply, only when the whole normalised reply is one label."""
-    text = normalise_reply(reply)
-    return text if text in LABELS else None
-
-
-def parse_score(reply: str) -> float | None:
-    """A review score from 0.0 to 1.0: the FIRST number of the reply; None when there is none.
-
-    A `/ d` right after the number divides by d (`Score: 0.7/1` → 0.7, `8/10` → 0.8); a `%`
-    right after it divides by 100 (`85%` → 0.85); the result is clamped to 0–1 (`7` → 1.0).
-    A zero denominator makes the reply unparseable.
-    """
-    match = _NUMBER.search(reply)
-    if match is None:
-        return None
-    value = float(match.group())
-    rest = reply[match.end() :]
-    denominator = _DENOMINATOR.match(rest)
-    if denominator is not None:
-        divisor = float(denominator.group(1))
-        if divisor == 0:
-            return None
-        value /= divisor
-    elif rest.lstrip().startswith("%"):
-        value /= 100
-    return min(1.0, max(0.0, value))
 
 
 def context_skips(
@@ -275,7 +231,8 @@ async def _rules(
     """`rules`: the decision tree picks the tier; one call there (or on its downgrades)."""
     loop = calls.config.loops[calls.loop_name]
     assert loop.kind is not None
-    tokens = estimate_tokens(prompt)
+    # The whole input, as the context-window check counts it: the prompt and the system text.
+    tokens = estimate_tokens(prompt) + estimate_tokens(system)
     short = loop.routing.short_input_tokens
     tier, reasons = rules_tier(loop.kind, loop.stakes, loop.latency, tokens, short)
     record.update(
@@ -342,14 +299,24 @@ async def _optional_step(
         log.warning(f"route.{key}_skipped_budget", error=str(exc))
     except _STEP_FAILED as exc:
         record[key] = "failed"
-        reasons.append(f"the {what} failed on every model; {instead}")
+        if _no_model_fits(calls.config, prompt, system, plans):
+            # Never attempted: RunCalls found no model whose context window holds the call.
+            reasons.append(f"the {what} fits no model's context window ({exc}); {instead}")
+        else:
+            reasons.append(f"the {what} failed on every model; {instead}")
         log.warning(f"route.{key}_failed", error=str(exc))
     return None
 
 
+def _no_model_fits(config: Config, prompt: str, system: str | None, plans: Sequence[Plan]) -> bool:
+    """Whether every plan's models are too small for the call (as `RunCalls.call` checks)."""
+    tokens = estimate_tokens(prompt) + estimate_tokens(system)
+    return all(not context_skips(config, plan.chain, tokens, plan.max_tokens)[0] for plan in plans)
+
+
 def _answer(record: dict[str, Any], step: dict[str, Any]) -> None:
     """Make a step the one whose reply is the answer (the run's tier, model and plan)."""
-    for key in ("tier", "model", "max_tokens", "reason"):
+    for key in ("tier", "answered_tier", "model", "max_tokens", "reason"):
         if key in step:
             record[key] = step[key]
 

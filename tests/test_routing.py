@@ -20,19 +20,10 @@ from agentd.errors import MissingKeyError
 from agentd.loopconfig import LABELS
 from agentd.providers.base import Message, Request
 from agentd.providers.simulated import SimulatedProvider
-from agentd.routeexplain import (
-    RouteUsageError,
-    explain_route,
-    format_explanation,
-    worst_case_micro_usd,
-)
-from agentd.routing import (
-    estimate_tokens,
-    normalise_reply,
-    parse_label,
-    parse_score,
-    rules_tier,
-)
+from agentd.routeexplain import RouteUsageError, explain_route, format_explanation
+from agentd.routeplan import worst_case_micro_usd
+from agentd.routeprompts import normalise_reply, parse_label, parse_score
+from agentd.routing import estimate_tokens, rules_tier
 from agentd.runner import run_once
 
 REPO = Path(__file__).resolve().parent.parent
@@ -132,6 +123,15 @@ def test_normalise_reply() -> None:
         ("1/0", None),
         ("excellent", None),
         ("", None),
+        # A hyphen inside a word is no minus sign: "-4" of a model name is the number 4.
+        ("Fake reply from claude-haiku-4-5.", 1.0),
+        ("gpt-0.3", 0.3),
+        ("v1.2-3", 1.0),
+        ("range 0.2-0.4", 0.2),
+        ("Score: -0.5", 0.0),
+        ("score:-0.2", 0.0),
+        ("(-0.4)", 0.0),
+        ("+0.6", 0.6),
     ],
 )
 def test_score_parsing(reply: str, score: float | None) -> None:
@@ -173,13 +173,21 @@ def test_rules_end_to_end(tmp_path: Path, fake_server: FakeServer) -> None:
     assert route["skipped"] == []
 
 
+def test_rules_count_the_system_prompt_too(tmp_path: Path, fake_server: FakeServer) -> None:
+    # "Say hello." is ~3 tokens, the system prompt 100: together not short (< 100).
+    h = routed(tmp_path, fake_server, route="rules", kind="extraction", system="x" * 400)
+    result = h.run()
+    assert result.route["estimated_input_tokens"] == 103 and result.tier == "balanced"
+    assert result.route["reasons"][0] == "estimated input ~103 tokens: not short (short is < 100)"
+
+
 def test_rules_with_budget_downgrade(tmp_path: Path, fake_server: FakeServer) -> None:
     h = routed(
         tmp_path,
         fake_server,
         route="rules",
         kind="reasoning",
-        budget={"per_day_usd": "0.002"},
+        budget={"per_day_usd": 0.002},
         when_over_budget="downgrade",
     )
     result = h.run()
@@ -325,7 +333,7 @@ def test_cascade_escalation_over_budget_returns_the_draft(
 ) -> None:
     # Draft (~3,200 µ$ reserved) and review (~1,000 µ$) fit 0.01 USD; opus (~27,000 µ$) does not.
     h = routed(
-        tmp_path, fake_server, tier="balanced", route="cascade", budget={"per_day_usd": "0.01"}
+        tmp_path, fake_server, tier="balanced", route="cascade", budget={"per_day_usd": 0.01}
     )
     fake_server.script(SONNET, ok("draft answer"))
     fake_server.script(HAIKU, ok("0.1"))
@@ -344,6 +352,38 @@ def test_cascade_escalation_over_budget_returns_the_draft(
     assert route["budget_refusals"] and (route["tier"], route["model"]) == ("balanced", "sonnet")
 
 
+def test_cascade_escalation_too_large_for_every_model_says_so(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(
+        tmp_path,
+        fake_server,
+        {
+            "models": {"opus": {"context_window": 150}},
+            "loops": {"work": {"tier": "balanced", "route": "cascade"}},
+        },
+    )
+    fake_server.script(SONNET, ok("draft answer"))
+    fake_server.script(HAIKU, ok("0.1"))
+    result = h.run()
+    assert (result.status, result.reply) == ("ok", "draft answer")
+    assert [r[0] for r in rows(h, result.run_id)] == ["draft", "review"]
+    route = h.run_row(result.run_id)["route"]
+    assert route["escalation"] == "failed" and fake_server.count(OPUS) == 0
+    assert route["reasons"][-1].startswith("the escalation fits no model's context window (")
+    assert "no model's context window holds" in route["reasons"][-1]
+    assert route["reasons"][-1].endswith("; the draft is the reply")
+    # `agentd route` says the same instead of calling the priced escalation "unpriced".
+    expl = asyncio.run(explain_route(h.config, tmp_path / "s", "Hi.", loop="work", simulate=False))
+    escalate = expl.calls[2]
+    assert escalate.chain == () and escalate.budget == "no_model_fits"
+    assert escalate.worst_case_micro_usd is None and expl.worst_case_micro_usd is None
+    text = format_explanation(expl, as_json=False)
+    assert "worst case none: no model's context window holds it" in text
+    assert "worst case: none: no model's context window holds the escalate call" in text
+    assert "unpriced" not in text
+
+
 def test_cascade_review_failing_returns_the_draft(tmp_path: Path, fake_server: FakeServer) -> None:
     h = routed(tmp_path, fake_server, tier="balanced", route="cascade")
     fake_server.script(SONNET, ok("draft answer"))
@@ -358,7 +398,7 @@ def test_cascade_review_failing_returns_the_draft(tmp_path: Path, fake_server: F
 
 def test_cascade_draft_over_budget_skips_the_run(tmp_path: Path, fake_server: FakeServer) -> None:
     h = routed(
-        tmp_path, fake_server, tier="balanced", route="cascade", budget={"per_day_usd": "0.001"}
+        tmp_path, fake_server, tier="balanced", route="cascade", budget={"per_day_usd": 0.001}
     )
     result = h.run()
     assert result.status == "skipped_budget" and fake_server.count() == 0
@@ -416,7 +456,7 @@ def test_a_missing_key_of_a_route_tier_fails_before_the_run(
     assert h.ledger.conn.execute("SELECT COUNT(*) FROM runs").fetchone()[0] == 0
 
 
-@pytest.mark.parametrize("loop", ["research", "planning"])
+@pytest.mark.parametrize("loop", ["research", "planning", "triage"])
 def test_shipped_routed_loops_run_simulated(tmp_path: Path, loop: str) -> None:
     config = load_config(SHIPPED)
     result = asyncio.run(run_once(config, tmp_path, loop, simulate=True))
@@ -431,9 +471,14 @@ def test_shipped_routed_loops_run_simulated(tmp_path: Path, loop: str) -> None:
             assert step["strategy"] == "cascade" and step["score"] is not None
             expected += ["draft", "review"] + (["escalate"] if step["escalated"] else [])
         assert purposes == expected
-    else:
+    elif loop == "planning":
         assert result.route["strategy"] == "rules" and result.tier == "deep"
         assert purposes == ["work"]
+    else:
+        route = result.route
+        assert route["strategy"] == "classify" and route["label"] in LABELS
+        assert result.tier == config.loops["triage"].routing.labels.tier(route["label"])
+        assert purposes == ["classify", "work"]
 
 
 # ---------------------------------------------------------------------------- explain
@@ -448,12 +493,20 @@ def test_explain_static_and_default_make_no_call(tmp_path: Path, fake_server: Fa
     static = asyncio.run(go("work"))
     assert (static.strategy, static.tier, static.loop) == ("static", "fast", "work")
     assert static.chain == ("haiku (anthropic/claude-haiku-4-5)", "gpt-mini (openai/gpt-4o-mini)")
+    # The loop has no context source: TEXT is appended to its template as context would be.
+    prompt = "Say hello.\n\n# Context\n\n## TEXT\n\nHi.\n"
+    assert (
+        static.input
+        == "TEXT in the loop's template work.md, as its context (the loop has no context sources)"
+    )
+    assert static.estimated_input_tokens == estimate_tokens(prompt)
     [call] = static.calls
     entry = h.config.chain("work")[0]
-    reserved = h.executor.reservation_micro_usd(entry, None, [Message("user", "Hi.")], 200)
+    reserved = h.executor.reservation_micro_usd(entry, None, [Message("user", prompt)], 200)
     assert call.worst_case_micro_usd == static.worst_case_micro_usd == reserved
     default = asyncio.run(go(None))
     assert (default.strategy, default.tier, default.loop) == ("static", "balanced", None)
+    assert default.estimated_input_tokens == 1 and default.input == "TEXT is the whole prompt"
     assert default.calls[0].max_tokens == 1024 and "no --loop" in default.reasons[0]
     with pytest.raises(RouteUsageError, match="no loop named 'nope'"):
         asyncio.run(go("nope"))
@@ -487,7 +540,8 @@ def test_explain_rules_and_cascade(tmp_path: Path, fake_server: FakeServer) -> N
     )
     rules = asyncio.run(explain_route(h.config, tmp_path, "Plan.", loop="work", simulate=False))
     assert (rules.strategy, rules.tier) == ("rules", "balanced")
-    assert rules.reasons[-1] == "latency: interactive never uses deep → balanced"
+    assert "latency: interactive never uses deep → balanced" in rules.reasons
+    assert rules.reasons[-1] == "budget: no window applies to loop work"
     assert rules.extra == {"kind": "reasoning", "stakes": "normal", "latency": "interactive"}
     cascade = asyncio.run(explain_route(h.config, tmp_path, "Do.", loop="review", simulate=False))
     assert (cascade.strategy, cascade.tier) == ("cascade", "balanced")

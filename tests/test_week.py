@@ -12,7 +12,7 @@ import asyncio
 import json
 import shutil
 from datetime import UTC, datetime, timedelta
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
 
@@ -161,7 +161,7 @@ def test_a_simulated_week_batches_caches_and_shows_the_saving(tmp_path: Path) ->
         read_tokens * (sonnet_rates.input - sonnet_rates.cache_read)
         - write_tokens * sonnet_rates.input * Decimal("0.25")
     ) / 1_000_000
-    assert cache_saved == expected_saving
+    assert cache_saved == expected_saving.quantize(Decimal("0.000001"), rounding=ROUND_HALF_UP)
     total = json.loads(result.stdout)[-1]
     assert Decimal(total["batch_saving_usd"]) == batch_saved
 
