@@ -26,6 +26,9 @@ from agentd.spend import (
     report_columns,
     spend_report,
 )
+from agentd.spendgroups import with_noop
+from agentd.spendlatency import shared_reads
+from agentd.spendsources import refresh_range
 
 SECTIONS: tuple[Grouping, ...] = ("loop", "tier", "model", "provider", "purpose", "day")
 STACKS: tuple[Literal["loop", "tier"], ...] = ("loop", "tier")
@@ -56,6 +59,7 @@ _NUMERIC = frozenset(
         "failed",
         "fallbacks",
         "skipped",
+        "noop",
         "input_tokens",
         "cache_read_tokens",
         "cache_write_tokens",
@@ -132,7 +136,8 @@ def render_html(
     if not reports:
         cards = '<p class="empty">No calls recorded yet.</p>'
     tables = "".join(
-        f"<h2>By {escape(report.by)}</h2>{_table(report, report_columns(report.by, 'html'))}"
+        f"<h2>By {escape(report.by)}</h2>"
+        + _table(report, with_noop(report_columns(report.by, "html")))
         for report in reports
     )
     return (
@@ -158,14 +163,21 @@ def html_report(
     reports: list[SpendReport] = []
     charts: list[DailySpend] = []
     if ledger is not None:
-        reports = [
-            spend_report(ledger, by=by, since=since, until=until, simulated=simulated, tz=tz)
-            for by in SECTIONS
-        ]
-        charts = [
-            daily_spend(ledger, stack=stack, since=since, until=until, simulated=simulated, tz=tz)
-            for stack in STACKS
-        ]
+        refresh_range(ledger, since)
+        # One snapshot for the whole page (every table and chart adds up to the same totals),
+        # and the groupings share their scans of it. (Each report's own cache refresh is
+        # refused inside the read: it was done just above.)
+        with ledger.read(), shared_reads():
+            reports = [
+                spend_report(ledger, by=by, since=since, until=until, simulated=simulated, tz=tz)
+                for by in SECTIONS
+            ]
+            charts = [
+                daily_spend(
+                    ledger, stack=stack, since=since, until=until, simulated=simulated, tz=tz
+                )
+                for stack in STACKS
+            ]
     start = "the beginning" if since is None else since.astimezone(tz).isoformat(timespec="minutes")
     end = (until or now).astimezone(tz).isoformat(timespec="minutes")
     kind = "simulated calls" if simulated else "real calls"

@@ -8,7 +8,7 @@ import json
 import os
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from datetime import UTC, datetime
 from pathlib import Path
@@ -38,13 +38,8 @@ EFFECTIVE_COST_SQL = (
     "ELSE COALESCE(cost_micro_usd, reserved_micro_usd) END"
 )
 
-_SUMMARY_KEYS: dict[str, str] = {
-    "loop": "loop",
-    "tier": "tier",
-    "model": "model",
-    "provider": "provider",
-    "day": "substr(started_at, 1, 10)",  # the UTC day
-}
+# The call statuses the spend report counts as `failed` (and `ledger calls --failed` lists).
+FAILED_CALL_STATUSES = ("error", "aborted")
 _ERROR_MAX = 500
 
 log = structlog.get_logger()
@@ -449,14 +444,24 @@ class Ledger:
         return [_call_dict(r) for r in rows]
 
     def recent_calls(
-        self, *, loop: str | None = None, limit: int = 20, simulated: bool | None = None
+        self,
+        *,
+        loop: str | None = None,
+        limit: int = 20,
+        simulated: bool | None = None,
+        statuses: Sequence[str] | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
     ) -> list[dict[str, Any]]:
-        """The latest attempts, newest first; `simulated=None` means both kinds."""
-        where, params = _filters(loop=loop, simulated=simulated)
+        """The latest attempts started in [since, until), newest first; `simulated=None`: both."""
+        where, params = _filters(
+            loop=loop, simulated=simulated, statuses=statuses, since=since, until=until
+        )
         with self.read() as conn:
             rows = _rows(
                 conn.execute(
-                    f"SELECT * FROM calls {where} ORDER BY id DESC LIMIT ?", (*params, limit)
+                    f"SELECT * FROM calls WHERE {where} ORDER BY started_at DESC, id DESC LIMIT ?",
+                    (*params, limit),
                 )
             )
         return [_call_dict(r) for r in rows]
@@ -473,16 +478,35 @@ def _json(value: dict[str, Any] | None) -> str | None:
     return None if value is None else json.dumps(value, default=str, sort_keys=True)
 
 
-def _filters(*, loop: str | None = None, simulated: bool | None = None) -> tuple[str, list[Any]]:
+def _filters(
+    *,
+    loop: str | None,
+    simulated: bool | None,
+    statuses: Sequence[str] | None,
+    since: datetime | None,
+    until: datetime | None,
+) -> tuple[str, list[Any]]:
+    # Only loop and started_at may pick the index: `calls_(loop_)started_at` walked backwards
+    # is in `started_at DESC, id DESC` order, so LIMIT stops early. `+` keeps simulated and
+    # status out: on `simulated = ?` the planner took a budget index and sorted every row.
     clauses: list[str] = ["1 = 1"]
     params: list[Any] = []
     if loop is not None:
         clauses.append("loop = ?")
         params.append(loop)
+    if since is not None:
+        clauses.append("started_at >= ?")
+        params.append(utc_iso(since))
+    if until is not None:
+        clauses.append("started_at < ?")
+        params.append(utc_iso(until))
     if simulated is not None:
-        clauses.append("simulated = ?")
+        clauses.append("+simulated = ?")
         params.append(int(simulated))
-    return "WHERE " + " AND ".join(clauses), params
+    if statuses is not None:
+        clauses.append(f"+status IN ({', '.join('?' * len(statuses))})" if statuses else "0")
+        params.extend(statuses)
+    return " AND ".join(clauses), params
 
 
 def _run_dict(row: dict[str, Any]) -> dict[str, Any]:

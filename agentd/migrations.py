@@ -184,7 +184,9 @@ def m006_daily_rollup(db: Database) -> None:
             "simulated": int,
             "runs": int,  # runs whose first attempt is in this row
             "fallbacks": int,  # ... of which used a fallback
-            "skipped": int,  # runs skipped before any call (tier..purpose are '')
+            # runs skipped before any call (tier, model, provider are ''; purpose is their
+            # status, '' in rows rolled up before no-op ticks were counted apart)
+            "skipped": int,
             "calls": int,
             "failed": int,
             "input_tokens": int,

@@ -9,12 +9,19 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta, tzinfo
-from typing import Any
+from typing import Any, Literal
+from zoneinfo import ZoneInfo
 
 from agentd.pricing import format_usd
 
 _SPAN = re.compile(r"^(\d+)([smhdw])$")
 _SPAN_SECONDS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# Calendar keywords: the current period, as the budget windows draw it (weeks start Monday).
+_CALENDAR: dict[str, Literal["day", "week", "month"]] = {
+    "today": "day",
+    "week": "week",
+    "month": "month",
+}
 
 
 @dataclass(frozen=True)
@@ -27,7 +34,8 @@ class Column:
 
 
 def parse_since(value: str, now: datetime | None = None, tz: tzinfo | None = None) -> datetime:
-    """`24h`, `7d`, `30m`, `2w` back from now, or an ISO date/datetime (naive: in `tz`, else UTC).
+    """`24h`, `7d`, `30m`, `2w` back from now, an ISO date/datetime (naive: in `tz`, else UTC),
+    or `today`, `week` (since Monday), `month`: the start of the current calendar period in `tz`.
 
     Also reads `--until`: the same forms name the (exclusive) end of a report's range.
     """
@@ -35,11 +43,19 @@ def parse_since(value: str, now: datetime | None = None, tz: tzinfo | None = Non
     match = _SPAN.match(value.strip())
     if match:
         return now - timedelta(seconds=int(match.group(1)) * _SPAN_SECONDS[match.group(2)])
+    period = _CALENDAR.get(value.strip().lower())
+    if period is not None:
+        # Imported here: only these keywords need the budget windows' calendar arithmetic.
+        from agentd.budgets import window_bounds
+
+        zone = tz if isinstance(tz, ZoneInfo) else ZoneInfo("UTC")
+        return window_bounds(period, now, zone)[0]
     try:
         parsed = datetime.fromisoformat(value.strip())
     except ValueError as exc:
         raise ValueError(
-            f"cannot read {value!r}: use a span like 24h, 7d, 30m or a date like 2026-11-01"
+            f"cannot read {value!r}: use a span like 24h, 7d, 30m, a date like 2026-11-01,"
+            " or today, week, month"
         ) from exc
     # A bare date or wall-clock time means midnight / that time where the operator lives.
     return parsed if parsed.tzinfo else parsed.replace(tzinfo=tz or UTC)

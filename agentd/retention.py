@@ -16,7 +16,9 @@ transaction per day, so the daemon's reservations never wait long. With the roll
 default), each day's calls are summed into `daily_rollup` in the same transaction that deletes
 them, so every call is counted exactly once — as a row or inside a roll-up row — and reports
 (`agentd.spend`) add both sources without double counting. The roll-up keeps the list cost
-too, so a pruned day's saving against list price is still reported.
+too, so a pruned day's saving against list price is still reported. A roll-up row of skipped
+runs (no calls: tier, model and provider are '') names their status in `purpose`, so reports
+still count the no-op ticks (`skipped_noop`) apart; rows rolled up before that have ''.
 """
 
 from __future__ import annotations
@@ -101,9 +103,9 @@ _ROLLUP_SKIPPED = (
     + f"""
 INSERT INTO daily_rollup (day, loop, tier, model, provider, purpose, simulated, skipped,
     list_cost_micro_usd)
-SELECT substr(started_at, 1, 10), loop, '', '', '', '', simulated, COUNT(*), 0
+SELECT substr(started_at, 1, 10), loop, '', '', '', status, simulated, COUNT(*), 0
 FROM runs WHERE id IN (SELECT id FROM pr) AND status IN {_SKIPPED}
-GROUP BY 1, 2, 7
+GROUP BY 1, 2, 6, 7
 ON CONFLICT (day, loop, tier, model, provider, purpose, simulated) DO UPDATE SET
     skipped = skipped + excluded.skipped
 """

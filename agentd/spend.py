@@ -16,7 +16,8 @@ the local period that holds its noon.
 Columns: `runs` counts runs whose first attempt (attempt 1) is in the group, so each run is
 counted once and the column sums to the total; `fallbacks` those of them that used a fallback
 model; `skipped` runs recorded without any call (budget, no-op, inactive, paused), for the loop
-and calendar groupings only; `failed` attempts that ended `error` or `aborted`; `cost` settled
+and calendar groupings only; `noop` those of them skipped because there was nothing to do
+(`skipped_noop`); `failed` attempts that ended `error` or `aborted`; `cost` settled
 spend (aborted attempts at their reservation) and `reserved` what calls in flight hold now;
 `saved` what prompt caching and batching saved against list price: the settled calls' list
 cost (`calls.list_cost_micro_usd`, a NULL read as the call's cost: no saving known) less their
@@ -52,7 +53,7 @@ from agentd.spendgroups import (
     nearest_rank,
     percentile_95,
 )
-from agentd.spendsources import collected, refresh_cache
+from agentd.spendsources import collected, refresh_range
 
 __all__ = [
     "COLUMNS",
@@ -107,7 +108,7 @@ def _row(by: str, key_value: str | None, acc: Acc, p95: int | None, runs: bool) 
     for name in _SHOWN:
         row[name] = s[name]
     if not runs:
-        row["skipped"] = None
+        row["skipped"] = row["noop"] = None
     row["saved_micro_usd"] = s["list_cost_micro_usd"] - s["cost_micro_usd"]
     row["avg_latency_ms"] = mean_ms(s["latency_ms_sum"], s["latency_count"])
     row["p95_latency_ms"] = p95
@@ -137,7 +138,7 @@ def spend_report(
     flt = Filter(since, until, simulated, loop)
     runs = by in RUN_GROUPINGS
     if cache:
-        refresh_cache(ledger)
+        refresh_range(ledger, since)
     with ledger.read() as conn:
         collector = collected(ledger, conn, flt, period, column, tz, runs=True, cache=cache)
         groups = collector.groups
@@ -185,7 +186,7 @@ def daily_spend(
     if stack not in ("loop", "tier"):
         raise ValueError(f"cannot stack by {stack!r} (loop or tier)")
     if cache:
-        refresh_cache(ledger)
+        refresh_range(ledger, since)
     with ledger.read() as conn:
         flt = Filter(since, until, simulated, loop)
         collector = collected(ledger, conn, flt, "day", stack, tz, runs=False, cache=cache)
@@ -213,6 +214,7 @@ def report_columns(by: Grouping, fmt: str) -> list[Column]:
     ]
     if by in RUN_GROUPINGS:
         columns.append(Column("skipped", "skipped"))
+        columns.append(Column("noop", "noop"))
     columns += [
         Column("input_tokens", "input"),
         Column("cache_read_tokens", "cache read"),

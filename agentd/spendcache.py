@@ -21,8 +21,9 @@ when the run ends, possibly hours after its first attempt.
 
 Calendar groupings in zones whose offsets are not whole hours read raw rows (see `spend`).
 The cache is filled lazily by reports (`refresh`), in chunks of `CHUNK` per write transaction
-so the daemon's writers never wait long; a read-only ledger uses what is cached and reads the
-rest raw.
+so the daemon's writers never wait long, and only from the start of the report's range: the
+hours between the watermark and that start become holes, filled when a report reaches back to
+them. A read-only ledger uses what is cached and reads the rest raw.
 """
 
 from __future__ import annotations
@@ -201,44 +202,107 @@ def _set_state(conn: sqlite3.Connection, through: str, last_id: int) -> None:
     )
 
 
-def refresh(ledger: Ledger, now: datetime) -> None:
-    """Cache every closed hour not cached yet (a no-op on a read-only ledger)."""
+def refresh(ledger: Ledger, now: datetime, *, since: datetime | None = None) -> None:
+    """Cache the closed hours from `since` on (None: all history) that are not cached yet.
+
+    A no-op on a read-only ledger. Hours between the watermark and `since` are left for a
+    report that needs them: they become holes (read raw meanwhile), and the watermark moves
+    to `since`, so a report over the last day never pays for a month nobody reported on.
+    """
     if ledger.read_only:
         return
     target = hour_key(now - SETTLE_MARGIN)  # hours before it ended at least the margin ago
+    first = None if since is None else hour_key(since)
     with ledger.write() as conn:
         through, holes = state(conn)  # includes the hours of back-dated calls
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
-        unsettled = _unsettled_hours(conn)
-        for hour in sorted(holes):
-            end = hour_key(hour_start(hour) + timedelta(hours=1))
-            conn.execute("DELETE FROM report_hours WHERE hour = ?", (hour,))
-            if hour in unsettled:
-                conn.execute("INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", (hour,))
-            else:
-                _fill(conn, hour, end, set())
-                conn.execute("DELETE FROM report_holes WHERE hour = ?", (hour,))
+        # Every hole is recorded (a back-dated call's hour loses its sums) before `last_id`
+        # moves past the calls that made it one; the holes in range are filled below.
+        conn.executemany("DELETE FROM report_hours WHERE hour = ?", [(h,) for h in holes])
+        conn.executemany(
+            "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in holes]
+        )
+        if first is not None and through < min(first, target):
+            through = _skip_gap(conn, through, min(first, target))
         _set_state(conn, through, int(last_id))
         _roll_days(conn, {h[:10] for h in holes})
-    while True:
-        with ledger.write() as conn:
-            through, _ = state(conn)
-            last_id = conn.execute("SELECT last_id FROM report_cache WHERE id = 1").fetchone()[0]
-            first = conn.execute(
-                "SELECT MIN(started_at) FROM calls WHERE started_at >= ?", (through,)
-            ).fetchone()[0]
-            start = max(through, first[:13] if first else target)
-            if start >= target:
-                _set_state(conn, max(through, target), int(last_id))
-                return
-            end = min(target, hour_key(hour_start(start) + CHUNK))
-            skip = {h for h in _unsettled_hours(conn) if start <= h < end}
-            _fill(conn, start, end, skip)
-            conn.executemany(
-                "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in skip]
+    while _fill_holes(ledger, first, target):
+        pass
+    while _fill_next(ledger, target):
+        pass
+
+
+def _skip_gap(conn: sqlite3.Connection, through: str, to: str) -> str:
+    """Record every hour from the watermark (or the first call) to `to` as a hole; return `to`."""
+    row = conn.execute("SELECT MIN(started_at) FROM calls WHERE started_at >= ?", (through,))
+    earliest = row.fetchone()[0]
+    cur = hour_start(max(through, earliest[:13])) if earliest else hour_start(to)
+    hours = []
+    while hour_key(cur) < to:
+        hours.append((hour_key(cur),))
+        cur += timedelta(hours=1)
+    conn.executemany("INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", hours)
+    return to
+
+
+def _fill_holes(ledger: Ledger, first: str | None, target: str) -> bool:
+    """Fill the holes from `first` on in one span of at most `CHUNK`; False when none is left.
+
+    Holes whose hour still has calls in flight stay holes (retried on the next refresh).
+    """
+    with ledger.write() as conn:
+        unsettled = _unsettled_hours(conn)
+        todo = [
+            str(r[0])
+            for r in conn.execute(
+                "SELECT hour FROM report_holes WHERE hour >= ? AND hour < ? ORDER BY hour",
+                (first or "", target),
             )
-            _set_state(conn, end, int(last_id))
-            _roll_days(conn, _days(start, end))
+            if str(r[0]) not in unsettled
+        ]
+        if not todo:
+            return False
+        start = todo[0]
+        end = hour_key(hour_start(start) + CHUNK)
+        batch = {h for h in todo if h < end}
+        end = hour_key(hour_start(max(batch)) + timedelta(hours=1))
+        # Hours of the span that are no holes are cached already: the fill skips them.
+        skip, cur = set(), hour_start(start)
+        while hour_key(cur) < end:
+            if hour_key(cur) not in batch:
+                skip.add(hour_key(cur))
+            cur += timedelta(hours=1)
+        conn.executemany("DELETE FROM report_hours WHERE hour = ?", [(h,) for h in batch])
+        _fill(conn, start, end, skip)
+        conn.executemany("DELETE FROM report_holes WHERE hour = ?", [(h,) for h in batch])
+        _roll_days(conn, {h[:10] for h in batch})
+    return True
+
+
+def _fill_next(ledger: Ledger, target: str) -> bool:
+    """Cache the next span (at most `CHUNK`) after the watermark; False when it reached `target`.
+
+    One write transaction per span, so the daemon's writers never wait long.
+    """
+    with ledger.write() as conn:
+        through, _ = state(conn)
+        last_id = conn.execute("SELECT last_id FROM report_cache WHERE id = 1").fetchone()[0]
+        first = conn.execute(
+            "SELECT MIN(started_at) FROM calls WHERE started_at >= ?", (through,)
+        ).fetchone()[0]
+        start = max(through, first[:13] if first else target)
+        if start >= target:
+            _set_state(conn, max(through, target), int(last_id))
+            return False
+        end = min(target, hour_key(hour_start(start) + CHUNK))
+        skip = {h for h in _unsettled_hours(conn) if start <= h < end}
+        _fill(conn, start, end, skip)
+        conn.executemany(
+            "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in skip]
+        )
+        _set_state(conn, end, int(last_id))
+        _roll_days(conn, _days(start, end))
+    return True
 
 
 def forget_day(conn: sqlite3.Connection, day: datetime, following: datetime) -> None:

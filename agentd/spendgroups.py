@@ -11,6 +11,7 @@ from zoneinfo import ZoneInfo
 
 from agentd import spendcache
 from agentd.ledger import parse_iso, utc_iso
+from agentd.reports import Column
 
 # A quarter-hour bucket of a ledger timestamp: `YYYY-MM-DDTHH:q` with q in 0..3.
 _QUARTER = "substr({c}, 1, 13) || ':' || (CAST(substr({c}, 15, 2) AS INTEGER) / 15)"
@@ -28,6 +29,7 @@ SUMS = (
     "runs",
     "fallbacks",
     "skipped",
+    "noop",  # of the skipped runs, those with nothing to do (`skipped_noop`): no money spent
     "calls",
     "failed",
     "input_tokens",
@@ -55,6 +57,19 @@ class Acc:
     def add(self, names: Sequence[str], values: Iterable[Any]) -> None:
         for name, value in zip(names, values, strict=True):
             self.sums[name] += int(value or 0)
+
+
+def with_noop(columns: Sequence[Column]) -> list[Column]:
+    """The report's columns with `noop` right after `skipped` (where skipped runs are shown).
+
+    Added after `skipped`, never instead of it: scripts read `skipped` as every run skipped
+    before any call (budget, no-op, inactive, paused).
+    """
+    out = list(columns)
+    keys = [c.key for c in out]
+    if "skipped" in keys and "noop" not in keys:
+        out.insert(keys.index("skipped") + 1, Column("noop", "noop"))
+    return out
 
 
 def nearest_rank(n: int) -> int:

@@ -8,7 +8,10 @@ locating the bucket that holds the rank so only that bucket's raw latencies are 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import dataclass, field
 from typing import Any
 from zoneinfo import ZoneInfo
 
@@ -26,6 +29,39 @@ from agentd.spendgroups import (
 _SCAN_RANGE = 100_000  # cached latencies in a range below which it is scanned, not probed
 
 
+@dataclass
+class FineRows:
+    """Rows of one range keyed by (day bucket, *COLUMNS), which every report over it can fold.
+
+    `fallbacks`: (bucket, loop, tier, model, provider, purpose, count); `skipped`: (bucket,
+    loop, count, noop); `latencies`: histogram bucket → (bucket, *COLUMNS) → latencies.
+    """
+
+    fallbacks: list[tuple[Any, ...]] | None = None
+    skipped: list[tuple[Any, ...]] | None = None
+    latencies: dict[int, dict[tuple[Any, ...], list[int]]] = field(default_factory=dict)
+
+
+_SHARED: ContextVar[dict[tuple[Filter, str], FineRows] | None] = ContextVar(
+    "agentd_spend_shared", default=None
+)
+
+
+@contextmanager
+def shared_reads() -> Iterator[None]:
+    """Within it, reports over the same range read their run counts and p95 buckets once.
+
+    `agentd report --html` draws six groupings of one range: each would repeat the same three
+    scans (fallback runs, skipped runs, the p95 buckets' latencies), which were most of its
+    time. Use it inside one read transaction, so every report folds rows of one snapshot.
+    """
+    token = _SHARED.set({})
+    try:
+        yield
+    finally:
+        _SHARED.reset(token)
+
+
 class GroupReader:
     """Maps rows of one report to groups keyed by (period label, column value); reads p95s."""
 
@@ -36,8 +72,14 @@ class GroupReader:
             raise ValueError(f"cannot group by {column!r}")
         self.conn = conn
         self.flt = flt
+        self.tz = tz
         self.periods = None if period is None else Periods(period, tz)
         self.column = column
+        # Shared rows are keyed by the day grouping's buckets: those fold into no period or days.
+        shared = _SHARED.get()
+        self.fine: FineRows | None = None
+        if shared is not None and period in (None, "day"):
+            self.fine = shared.setdefault((flt, tz.key), FineRows())
         self.hists: dict[Key, list[int]] = {}  # cached latency histograms, by group
         self.raw = [flt]  # the parts of the range read from raw rows
 
@@ -55,6 +97,21 @@ class GroupReader:
         grouped = [e for e in (bucket, column) if e != "''"]
         group_by = f" GROUP BY {', '.join(grouped)}" if grouped else ""
         return f"{bucket}, {column}", group_by
+
+    def _fine_sql(self, alias: str = "") -> tuple[str, str]:
+        """Select items and GROUP BY of the shared key: the day bucket and every column."""
+        p = f"{alias}." if alias else ""
+        items = ", ".join([self.day_bucket_sql(alias), *(p + c for c in COLUMNS)])
+        return items, f" GROUP BY {items}"
+
+    def day_bucket_sql(self, alias: str = "") -> str:
+        """The SQL bucket of `started_at` that the day grouping of this zone reads."""
+        return Periods("day", self.tz).bucket_sql(f"{alias}.started_at" if alias else "started_at")
+
+    def _fine_key(self, row: Sequence[Any]) -> Key:
+        """This report's group of a shared row (bucket, *COLUMNS, ...)."""
+        value = None if self.column is None else row[1 + COLUMNS.index(self.column)]
+        return self._key(row[0], value)
 
     def _key(self, bucket: str, value: str | None, rolled_up: bool = False) -> Key:
         label = None
@@ -136,9 +193,29 @@ class GroupReader:
 
     def _bucket_values(self, buckets: set[int]) -> dict[tuple[Key, int], list[int]]:
         """Every raw latency in the range that falls in one of the buckets, by group."""
-        where, params = self.flt.sql()
-        select, _ = self._key_sql()
         found: dict[tuple[Key, int], list[int]] = {}
+        if self.fine is None:
+            select, _ = self._key_sql()
+            for bucket, value, ms in self._bucket_rows(buckets, select):
+                index = spendcache.bucket_of(int(ms))
+                found.setdefault((self._key(bucket, value), index), []).append(int(ms))
+            return found
+        shared = self.fine.latencies
+        missing = buckets - shared.keys()
+        for index in missing:
+            shared[index] = {}
+        if missing:
+            for *fine, ms in self._bucket_rows(missing, self._fine_sql()[0]):
+                index = spendcache.bucket_of(int(ms))
+                shared[index].setdefault(tuple(fine), []).append(int(ms))
+        for index in buckets:
+            for fine_key, values in shared[index].items():
+                found.setdefault((self._fine_key(fine_key), index), []).extend(values)
+        return found
+
+    def _bucket_rows(self, buckets: Iterable[int], select: str) -> Iterator[tuple[Any, ...]]:
+        """(select items..., latency_ms) of every raw latency in the range in the buckets."""
+        where, params = self.flt.sql()
         if self._ranged and sum(sum(h) for h in self.hists.values()) < _SCAN_RANGE:
             # A short range: one pass over its rows beats probing the buckets ledger-wide.
             # SQLite keeps only the wanted buckets' rows (a few per cent): building a Python
@@ -148,20 +225,16 @@ class GroupReader:
                 clause, bounds = spendcache.bucket_sql(index)
                 ranges.append(f"({clause})")
                 extra.extend(bounds)
-            for bucket, value, ms in self.conn.execute(
+            yield from self.conn.execute(
                 f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_started_at"
                 f" WHERE {where} AND latency_ms IS NOT NULL AND ({' OR '.join(ranges)})",
                 [*params, *extra],
-            ):
-                index = spendcache.bucket_of(int(ms))
-                found.setdefault((self._key(bucket, value), index), []).append(int(ms))
-            return found
+            )
+            return
         for index in sorted(buckets):
             clause, bounds = spendcache.bucket_sql(index)
-            for bucket, value, ms in self.conn.execute(
+            yield from self.conn.execute(
                 f"SELECT {select}, latency_ms FROM calls INDEXED BY calls_latency"
                 f" WHERE {where} AND latency_ms IS NOT NULL AND {clause}",
                 [*params, *bounds],
-            ):
-                found.setdefault((self._key(bucket, value), index), []).append(int(ms))
-        return found
+            )

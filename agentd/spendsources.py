@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -87,10 +87,8 @@ class _Collector(GroupReader):
             raw.append(Filter(flt.since, first, flt.simulated, flt.loop))
         first_key = None if first is None else spendcache.hour_key(first)
         end_key = spendcache.hour_key(end)
-        for hole in sorted(holes):
-            if (first_key is None or hole >= first_key) and hole < end_key:
-                start = spendcache.hour_start(hole)
-                raw.append(Filter(start, start + timedelta(hours=1), flt.simulated, flt.loop))
+        for low, high in _spans(h for h in holes if h < end_key and h >= (first_key or "")):
+            raw.append(Filter(low, high, flt.simulated, flt.loop))
         raw.append(Filter(end, flt.until, flt.simulated, flt.loop))
         self.raw = raw
         self.cached = self._cached_parts(first_key, end_key, holes)
@@ -126,10 +124,8 @@ class _Collector(GroupReader):
             day += timedelta(days=1)
         # Hours to skip in `report_hours`: the holes (read raw) and the days read whole.
         skips: list[tuple[str, str, str | None]] = []  # (first hour, end hour, day part)
-        for hole in holes:
-            if (first is None or hole >= first) and hole < end:
-                after = spendcache.hour_key(spendcache.hour_start(hole) + timedelta(hours=1))
-                skips.append((hole, after, None))
+        for span_start, span_end in _spans(h for h in holes if h < end and h >= (first or "")):
+            skips.append((spendcache.hour_key(span_start), spendcache.hour_key(span_end), None))
         i = 0
         while i < len(days):
             j = i
@@ -277,26 +273,53 @@ class _Collector(GroupReader):
                 "runs r INDEXED BY runs_fallback"
                 " CROSS JOIN calls c INDEXED BY calls_run_id ON c.run_id = r.id"
             )
-        for bucket, value, count in self.conn.execute(
-            f"SELECT {select}, COUNT(*) FROM {source}"
-            f" WHERE c.attempt = 1 AND r.fallback = 1 AND {where}{group_by}",
-            params,
-        ):
-            self._acc(self._key(bucket, value)).sums["fallbacks"] += int(count)
+        fallbacks = (
+            f"SELECT {{select}}, COUNT(*) FROM {source}"
+            f" WHERE c.attempt = 1 AND r.fallback = 1 AND {where}{{group_by}}"
+        )
+        if self.fine is None:
+            rows = self.conn.execute(fallbacks.format(select=select, group_by=group_by), params)
+            for bucket, value, count in rows:
+                self._acc(self._key(bucket, value)).sums["fallbacks"] += int(count)
+        else:
+            if self.fine.fallbacks is None:
+                fine, fine_group_by = self._fine_sql("c")
+                sql = fallbacks.format(select=fine, group_by=fine_group_by)
+                self.fine.fallbacks = self.conn.execute(sql, params).fetchall()
+            for row in self.fine.fallbacks:
+                self._acc(self._fine_key(row)).sums["fallbacks"] += int(row[-1])
         if self.column not in (None, "loop"):
             return  # a skipped run has no tier, model, provider or purpose
+        self._collect_skipped()
+
+    def _collect_skipped(self) -> None:
         where, params = self.flt.sql()
         select, group_by = self._key_sql()
+        if self.fine is not None:
+            # Shared by the reports over this range: by day bucket and loop.
+            select = f"{self.day_bucket_sql()}, loop"
+            group_by = f" GROUP BY {select}"
         # The partial index holds only skipped runs; the planner would rather walk a whole
         # (loop, started_at) index for its order. (If the skip statuses ever outgrow the
         # index, the query still runs, without it.)
         hint = "INDEXED BY runs_skipped" if _SKIPS_INDEXED else ""
-        for bucket, value, count in self.conn.execute(
-            f"SELECT {select}, COUNT(*) FROM runs {hint}"
-            f" WHERE status IN {_SKIPPED} AND {where}{group_by}",
-            params,
-        ):
-            self._acc(self._key(bucket, value)).sums["skipped"] += int(count)
+        sql = (
+            f"SELECT {select}, COUNT(*), SUM(status = 'skipped_noop') FROM runs {hint}"
+            f" WHERE status IN {_SKIPPED} AND {where}{group_by}"
+        )
+        if self.fine is None:
+            rows = self.conn.execute(sql, params).fetchall()
+        else:
+            if self.fine.skipped is None:
+                self.fine.skipped = self.conn.execute(sql, params).fetchall()
+            rows = [
+                (bucket, loop if self.column == "loop" else None, count, noop)
+                for bucket, loop, count, noop in self.fine.skipped
+            ]
+        for bucket, value, count, noop in rows:
+            sums = self._acc(self._key(bucket, value)).sums
+            sums["skipped"] += int(count)
+            sums["noop"] += int(noop)
 
     def _few_fallbacks(self) -> bool:
         """True when probing every fallback run is cheaper than walking the range's calls."""
@@ -314,9 +337,11 @@ class _Collector(GroupReader):
         group_by = f" GROUP BY {', '.join(grouped)}" if grouped else ""
         if self.column not in (None, "loop"):
             where += " AND calls > 0"  # skipped-run rows have no tier, model, ...
-        names = (*_CALL_NAMES, "fallbacks", "skipped")
+        names = (*_CALL_NAMES, "fallbacks", "skipped", "noop")
+        # A skipped runs' roll-up row names the runs' status in `purpose` (see `retention`).
         for day, value, *sums in self.conn.execute(
-            f"SELECT {bucket}, {column}, {_ROLLUP_SUMS}, SUM(fallbacks), SUM(skipped)"
+            f"SELECT {bucket}, {column}, {_ROLLUP_SUMS}, SUM(fallbacks), SUM(skipped),"
+            " SUM(skipped * (calls = 0 AND purpose = 'skipped_noop'))"
             f" FROM daily_rollup WHERE {where}{group_by}",
             params,
         ):
@@ -328,6 +353,18 @@ class _Collector(GroupReader):
 # What looking up one fallback run's calls costs, in calls walked by the range scan (measured
 # on a 1M-row ledger: ~1.7 µs per fallback run against ~0.27 µs per call in the range).
 _FALLBACK_PROBE_COST = 6
+
+
+def _spans(hours: Iterable[str]) -> list[tuple[datetime, datetime]]:
+    """Hour keys as [start, end) spans of consecutive hours: a month of holes is one range."""
+    spans: list[tuple[datetime, datetime]] = []
+    for hour in sorted(hours):
+        start = spendcache.hour_start(hour)
+        if spans and spans[-1][1] == start:
+            spans[-1] = (spans[-1][0], start + timedelta(hours=1))
+        else:
+            spans.append((start, start + timedelta(hours=1)))
+    return spans
 
 
 class _NotWholeHours(Exception):
@@ -359,7 +396,18 @@ def collected(
     return collector
 
 
-def refresh_cache(ledger: Ledger) -> None:
-    # Busy or read-only: the report reads raw rows where the cache is missing.
+# What a report that does not say where its range starts gets cached: the default
+# `agentd ledger` range (`--since 24h`). The views say (`refresh_range`).
+DEFAULT_RANGE = timedelta(hours=24)
+
+
+def refresh_range(ledger: Ledger, since: datetime | None) -> None:
+    """Cache the closed hours a report from `since` (None: all history) reads, if it can."""
+    # Busy, read-only or inside a read: the report reads raw rows where the cache is missing.
     with contextlib.suppress(LedgerError, sqlite3.OperationalError):
-        spendcache.refresh(ledger, datetime.now(UTC))
+        spendcache.refresh(ledger, datetime.now(UTC), since=since)
+
+
+def refresh_cache(ledger: Ledger) -> None:
+    """Cache the closed hours of the default report range (the last day); see `refresh_range`."""
+    refresh_range(ledger, datetime.now(UTC) - DEFAULT_RANGE)

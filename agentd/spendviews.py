@@ -8,6 +8,7 @@ at the top; each view imports what it draws with (charts, the HTML page, pruning
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any, Literal, Protocol
@@ -54,6 +55,7 @@ CALL_COLUMNS = [
     Column("attempt", "attempt"),
     Column("alias", "alias"),
     Column("model", "model"),
+    Column("served_model", "served"),  # what the provider says answered (may be a snapshot)
     Column("status", "status"),
     Column("error_type", "error_type"),
     Column("http_status", "http"),
@@ -64,14 +66,31 @@ CALL_COLUMNS = [
 ]
 
 
-def calls_report(state_dir: Path, loop: str | None, limit: int, simulated: bool, fmt: str) -> str:
-    """`agentd ledger calls`: the most recent attempts."""
+def calls_report(
+    state_dir: Path,
+    loop: str | None,
+    limit: int,
+    simulated: bool,
+    fmt: str,
+    *,
+    statuses: Sequence[str] | None = None,
+    since: datetime | None = None,
+    until: datetime | None = None,
+) -> str:
+    """`agentd ledger calls`: the most recent attempts (with these statuses, in the range)."""
     ledger = open_for_reading(state_dir)
     if ledger is None:
         rows: list[dict[str, Any]] = []
     else:
         with ledger:
-            rows = ledger.recent_calls(loop=loop, limit=limit, simulated=simulated)
+            rows = ledger.recent_calls(
+                loop=loop,
+                limit=limit,
+                simulated=simulated,
+                statuses=statuses,
+                since=since,
+                until=until,
+            )
     columns = CALL_COLUMNS
     if fmt == "json":
         columns = [
@@ -122,6 +141,8 @@ def ledger_report(
     Calendar groupings and the chart's days use the config's timezone (UTC without a config).
     """
     from agentd.spend import GROUPINGS, daily_spend, report_columns, spend_report
+    from agentd.spendgroups import with_noop
+    from agentd.spendsources import refresh_range
 
     tz = zone_of(config)
     if by not in GROUPINGS:
@@ -136,6 +157,7 @@ def ledger_report(
         if ledger is None:
             return "(no spend in this period)"
         with ledger:
+            refresh_range(ledger, since)  # only the hours this range reads, not all history
             daily = daily_spend(
                 ledger,
                 stack=stack_by,
@@ -148,10 +170,11 @@ def ledger_report(
         from agentd.charts import text_chart
 
         return text_chart(daily, ascii_only=ascii_only)
-    columns = report_columns(by, fmt)
+    columns = with_noop(report_columns(by, fmt))
     if ledger is None:
         return render([], columns, fmt)
     with ledger:
+        refresh_range(ledger, since)
         report = spend_report(
             ledger,
             by=by,

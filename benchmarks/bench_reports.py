@@ -1,14 +1,17 @@
-"""Reports: `agentd ledger` (the spend summary) over a 1,000,000-row ledger, end to end.
+"""Reports: `agentd ledger` and the other read commands over a 1,000,000-row ledger, end to end.
 
 The ledger is generated once into a temp dir by `tests/ledgergen.py` (runs and calls with a
 daemon-like mix, spread over the last `--days` days up to now) or, if that module is not
-there, by a simpler generator here. The first report after generation fills the
-report cache (`spendcache`, a one-time cost per closed hour) and is timed once on its own. Each
+there, by a simpler generator here (`--state-dir` reuses one). A report caches the closed hours
+its range reads (`spendcache`, a one-time cost per hour), so the first reports are timed once
+on their own: the default one (the last day) and one over the whole ledger (the rest). Each
 command is then timed as a fresh process (hyperfine when installed, else a subprocess loop),
 the way an operator runs it: a real config file (timezone, state_dir) and no `--state-dir`;
 the default `--since 24h`, the whole ledger (`--since` the first row's day) by loop and by
-day, and `--json`. The query alone (`spend.spend_report` in-process, ledger opened once, no
-start-up) is timed too, to split start-up from SQL.
+day, and `--json`; `ledger calls` (the latest 20, and what failed in the last day); the HTML
+page (`report --html`, its default 30 days); and `budget` (the shipped config, which needs a
+full one). The query alone (`spend.spend_report` in-process, ledger opened once, no start-up)
+is timed too, to split start-up from SQL.
 """
 
 from __future__ import annotations
@@ -18,6 +21,7 @@ import json
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
@@ -99,6 +103,17 @@ def _query_only(state: Path, since: datetime, by: str, n: int) -> list[float]:
     return out
 
 
+def _first_run(command: list[str], env: dict[str, str], what: str) -> float:
+    """Run a report once (it caches the hours it reads); print and return its wall ms."""
+    t0 = time.perf_counter()
+    done = run_quiet(command, env=env)
+    ms = (time.perf_counter() - t0) * 1000
+    if done.returncode != 0:
+        raise RuntimeError(f"{' '.join(command[1:])} failed: {done.stderr[-2000:]}")
+    print(f"# first {what}: {ms:,.0f} ms")
+    return ms
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--calls", type=int, default=1_000_000)
@@ -125,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
         with sqlite3.connect(state / "ledger.db") as conn:
             rows = conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
             first = conn.execute("SELECT MIN(started_at) FROM calls").fetchone()[0]
+            cached = conn.execute("SELECT COUNT(*) FROM report_cache").fetchone()[0]
         all_since = first[:10]  # the first row's day: the whole ledger
         print(f"# {rows:,} call rows since {first}")
         # What an operator has: a config naming the state dir (read for timezone and state_dir).
@@ -132,14 +148,15 @@ def main(argv: list[str] | None = None) -> int:
         config.write_text(f"timezone: UTC\nstate_dir: {json.dumps(str(state.resolve()))}\n")
         env = agentd_env(AGENTD_CONFIG=str(config))
         base = [AGENTD, "ledger"]
-        t0 = time.perf_counter()
-        first_run = run_quiet(base, env=env)
-        fill_ms = (time.perf_counter() - t0) * 1000
-        if first_run.returncode != 0:
-            raise RuntimeError(f"agentd ledger failed: {first_run.stderr[-2000:]}")
-        what = "cache filled before" if made_by.startswith("existing") else "fills the report cache"
-        print(f"# first `agentd ledger` ({what}): {fill_ms:,.0f} ms")
-        commands = {
+        before = "cache filled before" if cached else ""
+        fill_ms = _first_run(base, env, f"`agentd ledger` ({before or 'caches the last day'})")
+        full_fill_ms = _first_run(
+            [*base, "--since", all_since],
+            env,
+            f"`agentd ledger --since {all_since}` ({before or 'caches the rest'})",
+        )
+        shipped = REPO / "config" / "agent-model-config.yaml"
+        commands: dict[str, Sequence[str]] = {
             "ledger (default: --since 24h, by loop)": base,
             "ledger --since <all> (by loop)": [*base, "--since", all_since],
             "ledger --since <all> --by day": [*base, "--since", all_since, "--by", "day"],
@@ -150,6 +167,22 @@ def main(argv: list[str] | None = None) -> int:
                 "--by",
                 "model",
                 "--json",
+            ],
+            "ledger calls --limit 20": [*base, "calls", "--limit", "20"],
+            "ledger calls --failed --since 24h": [*base, "calls", "--failed", "--since", "24h"],
+            "report --html (default: --since 30d)": [
+                AGENTD,
+                "report",
+                "--html",
+                str(Path(tmp) / "report.html"),
+            ],
+            "budget (shipped config)": [
+                AGENTD,
+                "--config",
+                str(shipped),
+                "--state-dir",
+                str(state),
+                "budget",
             ],
         }
         samples, tool = time_commands(commands, runs=args.runs, warmup=args.warmup, env=env)
@@ -173,6 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         "rows": rows,
         "generator": made_by,
         "first_report_ms": fill_ms,
+        "first_full_report_ms": full_fill_ms,
         "tool": tool,
         "commands": samples,
         "queries": queries,

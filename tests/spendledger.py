@@ -37,6 +37,8 @@ from agentd import budgets
 from agentd.config import Config, load_config
 from agentd.ledger import Ledger, utc_iso
 from agentd.providers.base import Usage
+from agentd.spend import SpendReport, spend_report
+from agentd.spendsources import refresh_range
 
 UTC_ZONE = ZoneInfo("UTC")
 D1 = datetime(2026, 3, 9, tzinfo=UTC)  # a Monday
@@ -388,3 +390,10 @@ def config_data() -> dict[str, Any]:
 def load(directory: Path, data: dict[str, Any]) -> Config:
     """Write a config (prompts `Say hello.`, 10 bytes) and load it as the CLI would."""
     return load_config(write_config(directory, data))
+
+
+def cached_report(ledger: Ledger, *, cache: bool = True, **kwargs: Any) -> SpendReport:
+    """`spend.spend_report` as the views call it: the range's hours cached first."""
+    if cache:
+        refresh_range(ledger, kwargs.get("since"))
+    return spend_report(ledger, cache=cache, **kwargs)

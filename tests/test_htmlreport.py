@@ -3,13 +3,19 @@
 from __future__ import annotations
 
 import re
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from html.parser import HTMLParser
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
+from ledgergen import generate_ledger
 from spendledger import NOW, build, sql_sums
 
-from agentd.htmlreport import SECTIONS, html_report
+from agentd.htmlreport import SECTIONS, STACKS, html_report, render_html
+from agentd.ledger import Ledger
+from agentd.spend import daily_spend, spend_report
+from agentd.spendsources import refresh_range
 from agentd.views import html_report_file
 
 
@@ -94,6 +100,12 @@ def test_tables_hold_the_ledger_sums(tmp_path: Path) -> None:
         assert sum(_micro(r[col["cost_usd"]]) for r in table["tbody"]) == 29050
     loops = {r[0]: r for r in page.tables["loop"]["tbody"]}
     assert set(loops) == {"alpha", "beta"}
+    # Skipped runs, and of them the no-op ticks (K2, beta's skipped_noop), where runs are.
+    header = page.tables["loop"]["thead"][0]
+    assert header[5:7] == ["skipped", "noop"]
+    assert (loops["beta"][5], loops["beta"][6], loops["alpha"][6]) == ("1", "1", "0")
+    assert page.tables["loop"]["tfoot"][0][5:7] == ["2", "1"]
+    assert "noop" not in page.tables["model"]["thead"][0]
     assert "$0.029050" in html  # the spend card
 
 
@@ -119,3 +131,25 @@ def test_write_the_file(tmp_path: Path) -> None:
     html_report_file(tmp_path / "nothing", None, empty, now=NOW)
     assert "No calls recorded yet" in empty.read_text() and "<table" not in empty.read_text()
     assert not (tmp_path / "nothing").exists()
+
+
+def test_the_page_equals_its_reports_made_one_by_one(tmp_path: Path) -> None:
+    # The page reads its six groupings from one snapshot and shares their scans (fallback
+    # runs, skipped runs, p95 buckets); made one by one, every figure is the same.
+    end = datetime.now(UTC).replace(microsecond=0)
+    generate_ledger(tmp_path / "s", calls=2500, days=4, end=end, seed=5)
+    with Ledger.open(tmp_path / "s", reconcile=False) as ledger:
+        for zone, since in (
+            ("UTC", end - timedelta(days=3, minutes=7)),
+            ("America/New_York", None),
+            ("Asia/Kolkata", end - timedelta(days=2)),
+        ):
+            tz = ZoneInfo(zone)
+            page = _parse(html_report(ledger, since=since, until=None, now=end, tz=tz))
+            refresh_range(ledger, since)
+            reports = [spend_report(ledger, by=by, since=since, tz=tz) for by in SECTIONS]
+            charts = [daily_spend(ledger, stack=s, since=since, tz=tz) for s in STACKS]
+            alone = _parse(render_html(reports, charts, title="t", subtitle="s"))
+            assert page.tables == alone.tables, zone
+            assert any(int(r[4]) for r in page.tables["loop"]["tbody"])  # fallbacks
+            assert any(r[6] != "0" for r in page.tables["loop"]["tbody"])  # no-op ticks

@@ -24,6 +24,7 @@ KEPT = (
     "runs",
     "fallbacks",
     "skipped",
+    "noop",
     "calls",
     "failed",
     "input_tokens",
@@ -253,3 +254,25 @@ def test_prune_ledger_for_the_cli(ledger: Ledger, tmp_path: Path) -> None:
     # 02-10: F1, F2 and the simulated F6.
     assert text.startswith("pruned 4 call(s) and 3 run(s) from before 2026-02-11 (UTC)")
     assert prune_ledger(tmp_path / "none", None, before=CUTOFF, now=NOW).startswith("nothing")
+
+
+def test_pruned_no_op_ticks_keep_their_own_count(ledger: Ledger) -> None:
+    with ledger:
+        skipped_run(ledger, "beta", feb(14, 1), "skipped_noop")  # pruned
+        skipped_run(ledger, "beta", feb(15, 2), "skipped_noop")  # beta's latest no-op: kept
+        before = totals(ledger)
+        beta = next(r for r in before["loop"] if r["loop"] == "beta")
+        assert (beta["skipped"], beta["noop"]) == (3, 3)  # with K2 (03-12)
+        prune(ledger, CUTOFF, now=NOW, tz=UTC_ZONE)
+        assert totals(ledger) == before
+        with ledger.read() as conn:
+            rows = conn.execute(
+                "SELECT day, loop, purpose, skipped FROM daily_rollup WHERE calls = 0 ORDER BY loop"
+            ).fetchall()
+        # A skipped runs' roll-up row names their status, so the no-op stays apart from K3.
+        assert rows == [
+            ("2026-02-14", "alpha", "skipped_inactive", 1),
+            ("2026-02-14", "beta", "skipped_noop", 1),
+        ]
+        days = {r["day"]: r for r in spend_report(ledger, by="day").rows}
+        assert (days["2026-02-14"]["skipped"], days["2026-02-14"]["noop"]) == (2, 1)

@@ -59,6 +59,7 @@ def test_by_loop_hand_computed(ledger: Ledger) -> None:
         "runs": 2,
         "fallbacks": 0,
         "skipped": 1,
+        "noop": 1,  # K2 had nothing to do: skipped_noop
         "calls": 3,
         "failed": 1,
         "input_tokens": 5000,
@@ -75,12 +76,12 @@ def test_by_loop_hand_computed(ledger: Ledger) -> None:
     # alpha: 1500 + 0 + 300 + 1000 = 2800 settled; A4's 700 is in flight.
     assert alpha["cost_micro_usd"] == 2800 and alpha["reserved_micro_usd"] == 700
     assert (alpha["runs"], alpha["calls"], alpha["failed"], alpha["fallbacks"]) == (4, 5, 1, 1)
-    assert alpha["skipped"] == 1
+    assert (alpha["skipped"], alpha["noop"]) == (1, 0)  # K1 skipped_budget is no no-op
     # Settled latencies 100, 50, 400, 300: mean 212.5 -> 213; p95 rank ⌈3.8⌉ = 4 -> 400.
     assert (alpha["avg_latency_ms"], alpha["p95_latency_ms"]) == (213, 400)
     total = report.total
     assert total["loop"] == "total" and total["cost_micro_usd"] == 29050
-    assert total["skipped"] == 2
+    assert (total["skipped"], total["noop"]) == (2, 1)
     # All seven settled latencies: rank ⌈6.65⌉ = 7 -> 3000.
     assert total["p95_latency_ms"] == 3000
 
@@ -108,11 +109,11 @@ def test_call_groupings(ledger: Ledger) -> None:
 def test_days_weeks_months_in_utc(ledger: Ledger) -> None:
     days = spend_report(ledger, by="day").rows
     # 03-11 has no calls: the gap is filled, so a chart or a reader sees the quiet day.
-    assert [(r["day"], r["calls"], r["cost_micro_usd"], r["skipped"]) for r in days] == [
-        ("2026-03-09", 3, 1800, 0),
-        ("2026-03-10", 2, 21250, 1),
-        ("2026-03-11", 0, 0, 0),
-        ("2026-03-12", 3, 6000, 1),
+    assert [(r["day"], r["calls"], r["cost_micro_usd"], r["skipped"], r["noop"]) for r in days] == [
+        ("2026-03-09", 3, 1800, 0, 0),
+        ("2026-03-10", 2, 21250, 1, 0),
+        ("2026-03-11", 0, 0, 0, 0),
+        ("2026-03-12", 3, 6000, 1, 1),
     ]
     assert days[2]["avg_latency_ms"] is None and days[2]["p95_latency_ms"] is None
     weeks = spend_report(ledger, by="week").rows
@@ -196,18 +197,30 @@ def test_table_json_and_csv_come_from_the_same_rows(ledger: Ledger, tmp_path: Pa
     table = ledger_report(state, None, by="loop", fmt="table")
     lines = table.splitlines()
     assert lines[0].startswith("real calls by loop, the beginning to now (UTC)")
-    assert lines[1].split()[:6] == ["loop", "runs", "calls", "failed", "fallbacks", "skipped"]
+    assert lines[1].split()[:7] == [
+        "loop",
+        "runs",
+        "calls",
+        "failed",
+        "fallbacks",
+        "skipped",
+        "noop",
+    ]
     assert lines[-1].split()[0] == "total" and "0.029050" in lines[-1]
     assert set(lines[-2]) == {"-", " "}  # a rule above the totals
     rows = json.loads(ledger_report(state, None, by="loop", fmt="json"))
     assert [r["loop"] for r in rows] == ["beta", "alpha"]  # no totals row in JSON
     assert rows[0]["cost_usd"] == "0.026250" and rows[1]["reserved_usd"] == "0.000700"
     assert rows[0]["p95_latency_ms"] == 3000
+    # `noop` comes right after `skipped` (which keeps counting every skipped run).
+    assert list(rows[0])[5:7] == ["skipped", "noop"]
+    assert [(r["skipped"], r["noop"]) for r in rows] == [(1, 1), (1, 0)]
     parsed = list(csv.DictReader(io.StringIO(ledger_report(state, None, by="loop", fmt="csv"))))
     assert [(r["loop"], r["cost_usd"]) for r in parsed] == [
         ("beta", "0.026250"),
         ("alpha", "0.002800"),
     ]
+    assert [(r["skipped"], r["noop"]) for r in parsed] == [("1", "1"), ("1", "0")]
     for line, row in zip(lines[3:5], rows, strict=True):
         assert line.split()[0] == row["loop"] and row["cost_usd"] in line
 

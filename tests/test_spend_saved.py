@@ -18,14 +18,14 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
-from spendledger import at, sql_sums, write_known, write_savings
+from spendledger import at, cached_report, sql_sums, write_known, write_savings
 
 from agentd import migrations
 from agentd.htmlreport import html_report
 from agentd.ledger import Ledger
 from agentd.pricing import format_usd
 from agentd.retention import prune
-from agentd.spend import GROUPINGS, spend_report
+from agentd.spend import GROUPINGS
 from agentd.views import ledger_report
 
 LATER = datetime(2026, 6, 1, tzinfo=UTC)  # "now" for pruning: every March window is closed
@@ -40,7 +40,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 
 def saved(ledger: Ledger, by: str, **kwargs: Any) -> dict[object, int]:
-    report = spend_report(ledger, by=by, **kwargs)  # type: ignore[arg-type]
+    report = cached_report(ledger, by=by, **kwargs)  # type: ignore[arg-type]
     out: dict[object, int] = {r[by]: r["saved_micro_usd"] for r in report.rows}
     out["total"] = report.total["saved_micro_usd"]
     return out
@@ -69,7 +69,7 @@ def test_saved_per_group_and_total_hand_computed(ledger: Ledger) -> None:
     assert saved(ledger, "month") == {"2026-03": SAVED, "total": SAVED}
     # V9 is simulated: only in the simulated report.
     assert saved(ledger, "loop", simulated=True) == {"delta": 1_450, "total": 1_450}
-    report = spend_report(ledger, by="loop")
+    report = cached_report(ledger, by="loop")
     # Cost and reserved are unchanged by the new column: cost 64900, V7's 9000 in flight.
     assert report.total["cost_micro_usd"] == 64_900
     assert report.total["reserved_micro_usd"] == 9_000
@@ -97,7 +97,7 @@ def test_in_flight_calls_save_nothing_until_settled(ledger: Ledger) -> None:
 @pytest.mark.parametrize("by", GROUPINGS)
 def test_totals_equal_sql_sums_with_the_known_rows_too(ledger: Ledger, by: str) -> None:
     write_known(ledger)  # rows without a list cost: they add cost, no saving
-    report = spend_report(ledger, by=by)  # type: ignore[arg-type]
+    report = cached_report(ledger, by=by)  # type: ignore[arg-type]
     expected = sql_sums(ledger)
     assert expected["saved_micro_usd"] == SAVED
     for name in ("saved_micro_usd", "cost_micro_usd", "reserved_micro_usd", "calls"):
@@ -111,7 +111,7 @@ def reports(ledger: Ledger, cache: bool) -> list[Any]:
         for by in GROUPINGS:
             for since, until in ((None, None), (at(16, 10, 30), at(18, 12, 30))):
                 out.append(
-                    spend_report(
+                    cached_report(
                         ledger, by=by, since=since, until=until, tz=ZoneInfo(zone), cache=cache
                     )
                 )
@@ -140,12 +140,12 @@ def test_a_pruned_day_keeps_its_saving(ledger: Ledger) -> None:
         return [
             {k: r[k] for k in (by, "saved_micro_usd", "cost_micro_usd", "calls")}
             for by in GROUPINGS
-            for report in [spend_report(ledger, by=by)]
+            for report in [cached_report(ledger, by=by)]
             for r in [*report.rows, report.total]
         ]
 
     before = everything()
-    spend_report(ledger, by="loop")  # fill the cache first: prune must forget pruned hours
+    cached_report(ledger, by="loop")  # fill the cache first: prune must forget pruned hours
     result = prune(ledger, datetime(2026, 3, 19, tzinfo=UTC), now=LATER, tz=UTC)
     # Pruned: V1, V2, V3 (03-16) and V4's two calls (03-17). Kept: V8, V6 and V9 (their
     # loops' latest replied runs), V5 (omega's latest failed run) and V7 (in flight).
@@ -157,10 +157,10 @@ def test_a_pruned_day_keeps_its_saving(ledger: Ledger) -> None:
         ).fetchone()[0]
     assert rolled == 7_200 + 13_500 - 250 + 1_350
     assert everything() == before
-    day = spend_report(ledger, by="day", since=at(16, 0), until=at(17, 0))
+    day = cached_report(ledger, by="day", since=at(16, 0), until=at(17, 0))
     assert day.includes_rollup and day.total["saved_micro_usd"] == 20_450
-    assert spend_report(ledger, by="loop", simulated=True).total["saved_micro_usd"] == 1_450
-    assert spend_report(ledger, by="loop", cache=False).total["saved_micro_usd"] == SAVED
+    assert cached_report(ledger, by="loop", simulated=True).total["saved_micro_usd"] == 1_450
+    assert cached_report(ledger, by="loop", cache=False).total["saved_micro_usd"] == SAVED
 
 
 def test_a_later_prune_adds_list_cost_to_an_old_rollup_row(ledger: Ledger) -> None:
@@ -239,7 +239,7 @@ def test_datasette_savings_query_agrees_with_the_reports(ledger: Ledger) -> None
         out = {}
         for day in ("2026-03-16", "2026-03-17", "2026-03-18"):
             start = datetime.fromisoformat(day).replace(tzinfo=UTC)
-            report = spend_report(ledger, by="loop", since=start, until=start + timedelta(1))
+            report = cached_report(ledger, by="loop", since=start, until=start + timedelta(1))
             for r in report.rows:
                 out[(day, r["loop"])] = (
                     format_usd(r["cost_micro_usd"]),
@@ -290,7 +290,7 @@ def test_upgrading_a_ledger_empties_and_rebuilds_the_report_cache(tmp_path: Path
     state = tmp_path / "state"
     with Ledger.open(state) as ledger:
         write_savings(ledger)
-        spend_report(ledger, by="loop")  # the cache as the current code fills it
+        cached_report(ledger, by="loop")  # the cache as the current code fills it
     # The same ledger as m011 left it: drop m012's work by rebuilding the file up to m011
     # and copying the rows that existed then.
     old = tmp_path / "old"
@@ -320,7 +320,7 @@ def test_upgrading_a_ledger_empties_and_rebuilds_the_report_cache(tmp_path: Path
             assert c.execute("SELECT list_cost_micro_usd FROM daily_rollup").fetchone()[0] == 700
             assert c.execute("SELECT COUNT(list_cost_micro_usd) FROM calls").fetchone()[0] == 0
         # Calls written before the step have no list cost: nothing saved, cost unchanged.
-        raw = spend_report(upgraded, by="day", cache=False)
+        raw = cached_report(upgraded, by="day", cache=False)
         assert raw.total["saved_micro_usd"] == 0
         assert raw.total["cost_micro_usd"] == 64_900 + 700
         with upgraded.write() as c:  # the executor's list costs, recorded from now on
@@ -328,9 +328,9 @@ def test_upgrading_a_ledger_empties_and_rebuilds_the_report_cache(tmp_path: Path
                 "UPDATE calls SET list_cost_micro_usd = ? WHERE started_at LIKE '2026-03-16T09%'",
                 (12_500,),
             )
-        rebuilt = spend_report(upgraded, by="day")  # refills the cache from empty
+        rebuilt = cached_report(upgraded, by="day")  # refills the cache from empty
         with upgraded.read() as c:
             assert c.execute("SELECT COUNT(*) FROM report_hours").fetchone()[0] > 0
             assert c.execute("SELECT through FROM report_cache").fetchone()[0] > "2026-03-18"
-        assert rebuilt == spend_report(upgraded, by="day", cache=False)
+        assert rebuilt == cached_report(upgraded, by="day", cache=False)
         assert rebuilt.total["saved_micro_usd"] == 7_200

@@ -15,7 +15,10 @@ from ledgergen import generate_ledger
 from agentd import spendcache
 from agentd.ledger import Ledger, utc_iso
 from agentd.retention import prune
-from agentd.spend import GROUPINGS, daily_spend, spend_report
+from agentd.spend import GROUPINGS, DailySpend, SpendReport
+from agentd.spend import daily_spend as _daily_spend
+from agentd.spend import spend_report as _spend_report
+from agentd.spendsources import refresh_cache, refresh_range
 
 NOW = datetime.now(UTC)
 ZONES = ("UTC", "Europe/Berlin", "America/New_York", "Asia/Kolkata")
@@ -28,6 +31,20 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
     generate_ledger(tmp_path / "s", calls=6000, days=12, end=end, seed=3)
     with Ledger.open(tmp_path / "s", reconcile=False) as opened:
         yield opened
+
+
+def spend_report(ledger: Ledger, *, cache: bool = True, **kwargs: Any) -> SpendReport:
+    """A report as the views make it: the range's hours cached first (with the cache on)."""
+    if cache:
+        refresh_range(ledger, kwargs.get("since"))
+    return _spend_report(ledger, cache=cache, **kwargs)
+
+
+def daily_spend(ledger: Ledger, *, cache: bool = True, **kwargs: Any) -> DailySpend:
+    """A chart's series as the views make it (see `spend_report`)."""
+    if cache:
+        refresh_range(ledger, kwargs.get("since"))
+    return _daily_spend(ledger, cache=cache, **kwargs)
 
 
 def reports(ledger: Ledger, cache: bool = True) -> list[Any]:
@@ -145,3 +162,43 @@ def test_a_read_only_ledger_reads_what_is_cached(ledger: Ledger) -> None:
         ledger.conn.execute("SELECT last_id FROM report_cache").fetchone()[0]
         < (ledger.conn.execute("SELECT MAX(id) FROM calls").fetchone()[0])
     )
+
+
+def holes(ledger: Ledger) -> set[str]:
+    return {str(r[0]) for r in ledger.conn.execute("SELECT hour FROM report_holes")}
+
+
+def test_a_short_report_after_a_long_gap_caches_only_its_range(ledger: Ledger) -> None:
+    # Twelve days nobody reported on, then the default report (the last day): it caches the
+    # day it reads, not the eleven before it, which become holes until a report reaches back.
+    raw = raw_reports(ledger)
+    day_ago = NOW - timedelta(hours=24)
+    last_day = spend_report(ledger, by="loop", since=day_ago)
+    assert last_day == _spend_report(ledger, by="loop", since=day_ago, cache=False)
+    assert 0 < cached_hours(ledger) <= 24
+    first = ledger.conn.execute("SELECT MIN(substr(started_at, 1, 13)) FROM calls").fetchone()[0]
+    gap = holes(ledger)
+    assert min(gap) == first
+    assert max(gap) == spendcache.hour_key(day_ago - timedelta(hours=1))
+    # Reports over the holes read them raw: the same figures.
+    assert [_spend_report(ledger, by=by, tz=ZoneInfo("Europe/Berlin")) for by in GROUPINGS] == [
+        _spend_report(ledger, by=by, tz=ZoneInfo("Europe/Berlin"), cache=False) for by in GROUPINGS
+    ]
+    # A report over everything fills them (but the hours with calls in flight).
+    assert reports(ledger) == raw
+    unsettled = {
+        str(r[0])
+        for r in ledger.conn.execute(
+            "SELECT DISTINCT substr(started_at, 1, 13) FROM calls"
+            " WHERE status IN ('pending', 'submitted')"
+        )
+    }
+    assert holes(ledger) <= unsettled
+    assert cached_hours(ledger) > 200
+
+
+def test_the_default_refresh_caches_the_last_day_only(ledger: Ledger) -> None:
+    refresh_cache(ledger)  # what a report of the default range (`--since 24h`) fills
+    oldest = ledger.conn.execute("SELECT MIN(hour) FROM report_hours").fetchone()[0]
+    assert oldest >= spendcache.hour_key(NOW - timedelta(hours=25))
+    assert reports(ledger) == raw_reports(ledger)

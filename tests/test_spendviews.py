@@ -5,7 +5,9 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
+from zoneinfo import ZoneInfo
 
 import pytest
 from builders import base_config, merge, write_config
@@ -13,6 +15,7 @@ from click.testing import CliRunner, Result
 from spendledger import build
 
 from agentd.cli import main
+from agentd.reports import parse_since
 
 NO_ENV = {"AGENTD_CONFIG": None, "AGENTD_STATE_DIR": None, "STATE_DIRECTORY": None}
 SINCE = ["--since", "2026-03-01", "--until", "2026-04-01"]
@@ -91,6 +94,46 @@ def test_ledger_calls_and_prune_read_the_light_config_too(tmp_path: Path, state:
     assert prune.exit_code == 0, prune.output
 
 
+def test_ledger_calls_lists_what_failed(tmp_path: Path, state: Path) -> None:
+    config = config_with(tmp_path, state, {"timezone": "UTC"})
+    base = ["--config", str(config), "ledger", "calls"]
+    failed = json.loads(agentd(*base, "--failed", "--json").stdout)
+    # A2's haiku error (03-09 22:30) and B2's aborted sonnet (03-12 12:00), newest first.
+    assert [(c["loop"], c["status"], c["model"]) for c in failed] == [
+        ("beta", "aborted", "claude-sonnet-4-5"),
+        ("alpha", "error", "claude-haiku-4-5"),
+    ]
+    assert "served_model" in failed[0]
+    since = agentd(*base, "--failed", "--since", "2026-03-10", "--csv").stdout.splitlines()
+    assert len(since) == 2 and ",beta," in since[1] and ",aborted," in since[1]
+    until = json.loads(agentd(*base, "--failed", "--until", "2026-03-10", "--json").stdout)
+    assert [c["status"] for c in until] == ["error"]
+    both = json.loads(agentd(*base, "--status", "pending", "--status", "ok", "--json").stdout)
+    assert {c["status"] for c in both} == {"pending", "ok"} and len(both) == 6
+    assert json.loads(agentd(*base, "--failed", "--since", "week", "--json").stdout) == []
+    table = agentd(*base, "--failed")
+    assert table.exit_code == 0
+    assert table.stdout.splitlines()[0].split()[7:10] == ["model", "served", "status"]
+    bad = agentd(*base, "--since", "fortnight")
+    assert bad.exit_code == 2 and "today, week, month" in bad.stderr
+    assert agentd(*base, "--status", "broken").exit_code == 2
+
+
+def test_calendar_keywords_start_the_current_period() -> None:
+    # Thursday 2026-03-12 01:30 UTC is Wednesday 03-11 21:30 in New York (EDT, UTC-4).
+    now = datetime(2026, 3, 12, 1, 30, tzinfo=UTC)
+    utc = ZoneInfo("UTC")
+    assert parse_since("today", now, tz=utc) == datetime(2026, 3, 12, tzinfo=UTC)
+    assert parse_since("week", now, tz=utc) == datetime(2026, 3, 9, tzinfo=UTC)  # Monday
+    assert parse_since("Month", now, tz=utc) == datetime(2026, 3, 1, tzinfo=UTC)
+    assert parse_since("today", now) == datetime(2026, 3, 12, tzinfo=UTC)  # no zone: UTC
+    york = ZoneInfo("America/New_York")
+    assert parse_since("today", now, tz=york) == datetime(2026, 3, 11, 4, tzinfo=UTC)
+    assert parse_since("week", now, tz=york) == datetime(2026, 3, 9, 4, tzinfo=UTC)
+    # March 1st was still EST (UTC-5): DST began on 03-08.
+    assert parse_since("month", now, tz=york) == datetime(2026, 3, 1, 5, tzinfo=UTC)
+
+
 def run_and_list_modules(
     args: list[str], cwd: Path
 ) -> tuple[subprocess.CompletedProcess[str], set[str]]:
@@ -122,6 +165,7 @@ def test_the_ledger_report_imports_nothing_heavy(tmp_path: Path, state: Path) ->
         ["--config", str(config), "ledger", *SINCE],
         ["--config", str(config), "ledger", "--by", "model", "--json", *SINCE],
         ["--config", str(config), "ledger", "calls"],
+        ["--config", str(config), "ledger", "calls", "--failed", "--since", "week"],
     ):
         proc, modules = run_and_list_modules(args, tmp_path)
         assert proc.returncode == 0 and proc.stdout.strip(), proc.stderr[-2000:]
