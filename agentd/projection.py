@@ -36,7 +36,7 @@ from agentd.pricing import MICRO, cost_usd, format_usd, to_micro_usd
 from agentd.providers.base import Message, Request, Usage
 from agentd.providers.simulated import SimulatedProvider
 from agentd.reports import Column
-from agentd.reprice import Target, format_percent, percent_change
+from agentd.reprice import Target, config_label, format_percent, percent_change
 from agentd.scheduling import is_active, trigger_for
 
 HISTORY_RUNS = 50
@@ -111,7 +111,8 @@ def _history(ledger: Ledger, loop: str, runs: int) -> list[list[tuple[Any, ...]]
         per_run: dict[int, list[tuple[Any, ...]]] = {i: [] for i in ids}
         for run_id, *call in conn.execute(
             "SELECT run_id, tier, input_tokens, output_tokens, cache_read_tokens,"
-            f" cache_write_tokens FROM calls WHERE run_id IN ({marks}) AND status = 'ok'",
+            " cache_write_tokens, cache_write_1h_tokens"
+            f" FROM calls WHERE run_id IN ({marks}) AND status = 'ok'",
             ids,
         ):
             per_run[int(run_id)].append(tuple(call))
@@ -165,7 +166,7 @@ def plan(
         raise ValueError("days must be at least 1")
     reference = config if reference is None else reference
     end = now + timedelta(days=days)
-    target = Target(config, config.path.name)
+    target = Target(config, config_label(config))
     rows: list[dict[str, Any]] = []
     warnings: list[str] = []
     total = 0
@@ -189,12 +190,14 @@ def plan(
         if history_runs:
             row["source"] = f"history: {len(history_runs)} run(s)"
             for calls in history_runs:
-                for tier, inp, out, cache_read, cache_write in calls:
+                for tier, inp, out, cache_read, cache_write, write_1h in calls:
                     usage = Usage(
                         input_tokens=int(inp or 0),
                         output_tokens=int(out or 0),
                         cache_read_tokens=int(cache_read or 0),
                         cache_write_tokens=int(cache_write or 0),
+                        # 1-hour writes cost more than 5-minute ones (NULL before m009: none).
+                        cache_write_1h_tokens=int(write_1h or 0),
                     )
                     tokens = [
                         tokens[0] + usage.input_tokens,

@@ -10,8 +10,10 @@ moves to the primary model of that loop's tier or model in OTHER; a call a handl
 made on another tier on purpose (a `fast` classifier or reviewer, a `deep` escalation) moves to
 the primary model of the same tier in OTHER, or of the loop's own there when OTHER has no such
 tier. Which tier is the loop's own is read from the current config; without one, every call is.
-Loops OTHER does not have are reported as "not in other config" and left out of the
-comparison's totals.
+A loop that has `batch:` in the target config (OTHER, else the current one) is re-priced at
+batch rates, as `agentd plan` projects it. Loops OTHER does not have are reported as "not in
+other config" and left out of the comparison: the total row covers the compared loops only (its
+note names the others, and JSON/CSV carry their calls and actual cost as `not_compared_*`).
 
 Each loop also shows what prompt caching and batching saved on its actual calls against the
 list price of the model that made them: caching (`pricing.cache_saving_usd`: reads' discount
@@ -20,8 +22,11 @@ negative when writes were not read back enough), and batching (the batch calls' 
 standard less at batch rates).
 
 Arithmetic is exact `Decimal`: token sums × USD-per-million rates, per price band (a model
-whose price changes above some input size is priced per band of calls). Money is shown in
-micro-USD rounded up, like the ledger; percentages are (actual − other) / other, one decimal.
+whose price changes above some input size is priced per band of calls). The ledger is read in
+one grouped scan of `calls` (per loop, tier, alias, batch flag and band); the report cache
+(`spendcache`) cannot serve it, as it keeps neither alias, batch flag, 1-hour writes, input
+bands nor `ok`-only sums. Money is shown in micro-USD like the ledger (re-priced costs rounded
+up, savings half up); percentages are (actual − other) / other, one decimal.
 """
 
 from __future__ import annotations
@@ -30,15 +35,16 @@ from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime
 from decimal import ROUND_HALF_UP, Decimal
+from pathlib import Path
 from typing import Any
 
 from agentd.config import ChainEntry, Config
 from agentd.ledger import Ledger, utc_iso
 from agentd.pricing import (
+    MICRO,
     MTOK,
     Price,
     cache_saving_usd,
-    format_usd,
     from_micro_usd,
     to_micro_usd,
 )
@@ -121,7 +127,23 @@ def resolve_target(
         return Target(base, f"all-{all_model}", alias=all_model)
     if other is None:
         raise ValueError("give --against OTHER_CONFIG, --all-tier TIER or --all-model ALIAS")
-    return Target(other, other_label or other.path.name)
+    return Target(other, other_label or config_label(other))
+
+
+def config_label(config: Config) -> str:
+    """How a report names a config file: relative to the current directory when inside it.
+
+    Otherwise the absolute path, so two files both named `agent-model-config.yaml` (the usual
+    case) can be told apart.
+    """
+    try:
+        cwd = Path.cwd()  # resolved, while the config's path keeps the symlinks it was given
+    except OSError:  # the current directory is gone
+        return str(config.path)
+    for path in (config.path, config.path.resolve()):
+        if path.is_relative_to(cwd):
+            return str(path.relative_to(cwd))
+    return str(config.path)
 
 
 def _bands(prices: Iterable[Price]) -> list[int]:
@@ -147,12 +169,18 @@ def _representative(band: int, thresholds: Sequence[int]) -> int:
     return 0 if band == 0 else thresholds[band - 1] + 1
 
 
+# What the scan sums per group; the token columns are NULL together (a call without usage).
 # Cache writes split by TTL; rows from before migration m009 have no 1h count (all 5m).
 _SUMS = (
-    " SUM(input_tokens - cache_read_tokens - cache_write_tokens), SUM(cache_read_tokens),"
-    " SUM(cache_write_tokens - COALESCE(cache_write_1h_tokens, 0)),"
-    " SUM(COALESCE(cache_write_1h_tokens, 0)), SUM(output_tokens)"
+    "COUNT(*), SUM(cost_micro_usd), SUM(input_tokens), SUM(cache_read_tokens),"
+    " SUM(cache_write_tokens), SUM(cache_write_1h_tokens), SUM(output_tokens)"
 )
+
+
+def _token_sums(raw: Sequence[int | None]) -> list[int]:
+    """Summed input, cache read, cache write, 1h write, output as `band_cost` takes them."""
+    inp, read, write, write_1h, output = (int(v or 0) for v in raw)
+    return [inp - read - write, read, write - write_1h, write_1h, output]
 
 
 def percent_change(actual: Decimal, other: Decimal) -> Decimal | None:
@@ -190,110 +218,127 @@ def reprice(
     simulated: bool = False,
 ) -> RepriceResult:
     """Re-price the real (or simulated) `ok` calls of [since, until) on `target`."""
-    groups: list[tuple[Any, ...]] = []
-    entries: dict[tuple[str, str | None], ChainEntry | None] = {}
-    if ledger is not None:
-        with ledger.read() as conn:
-            pairs = conn.execute(
-                _select("loop, tier", since, until, group="loop, tier"),
-                _params(since, until, simulated),
-            ).fetchall()
-            for loop, tier in pairs:
-                entries[(loop, tier)] = target.entry(current, loop, tier)
-            prices = [
-                p for e in entries.values() if e is not None
-                if (p := target.config.price(e.alias)) is not None
-            ]  # fmt: skip
-            thresholds = _bands(prices)
-            band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
-            groups = conn.execute(
-                _select(
-                    f"loop, tier, {band}, COUNT(*), SUM(cost_micro_usd)," + _SUMS,
-                    since,
-                    until,
-                    group="loop, tier, 3",
-                ),
-                _params(since, until, simulated),
-            ).fetchall()
-            savings = _savings(conn, current, since, until, simulated)
-    else:
-        thresholds = []
-        savings = {}
+    if ledger is None:
+        return _result(target.label, [])
+    thresholds = _bands(_known_prices(current, target.config))
+    band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
+    # The call's tier only matters when a call keeps its role (`--against`), the band only when
+    # some price has bands: a constant key is left out of the GROUP BY, whose sort is most of
+    # the scan's cost.
+    tier = "tier" if target.tier is None and target.alias is None else "NULL"
+    keys = ["loop", tier, "alias", "batch", band]
+    group = ", ".join(str(n) for n, key in enumerate(keys, 1) if key not in ("NULL", "0"))
+    with ledger.read() as conn:
+        groups = conn.execute(
+            _select(f"{', '.join(keys)}, {_SUMS}", since, until, group=group),
+            _params(since, until, simulated),
+        ).fetchall()
+    pricer = _Pricer(current, target)
     per_loop: dict[str, dict[str, Any]] = {}
-    for loop, tier, band_no, count, actual, *sums in groups:
+    for loop, call_tier, alias, batch, band_no, count, actual, *raw in groups:
         row = per_loop.setdefault(
             loop,
             {"loop": loop, "calls": 0, "actual": 0, "other": Decimal(0), "targets": set(),
-             "note": None},
+             "note": None, "cache_saving": Decimal(0), "batch_saving": Decimal(0)},
         )  # fmt: skip
+        sums = _token_sums(raw)
         row["calls"] += int(count)
         row["actual"] += int(actual or 0)
-        row["cache_saving"], row["batch_saving"] = savings.get(loop, (None, None))
-        entry = entries[(loop, tier)]
+        _add_savings(row, pricer, alias, bool(batch), int(band_no), thresholds, sums)
+        entry = pricer.entry(loop, call_tier)
         if entry is None:
             row["note"] = NOT_IN_OTHER
             continue
-        price = target.config.price(entry.alias)
+        price = pricer.target_price(loop, entry.alias)
         row["targets"].add(entry.alias)
         if price is None:
             row["note"] = f"no price for {entry.alias} ({entry.model.model})"
             continue
-        row["other"] += band_cost(price, int(band_no), thresholds, [int(v or 0) for v in sums])
+        row["other"] += band_cost(price, int(band_no), thresholds, sums)
     return _result(target.label, sorted(per_loop.values(), key=lambda r: r["loop"]))
 
 
-def _savings(
-    conn: Any,
-    current: Config | None,
-    since: datetime | None,
-    until: datetime | None,
-    simulated: bool = False,
-) -> dict[str, tuple[Decimal | None, Decimal | None]]:
-    """Per loop, what caching and what batching saved on its actual calls, against list price.
+def _known_prices(*configs: Config | None) -> Iterable[Price]:
+    """Every price, standard and batch, of every model of the configs given.
+
+    The scan splits calls at every input-size threshold of these before it knows which models
+    the calls move to: a superset of the thresholds that matter, so each band is still priced
+    at one rate by every model involved.
+    """
+    for config in configs:
+        if config is None:
+            continue
+        for alias in config.models:
+            for batch in (False, True):
+                price = config.price(alias, batch=batch)
+                if price is not None:
+                    yield price
+
+
+class _Pricer:
+    """Memoised look-ups for one re-pricing: chain entries and prices on both sides."""
+
+    def __init__(self, current: Config | None, target: Target) -> None:
+        self.current = current
+        self.target = target
+        self._entries: dict[tuple[str, str | None], ChainEntry | None] = {}
+        self._prices: dict[tuple[bool, str, bool], Price | None] = {}
+
+    def entry(self, loop: str, call_tier: str | None) -> ChainEntry | None:
+        """The chain entry a call of `loop` on `call_tier` moves to (see `Target.entry`)."""
+        key = (loop, call_tier)
+        if key not in self._entries:
+            self._entries[key] = self.target.entry(self.current, loop, call_tier)
+        return self._entries[key]
+
+    def target_price(self, loop: str, alias: str) -> Price | None:
+        """The target's price of `alias`, at batch rates when `loop` runs batched there."""
+        spec = self.target.config.loops.get(loop)
+        return self._price(True, alias, spec is not None and spec.batch is not None)
+
+    def current_price(self, alias: str, batch: bool) -> Price | None:
+        """The current config's price of `alias` (None: no current config, or unknown alias)."""
+        if self.current is None or alias not in self.current.models:
+            return None
+        return self._price(False, alias, batch)
+
+    def _price(self, on_target: bool, alias: str, batch: bool) -> Price | None:
+        key = (on_target, alias, batch)
+        if key not in self._prices:
+            config = self.target.config if on_target else self.current
+            assert config is not None
+            self._prices[key] = config.price(alias, batch=batch)
+        return self._prices[key]
+
+
+def _add_savings(
+    row: dict[str, Any],
+    pricer: _Pricer,
+    alias: str,
+    batch: bool,
+    band_no: int,
+    thresholds: Sequence[int],
+    sums: Sequence[int],
+) -> None:
+    """Add what caching and batching saved on a group of a loop's calls, against list price.
 
     Caching: reads' discount less writes' surcharge, at the rates the calls were billed at
     (batch rates for batch calls). Batching: the same tokens at standard less at batch rates.
-    None for a loop with a call on a model the current config cannot price.
+    Either becomes None (unknown) for the loop once a call's model has no current price.
     """
-    if current is None:
-        return {}
-    pairs = conn.execute(
-        _select("alias, batch", since, until, group="alias, batch"),
-        _params(since, until, simulated),
-    ).fetchall()
-    prices: dict[tuple[str, bool], Price | None] = {}
-    for alias, batch in pairs:
-        for flag in {False, bool(batch)}:
-            known = alias in current.models
-            prices[(alias, flag)] = current.price(alias, batch=flag) if known else None
-    thresholds = _bands(p for p in prices.values() if p is not None)
-    band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
-    rows = conn.execute(
-        _select(f"loop, alias, batch, {band}," + _SUMS, since, until, group="loop, alias, 3, 4"),
-        _params(since, until, simulated),
-    ).fetchall()
-    cache: dict[str, Decimal | None] = {}
-    batched: dict[str, Decimal | None] = {}
-    for loop, alias, batch, band_no, *raw in rows:
-        sums = [int(v or 0) for v in raw]
-        billed, listed = prices.get((alias, bool(batch))), prices.get((alias, False))
-        if billed is None or listed is None:
-            cache[loop] = batched[loop] = None
-            continue
-        if loop in cache and cache[loop] is None:
-            continue
-        rates = billed.rates_for(_representative(int(band_no), thresholds))
-        _, read, write_5m, write_1h, _ = sums
-        cache[loop] = (cache.get(loop) or Decimal(0)) + cache_saving_usd(
-            rates, read, write_5m, write_1h
+    billed, listed = pricer.current_price(alias, batch), pricer.current_price(alias, False)
+    if billed is None or listed is None:
+        row["cache_saving"] = row["batch_saving"] = None
+        return
+    if row["cache_saving"] is None:
+        return
+    _, read, write_5m, write_1h, _ = sums
+    rates = billed.rates_for(_representative(band_no, thresholds))
+    row["cache_saving"] += cache_saving_usd(rates, read, write_5m, write_1h)
+    if batch:
+        row["batch_saving"] += band_cost(listed, band_no, thresholds, sums) - band_cost(
+            billed, band_no, thresholds, sums
         )
-        saved = Decimal(0)
-        if batch:
-            saved = band_cost(listed, int(band_no), thresholds, sums) - band_cost(
-                billed, int(band_no), thresholds, sums
-            )
-        batched[loop] = (batched.get(loop) or Decimal(0)) + saved
-    return {loop: (cache[loop], batched.get(loop)) for loop in cache}
 
 
 def _select(what: str, since: datetime | None, until: datetime | None, *, group: str) -> str:
@@ -312,26 +357,24 @@ def _params(
 
 
 def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
+    """The rows, the total of the compared loops, and the headline."""
     rows = []
-    actual_all = 0
-    actual_cmp = 0
-    other_cmp = Decimal(0)
-    missing = []
-    saving_all = Decimal(0)
-    batch_all = Decimal(0)
+    calls = actual = missing_calls = missing_actual = 0
+    other, cache, batch = Decimal(0), Decimal(0), Decimal(0)
+    missing: list[str] = []
     for r in loops:
-        saving = r.get("cache_saving")
-        saving_all += saving or 0
-        batch_saving = r.get("batch_saving")
-        batch_all += batch_saving or 0
         comparable = r["note"] is None
-        other = to_micro_usd(r["other"]) if comparable else None
-        actual_all += r["actual"]
         if comparable:
-            actual_cmp += r["actual"]
-            other_cmp += r["other"]
+            calls += r["calls"]
+            actual += r["actual"]
+            other += r["other"]
+            # An unknown saving (a model the current config cannot price) adds nothing.
+            cache += r["cache_saving"] or 0
+            batch += r["batch_saving"] or 0
         else:
             missing.append(r["loop"])
+            missing_calls += r["calls"]
+            missing_actual += r["actual"]
         pct = percent_change(from_micro_usd(r["actual"]), r["other"]) if comparable else None
         rows.append(
             {
@@ -339,53 +382,68 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
                 "calls": r["calls"],
                 "actual_micro_usd": r["actual"],
                 "target": ", ".join(sorted(r["targets"])) or None,
-                "other_micro_usd": other,
+                "other_micro_usd": to_micro_usd(r["other"]) if comparable else None,
                 "actual_vs_other_pct": None if pct is None else str(pct),
                 "change": format_percent(pct),
-                "cache_saving_usd": _signed_usd(saving),
-                "batch_saving_usd": _signed_usd(batch_saving),
+                "cache_saving_micro_usd": saving_micro_usd(r["cache_saving"]),
+                "batch_saving_micro_usd": saving_micro_usd(r["batch_saving"]),
                 "note": r["note"],
             }
         )
-    pct = percent_change(from_micro_usd(actual_cmp), other_cmp)
+    pct = percent_change(from_micro_usd(actual), other)
+    other_micro = to_micro_usd(other)
+    cache_micro, batch_micro = _half_up_micro(cache), _half_up_micro(batch)
+    # Like with like: the total covers the compared loops only; the others are counted apart.
     total = {
         "loop": "total",
-        "calls": sum(r["calls"] for r in loops),
-        "actual_micro_usd": actual_all,
+        "calls": calls,
+        "actual_micro_usd": actual,
         "target": None,
-        "other_micro_usd": to_micro_usd(other_cmp),
+        "other_micro_usd": other_micro,
         "actual_vs_other_pct": None if pct is None else str(pct),
         "change": format_percent(pct),
-        "cache_saving_usd": _signed_usd(saving_all),
-        "batch_saving_usd": _signed_usd(batch_all),
-        "note": f"compares {len(loops) - len(missing)} loop(s)" if missing else None,
+        "cache_saving_micro_usd": cache_micro,
+        "batch_saving_micro_usd": batch_micro,
+        "note": f"compared loops only; not compared: {', '.join(missing)}" if missing else None,
+        "not_compared_calls": missing_calls if missing else None,
+        "not_compared_micro_usd": missing_actual if missing else None,
     }
-    headline = (
-        f"actual ${_short_usd(actual_cmp)} vs {label} ${_short_usd(to_micro_usd(other_cmp))}"
-        + (f" ({format_percent(pct)})" if pct is not None else "")
-    )
-    saved = [(n, v) for n, v in (("caching", saving_all), ("batching", batch_all)) if v]
+    saved = [(n, v) for n, v in (("caching", cache_micro), ("batching", batch_micro)) if v]
+    places = usd_places([actual, other_micro, missing_actual, *(v for _, v in saved)])
+    headline = f"actual {usd_text(actual, places)} vs {label} {usd_text(other_micro, places)}"
+    if pct is not None:
+        headline += f" ({format_percent(pct)})"
     if saved:
-        parts = ", ".join(f"{name} ${_signed_usd(value)}" for name, value in saved)
+        parts = ", ".join(f"{name} {usd_text(value, places)}" for name, value in saved)
         headline += f"; saved against list price by {parts}"
     if missing:
         headline += (
-            f"; not compared: {', '.join(missing)} (actual ${_short_usd(actual_all - actual_cmp)})"
+            f"; not compared: {', '.join(missing)} (actual {usd_text(missing_actual, places)})"
         )
     return RepriceResult(label=label, rows=rows, total=total, headline=headline)
 
 
-def _signed_usd(usd: Decimal | None) -> str | None:
-    """Exact USD to six places as a string (negative when caching cost more); None unknown."""
-    return None if usd is None else f"{usd.normalize():f}"
+def saving_micro_usd(usd: Decimal | None) -> int | None:
+    """An exact saving in micro-USD, rounded half up (a saving, not a charge); None: unknown."""
+    return None if usd is None else _half_up_micro(usd)
 
 
-def _short_usd(micro: int) -> str:
-    """`18.40` for whole cents, else all six decimals (exact, never rounded)."""
-    text = format_usd(micro)
-    whole, frac = text.split(".")
-    frac = frac.rstrip("0")
-    return f"{whole}.{frac.ljust(2, '0')}"
+def _half_up_micro(usd: Decimal) -> int:
+    return int((usd * MICRO).to_integral_value(rounding=ROUND_HALF_UP))
+
+
+def usd_places(amounts: Iterable[int]) -> int:
+    """The fewest decimals, 2 to 6, that show every micro-USD amount exactly."""
+    for places in range(2, 6):
+        if all(amount % 10 ** (6 - places) == 0 for amount in amounts):
+            return places
+    return 6
+
+
+def usd_text(micro: int, places: int) -> str:
+    """`$18.40`, `-$0.000250`: micro-USD at `places` decimals (exact when `usd_places` chose)."""
+    text = f"{from_micro_usd(abs(micro)):.{places}f}"
+    return f"-${text}" if micro < 0 else f"${text}"
 
 
 REPRICE_COLUMNS = [
@@ -395,10 +453,13 @@ REPRICE_COLUMNS = [
     Column("target", "repriced on"),
     Column("other_micro_usd", "other_usd", money=True),
     Column("change", "actual vs other"),
-    Column("cache_saving_usd", "cache saved"),
-    Column("batch_saving_usd", "batch saved"),
+    Column("cache_saving_micro_usd", "cache saved", money=True),
+    Column("batch_saving_micro_usd", "batch saved", money=True),
     Column("note", "note"),
 ]
+# Scripts get the percentage as a plain number, and the not-compared loops' share on the total.
 REPRICE_JSON_COLUMNS = [c for c in REPRICE_COLUMNS if c.key != "change"] + [
-    Column("actual_vs_other_pct", "actual_vs_other_pct")
+    Column("actual_vs_other_pct", "actual_vs_other_pct"),
+    Column("not_compared_calls", "not_compared_calls"),
+    Column("not_compared_micro_usd", "not_compared_usd", money=True),
 ]

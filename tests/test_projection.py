@@ -10,11 +10,13 @@ from typing import Any
 
 import pytest
 from builders import merge
-from spendledger import build, config_data, load
+from spendledger import HAIKU, Call, build, config_data, load, write_run
 
 from agentd.config import Config
 from agentd.ledger import Ledger
 from agentd.projection import count_runs, plan, scaled_cap
+from agentd.providers.base import Usage
+from agentd.reprice import config_label
 from agentd.views import plan_report
 
 # Noon, so the schedules' first fires are easy to list.
@@ -150,8 +152,24 @@ def test_plan_against_another_config(config: Config, ledger: Ledger, tmp_path: P
     assert by["delta"]["this_status"] == "not in this config"
     assert by["delta"]["other_projected_usd"] == "0.006431"
     assert by["total"]["other_projected_usd"] == "0.954276"  # 446 845 + 501 000 + 6431
-    assert "other = agent-model-config.yaml" in text.splitlines()[0]
+    # Both files are named agent-model-config.yaml: the header tells them apart by path.
+    mine, theirs = config_label(config), config_label(other)
+    assert mine != theirs
+    assert text.splitlines()[0].endswith(f"this = {mine}, other = {theirs}")
     assert any("warning" in line for line in text.splitlines())
+
+
+def test_plan_prices_one_hour_cache_writes_at_their_rate(tmp_path: Path) -> None:
+    # haiku with a 1-hour write rate of 2 µ$/token: a run that wrote 1000 tokens for an hour
+    # and answered 10 costs 1000 × 2 + 10 × 5 = 2050 µ$ (at the 5-minute rate, 1300).
+    data = merge(config_data(), {"models": {"haiku": {"price": {"cache_write_1h": 2}}}})
+    config = load(tmp_path / "conf", data)
+    usage = Usage(input_tokens=1000, output_tokens=10, cache_write_tokens=1000,
+                  cache_write_1h_tokens=1000)  # fmt: skip
+    with Ledger.open(tmp_path / "state") as ledger:
+        write_run(ledger, "alpha", NOW - timedelta(days=1), [Call(HAIKU, "ok", usage, 2050, 1)])
+        p = plan(config, ledger, days=1, now=NOW)
+    assert rows(p)["alpha"]["per_run_micro_usd"] == 2050
 
 
 def test_plan_without_a_ledger(config: Config, tmp_path: Path) -> None:

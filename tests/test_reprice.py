@@ -8,8 +8,10 @@ from pathlib import Path
 
 import pytest
 from builders import merge
-from spendledger import HAIKU, SONNET, Call, at, build, config_data, load, write_run
+from click.testing import CliRunner
+from spendledger import GPT_MINI, HAIKU, SONNET, Call, at, build, config_data, load, write_run
 
+from agentd.cli import main
 from agentd.config import Config
 from agentd.ledger import Ledger
 from agentd.pricing import Price, cost_usd, to_micro_usd
@@ -17,15 +19,20 @@ from agentd.providers.base import Usage
 from agentd.reprice import (
     NOT_IN_OTHER,
     Target,
+    config_label,
     format_percent,
     percent_change,
     reprice,
     resolve_target,
+    usd_places,
+    usd_text,
 )
 from agentd.views import reprice_report
 
+# Every amount of a headline at the same places: here six, as 0.181575 needs them.
 ALL_DEEP_HEADLINE = (
-    "actual $0.02405 vs all-deep $0.181575 (−86.8 %); saved against list price by caching $0.002945"
+    "actual $0.024050 vs all-deep $0.181575 (−86.8 %); saved against list price by caching"
+    " $0.002945"
 )
 
 
@@ -74,9 +81,10 @@ def test_all_deep(config: Config, state: Path) -> None:
     # What caching saved at the actual models' list prices, 1h writes apart (none here):
     # alpha A1 on haiku: 300 reads × (1 − 0.1) − 100 writes × (1.25 − 1) = 245 per MTok;
     # beta's sonnet call: 1000 reads × (3 − 0.3) = 2700 per MTok.
-    assert rows["alpha"]["cache_saving_usd"] == "0.000245"
-    assert rows["beta"]["cache_saving_usd"] == "0.0027"
-    assert result.total["cache_saving_usd"] == "0.002945"
+    assert rows["alpha"]["cache_saving_micro_usd"] == 245
+    assert rows["beta"]["cache_saving_micro_usd"] == 2700
+    assert result.total["cache_saving_micro_usd"] == 2945
+    assert result.total["note"] is None and result.total["not_compared_micro_usd"] is None
 
 
 def test_all_model(config: Config, state: Path) -> None:
@@ -112,14 +120,123 @@ def test_against_another_config(config: Config, state: Path, tmp_path: Path) -> 
     assert rows["beta"]["other_micro_usd"] == 8350 and rows["beta"]["change"] == "+154.5 %"
     assert rows["beta"]["target"] == "haiku"
     assert rows["omega"]["note"] == NOT_IN_OTHER and rows["omega"]["other_micro_usd"] is None
-    # Totals compare the loops both sides have: 24 050 vs 19 615; omega's 600 is left out.
-    assert result.total["actual_micro_usd"] == 24_650
+    # The total compares like with like, the loops both sides have: alpha and beta's 5 calls,
+    # 24 050 vs 19 615. omega's call and 600 µ$ are counted apart, and said so.
+    assert result.total["calls"] == 5
+    assert result.total["actual_micro_usd"] == 24_050
     assert result.total["other_micro_usd"] == 19_615
     assert result.total["actual_vs_other_pct"] == "22.6"  # 4435 / 19 615 = 22.61 %
+    assert result.total["not_compared_calls"] == 1
+    assert result.total["not_compared_micro_usd"] == 600
+    assert result.total["note"] == "compared loops only; not compared: omega"
     assert result.headline == (
-        "actual $0.02405 vs cheap.yaml $0.019615 (+22.6 %); saved against list price by caching"
-        " $0.002945; not compared: omega (actual $0.0006)"
+        "actual $0.024050 vs cheap.yaml $0.019615 (+22.6 %); saved against list price by caching"
+        " $0.002945; not compared: omega (actual $0.000600)"
     )
+
+
+def test_target_loops_batch_setting_prices_at_batch_rates(
+    config: Config, state: Path, tmp_path: Path
+) -> None:
+    # OTHER runs alpha on balanced through the batch API: half of sonnet's rates, as
+    # `plan --against` projects it. beta has no `batch:` there and keeps its standard rates.
+    other = load(
+        tmp_path / "other",
+        merge(
+            config_data(),
+            {
+                "loops": {
+                    "alpha": {"tier": "balanced", "budget": None, "batch": True},
+                    "beta": {"tier": "fast"},
+                }
+            },
+        ),
+    )
+    with Ledger.open(state, create=False) as ledger:
+        result = reprice(ledger, config, resolve_target(config, other, other_label="b.yaml"))
+    rows = {r["loop"]: r for r in result.rows}
+    # 11 265 µ$ at standard rates (test_against_another_config) / 2 = 5632.5, rounded up;
+    # (2800 - 5632.5) / 5632.5 = -50.29 %.
+    assert rows["alpha"]["other_micro_usd"] == 5633 and rows["alpha"]["change"] == "−50.3 %"
+    assert rows["beta"]["other_micro_usd"] == 8350
+    assert rows["alpha"]["actual_micro_usd"] == 2800  # the actual side is what was paid
+    # --all-tier on a config whose alpha is a batch loop: alpha's 56 325 on opus / 2 = 28 162.5.
+    batched = load(
+        tmp_path / "batched", merge(config_data(), {"loops": {"alpha": {"batch": True}}})
+    )
+    with Ledger.open(state, create=False) as ledger:
+        result = reprice(ledger, batched, resolve_target(batched, None, all_tier="deep"))
+    rows = {r["loop"]: r for r in result.rows}
+    assert rows["alpha"]["other_micro_usd"] == 28_163
+    assert rows["beta"]["other_micro_usd"] == 125_250
+
+
+def test_savings_are_micro_usd_and_signed(config: Config, tmp_path: Path) -> None:
+    # Loop delta (in no config, so no batch on the target side), re-priced on opus:
+    #   D1 haiku, in 11 (cache read 1): caching saved 1 × (1 − 0.1) = 0.9 µ$;
+    #      on opus 10 × 15 + 1 × 1.5 = 151.5
+    #   D2 haiku, in 2000 (cache write 1000, never read), out 100: caching saved
+    #      −1000 × (1.25 − 1) = −250 µ$; on opus 1000 × 15 + 1000 × 18.75 + 100 × 75 = 41 250
+    #   D3 gpt-mini batch, in 3, out 1: batching saved (3 × 0.15 + 0.6) / 2 = 0.525 µ$;
+    #      on opus 3 × 15 + 75 = 120
+    # caching −249.1 -> −249 µ$, batching 0.525 -> 1 µ$ (half up), other 41 521.5 -> 41 522
+    # (up), actual 10 + 2750 + 1 = 2761: (2761 − 41521.5) / 41521.5 = −93.35 %.
+    with Ledger.open(tmp_path / "s") as ledger:
+        write_run(ledger, "delta", at(20, 9), [Call(HAIKU, "ok", Usage(11, 0, 1), 10, 1)])
+        write_run(
+            ledger, "delta", at(20, 10), [Call(HAIKU, "ok", Usage(2000, 100, 0, 1000), 2750, 1)]
+        )
+        write_run(
+            ledger, "delta", at(20, 11), [Call(GPT_MINI, "ok", Usage(3, 1), 1, 1, batch=True)]
+        )
+        result = reprice(ledger, config, resolve_target(config, None, all_tier="deep"))
+    (row,) = result.rows
+    assert row["cache_saving_micro_usd"] == -249 and row["batch_saving_micro_usd"] == 1
+    assert row["other_micro_usd"] == 41_522 and row["change"] == "−93.4 %"
+    assert result.headline == (
+        "actual $0.002761 vs all-deep $0.041522 (−93.4 %); saved against list price by caching"
+        " -$0.000249, batching $0.000001"
+    )
+    data = json.loads(reprice_report(tmp_path / "s", config, all_tier="deep", fmt="json"))
+    assert data[0]["cache_saving_usd"] == "-0.000249" and data[0]["batch_saving_usd"] == "0.000001"
+    assert data[-1]["cache_saving_usd"] == "-0.000249"
+
+
+def test_headline_amounts_share_their_places() -> None:
+    # The issue's example has whole cents: two places. Any amount with more decides for all.
+    assert usd_places([18_400_000, 341_200_000]) == 2
+    assert usd_text(18_400_000, 2) == "$18.40" and usd_text(341_200_000, 2) == "$341.20"
+    assert usd_places([82_950, 932_325]) == 6 and usd_text(82_950, 6) == "$0.082950"
+    assert usd_places([1_234_500, 0]) == 4 and usd_text(-250, 6) == "-$0.000250"
+
+
+def test_config_labels_tell_same_named_files_apart(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    this = load(tmp_path / "a", config_data())
+    other = load(tmp_path / "b", config_data())
+    assert this.path.name == other.path.name == "agent-model-config.yaml"
+    monkeypatch.chdir(tmp_path)
+    assert config_label(this) == str(Path("a", "agent-model-config.yaml"))
+    assert resolve_target(this, other).label == str(Path("b", "agent-model-config.yaml"))
+    monkeypatch.chdir(tmp_path / "a")  # b is not below the current directory: absolute
+    assert config_label(other) == str(other.path)
+
+
+def test_cli_names_the_other_config_by_its_path(
+    config: Config, state: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    load(tmp_path / "other", config_data())  # the same file name as the config's own
+    monkeypatch.chdir(tmp_path)
+    other = str(Path("other", "agent-model-config.yaml"))
+    result = CliRunner().invoke(
+        main,
+        ["--config", str(config.path), "--state-dir", str(state), "reprice", "--against", other,
+         "--since", "2026-03-01"],
+    )  # fmt: skip
+    assert result.exit_code == 0, result.output
+    assert result.stdout.splitlines()[0].endswith(f"re-priced on {other}")
+    assert result.stdout.splitlines()[-1].startswith(f"actual $0.024050 vs {other} $")
 
 
 def test_price_bands_match_per_call_costs(tmp_path: Path) -> None:
@@ -149,6 +266,10 @@ def test_report_forms(config: Config, state: Path) -> None:
     data = json.loads(reprice_report(state, config, all_tier="deep", fmt="json"))
     assert [d["loop"] for d in data] == ["alpha", "beta", "total"]
     assert data[-1]["other_usd"] == "0.181575" and data[-1]["actual_vs_other_pct"] == "-86.8"
+    # Savings are money like the rest: six places, never "0.0027".
+    assert data[1]["cache_saving_usd"] == "0.002700" and data[1]["batch_saving_usd"] == "0.000000"
+    assert data[-1]["cache_saving_usd"] == "0.002945"
+    assert data[-1]["not_compared_calls"] is None and data[-1]["not_compared_usd"] is None
     assert reprice_report(state.parent / "none", config, all_tier="deep") == (
         "(no ok calls in this period)"
     )
