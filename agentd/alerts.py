@@ -8,10 +8,13 @@ so each window reaches each level once.
 
 A budget level is sent when the run that just settled crossed it (the window's settled +
 reserved spend minus this run's cost was below the level, and is now at or above it), or, for
-100 %, when the window refused one of the run's calls. Crossing is judged per run, so a restart
-does not send the alerts of the day again; two runs settling at the same instant may each see
-the other's cost as "before" and miss a crossing between them. The "already sent" memory is
-kept in the process (the daemon's lifetime; one `agentd once`), not in the ledger.
+100 %, when the window refused one of the run's calls: that event says `refused: true` and the
+`asked_usd` of the call that did not fit (its `used_pct` may be well below 100). Every budget
+event carries `used_pct`, the share of the limit actually spent or reserved. Crossing is judged
+per run, so a restart does not send the alerts of the day again; two runs settling at the same
+instant may each see the other's cost as "before" and miss a crossing between them. The
+"already sent" memory is kept in the process (the daemon's lifetime; one `agentd once`), not
+in the ledger.
 
 Sending never blocks or fails a run: each event goes out in its own task with the sink's
 timeout; failures are logged (`alert.failed`, webhook URLs redacted). Bodies carry loop
@@ -22,6 +25,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -35,10 +39,23 @@ from agentd.delivery import DeliveryOutcome, post_to_webhook, redact_url, send_t
 from agentd.ledger import Ledger, now_iso, utc_iso
 from agentd.logs import get_logger
 from agentd.loopconfig import Delivery
-from agentd.pricing import format_usd
+from agentd.pricing import format_usd, to_micro_usd
 
 LEVELS = (80, 100)
 _CHAIN_FAILED = "every model"  # RunFailed ("every model failed") and CircuitOpen ("... cooling")
+
+
+def refused_ask(refusals: str, label: str) -> int | None:
+    """The smallest amount (micro-USD) a refused call asked of this window, or None.
+
+    The refusal texts are `BudgetWindowExceeded`'s: `over budget: LABEL: limit X USD, used Y
+    USD (settled + reserved), asked Z USD`. A window named without an amount counts as asked 0.
+    """
+    if not refusals or label not in refusals:
+        return None
+    pattern = re.compile(re.escape(f"over budget: {label}:") + r"[^|]*?asked (\d+\.\d+) USD")
+    amounts = [to_micro_usd(Decimal(m.group(1))) for m in pattern.finditer(refusals)]
+    return min(amounts) if amounts else 0
 
 
 class Alerter:
@@ -137,21 +154,47 @@ class Alerter:
             limit = ws.window.limit_micro_usd
             used = ws.spent_micro_usd + ws.reserved_micro_usd
             before = used - int(result.cost_micro_usd or 0)
-            refused = bool(refusals) and ws.window.label in refusals
+            asked = refused_ask(refusals, ws.window.label)
             for level in reversed(LEVELS):
                 mark = Decimal(limit) * level / 100
                 crossed = before < mark <= used
-                if crossed or (level == 100 and refused):
+                if crossed:
                     self._budget_event(result, ws, level, used)
                     break  # the highest level reached is the news
+                if level == 100 and asked is not None:
+                    self._budget_event(result, ws, level, used, asked=asked)
+                    break
 
-    def _budget_event(self, result: Any, ws: budgets.WindowStatus, level: int, used: int) -> None:
+    def _budget_event(
+        self,
+        result: Any,
+        ws: budgets.WindowStatus,
+        level: int,
+        used: int,
+        *,
+        asked: int | None = None,
+    ) -> None:
+        """One `budget_threshold` event; `asked`: the window refused a call asking that much."""
         window = ws.window
         key = f"budget:{window.scope}:{window.period}:{utc_iso(ws.start)}:{level}"
+        used_pct = (Decimal(used) * 100 / window.limit_micro_usd).quantize(Decimal("0.1"))
+        fields: dict[str, Any] = {
+            "level_pct": level,
+            # Reached by spend (refused false) or by a call whose worst case did not fit in
+            # what was left (refused true, asked_usd): then used_pct may be far below 100.
+            "refused": asked is not None,
+            "used_pct": str(used_pct),
+        }
+        if asked is not None:
+            fields["asked_usd"] = format_usd(asked)
+            fields["note"] = (
+                f"a call asking up to {format_usd(asked)} USD did not fit in the "
+                f"{format_usd(max(window.limit_micro_usd - used, 0))} USD left"
+            )
         self.emit(
             "budget_threshold",
             key,
-            level_pct=level,
+            **fields,
             window=window.label,
             scope=window.scope,
             period=window.period,

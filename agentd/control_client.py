@@ -8,7 +8,8 @@ The CLI commands map onto two functions:
   Exit codes: 0 done; 2 unknown or invalid loop name; 75 not now (the loop is busy, paused or
   over budget); 1 a refused reload (the old config keeps running) or a daemon-side error.
 
-Both raise `DaemonNotRunning` (exit code 1) when no daemon listens on the socket, and
+Both raise `DaemonNotRunning` (exit code 1) when no daemon listens on the socket (`agentd
+resume LOOP` then clears the pause in the ledger itself: `resume_in_ledger`), and
 `AgentdError` (exit code 1) when the socket cannot be used (permissions, timeout): the CLI's
 error handler prints the message. Find the socket with `find_socket`.
 """
@@ -20,14 +21,22 @@ import http.client
 import json
 import os
 import socket
-from collections.abc import Mapping, Sequence
+import sqlite3
+from collections.abc import Collection, Mapping, Sequence
 from datetime import UTC, datetime, timedelta, tzinfo
 from pathlib import Path
 from typing import Any
 from zoneinfo import ZoneInfo
 
 from agentd.control import JSON_TYPE, LOOP_NAME, check_socket_path, socket_path
-from agentd.errors import EXIT_FAILED, EXIT_NOT_NOW, EXIT_OK, EXIT_USAGE, AgentdError
+from agentd.errors import (
+    EXIT_FAILED,
+    EXIT_NOT_NOW,
+    EXIT_OK,
+    EXIT_USAGE,
+    AgentdError,
+    LedgerError,
+)
 from agentd.ledger import parse_iso
 from agentd.reports import Column, to_table
 
@@ -158,6 +167,43 @@ def action_command(sock: Path, action: str, loop: str | None = None) -> tuple[st
     else:
         code = EXIT_FAILED
     return format_result(action, body, ok=code == EXIT_OK), code
+
+
+def resume_in_ledger(
+    state_dir: Path, loop: str, loops: Collection[str] | None = None
+) -> tuple[str, int]:
+    """`agentd resume LOOP` with no daemon running: clear the pause in the ledger itself.
+
+    The pause lives in the ledger's `loop_state`, so the next `agentd once` or daemon start
+    sees it cleared. `loops`: the config's loop names when the config could be read.
+    """
+    from agentd import loopstate
+    from agentd.ledger import DB_NAME, Ledger
+
+    if not LOOP_NAME.match(loop) or (loops is not None and loop not in loops):
+        known = "" if loops is None else f" (loops: {', '.join(sorted(loops))})"
+        return f"cannot resume {loop}: no loop named {loop!r}{known}", EXIT_USAGE
+    path = state_dir / DB_NAME
+    if not path.exists():
+        return (
+            f"{loop} is not paused (no daemon is running and nothing is recorded in {path})",
+            EXIT_OK,
+        )
+    try:
+        with Ledger.open(state_dir, create=False, reconcile=False) as ledger:
+            was_paused = loopstate.resume(ledger, loop)
+    except (LedgerError, sqlite3.Error) as exc:
+        raise AgentdError(
+            f"no daemon is running and the ledger {path} cannot be written ({exc}); run the "
+            "command as the daemon's user (e.g. sudo -u agentd agentd resume LOOP)"
+        ) from None
+    if was_paused:
+        return (
+            f"resumed {loop} (no daemon is running: cleared its pause and failure count in "
+            f"the ledger {path})",
+            EXIT_OK,
+        )
+    return f"{loop} was not paused (no daemon is running; ledger {path})", EXIT_OK
 
 
 # ---------------------------------------------------------------------------- formatting

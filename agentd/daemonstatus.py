@@ -263,7 +263,8 @@ def build_status(
 ) -> dict[str, Any]:
     """The `/status` body: each loop's schedule, next and last run, pause, failures and spend.
 
-    `next_runs` are the scheduler's next fire times (a loop missing from it has none);
+    `next_runs` are the scheduler's next fire times (a loop missing from it, or paused, has
+    none);
     `running` the loops with a run in progress; `daemon` extra facts (pid, started_at,
     version, config path) shown as they are. Money is decimal strings, times ISO-8601.
     Only ledger rows of the daemon's kind (`simulated`) count.
@@ -306,7 +307,8 @@ def build_status(
                 "enabled": loop.enabled,
                 "schedule": schedule_text(loop),
                 "target": f"tier {loop.tier}" if loop.tier else f"model {loop.model}",
-                "next_run": _iso((next_runs or {}).get(name)),
+                # A paused loop's job may still be scheduled, but it will not run: no next run.
+                "next_run": None if reason is not None else _iso((next_runs or {}).get(name)),
                 "running": name in running,
                 "paused": reason is not None,
                 "paused_reason": reason,

@@ -12,9 +12,11 @@
   the loop's previous `history` ok runs (of the same kind, real or simulated; only once there
   are `min_runs` of them, and only when that median is above zero) the loop is paused with a
   reason that names the run. `agentd resume LOOP` clears it.
-- **Projections** for `agentd check` and reload: runs in the next 30 days × the median cost
-  of the loop's latest real ok runs, or the simulator's estimate of one call of its prompt
-  template on its primary model when it has no history.
+- **Projections** for `agentd check` and reload: runs in the next 30 days × the share of the
+  loop's latest real ticks that called the model (the rest were `skipped_noop`) × the median
+  cost of its latest real ok runs, or the simulator's estimate of one call of its prompt
+  template on its primary model when it has no history. `check` also compares the total with
+  the global budgets.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ from agentd.config import Config
 from agentd.errors import AgentdError
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
-from agentd.loopconfig import AnomalyConfig, LoopConfig, RunLimits
+from agentd.loopconfig import AnomalyConfig, BudgetConfig, LoopConfig, RunLimits
 from agentd.pricing import format_usd, from_micro_usd
 
 HANDLER_DEFAULT_LIMITS = RunLimits(max_calls_per_run=20, max_tokens_per_run=200_000)
@@ -118,10 +120,10 @@ def median(values: list[int]) -> Decimal:
     return (Decimal(ordered[mid - 1]) + Decimal(ordered[mid])) / 2
 
 
-def _usd4(micro: Decimal | int) -> str:
-    """Money for a human sentence: USD with 4 decimals (exact figures are in the ledger)."""
+def usd6(micro: Decimal | int) -> str:
+    """Money for a human sentence: `$` and USD with 6 decimals, like the reports' figures."""
     value = from_micro_usd(micro) if isinstance(micro, int) else Decimal(micro) / 1_000_000
-    return f"${value.quantize(Decimal('0.0001'))}"
+    return f"${value.quantize(Decimal('0.000001'))}"
 
 
 def check_anomaly(
@@ -153,7 +155,7 @@ def check_anomaly(
         return None
     ratio = (Decimal(cost) / mid).quantize(Decimal("0.1"))
     reason = (
-        f"anomaly: run {run_id} cost {_usd4(cost)} = {ratio}× the median {_usd4(mid)} "
+        f"anomaly: run {run_id} cost {usd6(cost)} = {ratio}× the median {usd6(mid)} "
         f"of the loop's last {len(history)} ok runs (limit {settings.factor}×)"
     )
     loopstate.set_paused(ledger, loop_name, reason, None)
@@ -189,11 +191,18 @@ class LoopProjection:
     per_run_micro_usd: Decimal | None  # None: a model without a price
     history_runs: int  # 0: simulated estimate
     monthly_micro_usd: int | None
+    ticks: int = 0  # the loop's latest real ticks that got past scheduling (ok, failed, no-op)
+    model_ticks: int = 0  # of those, the ones that went on to call the model (not skipped_noop)
 
     @property
     def runs_per_day(self) -> Decimal:
         """Scheduled runs per day (may be a fraction for weekly crons)."""
         return (Decimal(self.runs) / PROJECTION_DAYS).quantize(Decimal("0.01")).normalize()
+
+    @property
+    def call_share(self) -> Decimal:
+        """The share of ticks that call the model (1 without history of ticks)."""
+        return Decimal(1) if self.ticks == 0 else Decimal(self.model_ticks) / self.ticks
 
 
 def _median_history(ledger: Ledger | None, loop_name: str) -> list[int]:
@@ -208,6 +217,25 @@ def _median_history(ledger: Ledger | None, loop_name: str) -> list[int]:
                 (loop_name, PROJECTION_HISTORY),
             )
         ]
+
+
+def _tick_history(ledger: Ledger | None, loop_name: str) -> tuple[int, int]:
+    """(ticks, ticks that called the model) over the loop's latest real ticks.
+
+    A tick is a run that was due and not held back by a budget, a pause or active hours: the
+    precheck or an empty checklist decides whether it calls the model (`skipped_noop` if not).
+    """
+    if ledger is None:
+        return 0, 0
+    with ledger.read() as conn:
+        row = conn.execute(
+            "SELECT COUNT(*), COALESCE(SUM(status != 'skipped_noop'), 0) FROM (SELECT status"
+            " FROM runs WHERE loop = ? AND simulated = 0"
+            " AND status IN ('ok', 'failed', 'aborted', 'skipped_noop')"
+            " ORDER BY started_at DESC, id DESC LIMIT ?)",
+            (loop_name, PROJECTION_HISTORY),
+        ).fetchone()
+    return int(row[0]), int(row[1])
 
 
 def simulated_run_micro_usd(config: Config, loop_name: str) -> Decimal | None:
@@ -248,9 +276,14 @@ def project_loop(
     loop = config.loops[loop_name]
     runs = count_runs(loop, config, now, now + timedelta(days=PROJECTION_DAYS))
     history = _median_history(ledger, loop_name)
+    ticks, model_ticks = _tick_history(ledger, loop_name)
     per_run = median(history) if history else simulated_run_micro_usd(config, loop_name)
-    monthly = None if per_run is None else int((per_run * runs).to_integral_value(ROUND_CEILING))
-    return LoopProjection(loop_name, runs, per_run, len(history), monthly)
+    monthly = None
+    if per_run is not None:
+        # Ticks skipped as no-ops cost nothing: only the share that calls the model is paid.
+        share = Decimal(1) if ticks == 0 else Decimal(model_ticks) / ticks
+        monthly = int((per_run * runs * share).to_integral_value(ROUND_CEILING))
+    return LoopProjection(loop_name, runs, per_run, len(history), monthly, ticks, model_ticks)
 
 
 def projected_total(
@@ -262,9 +295,9 @@ def projected_total(
     return sum(p.monthly_micro_usd or 0 for p in rows.values()), rows
 
 
-def _monthly_caps(loop: LoopConfig) -> list[tuple[str, int]]:
-    """A loop's budget windows scaled to PROJECTION_DAYS days: (how, micro-USD)."""
-    if loop.budget is None:
+def _monthly_caps(budget: BudgetConfig | None) -> list[tuple[str, int]]:
+    """Budget windows scaled to PROJECTION_DAYS days: (how, micro-USD)."""
+    if budget is None:
         return []
     factors: dict[str, Decimal] = {
         "hour": Decimal(24 * PROJECTION_DAYS),
@@ -272,7 +305,7 @@ def _monthly_caps(loop: LoopConfig) -> list[tuple[str, int]]:
         "week": Decimal(PROJECTION_DAYS) / 7,
     }
     caps = []
-    for period, limit in loop.budget.limits().items():
+    for period, limit in budget.limits().items():
         micro = budgets.limit_to_micro_usd(limit)
         if period == "month":
             caps.append((f"per_month_usd {limit}", micro))
@@ -284,6 +317,27 @@ def _monthly_caps(loop: LoopConfig) -> list[tuple[str, int]]:
     return caps
 
 
+def _per_run_text(projection: LoopProjection) -> str:
+    """How a projection was made: runs/day, the share of ticks that call the model, per run."""
+    assert projection.per_run_micro_usd is not None
+    parts = [f"{projection.runs_per_day} runs/day"]
+    if projection.model_ticks < projection.ticks:
+        pct = (projection.call_share * 100).quantize(Decimal("0.1")).normalize()
+        parts.append(
+            f"{pct:f}% calling the model ({projection.model_ticks} of the last "
+            f"{projection.ticks} ticks; the rest were skipped_noop)"
+        )
+    if projection.history_runs:
+        parts.append(
+            f"median {usd6(projection.per_run_micro_usd)} from {projection.history_runs} runs"
+        )
+    else:
+        parts.append(
+            f"estimate {usd6(projection.per_run_micro_usd)} (simulated estimate: no history)"
+        )
+    return " × ".join(parts)
+
+
 def projection_lines(config: Config, projection: LoopProjection) -> tuple[list[str], list[str]]:
     """The `agentd check` lines of one loop, and its warnings."""
     loop = config.loops[projection.loop]
@@ -291,49 +345,65 @@ def projection_lines(config: Config, projection: LoopProjection) -> tuple[list[s
     if projection.monthly_micro_usd is None or projection.per_run_micro_usd is None:
         return ["projected: unknown (a model of this loop has no price)"], []
     monthly = projection.monthly_micro_usd
-    source = (
-        f"from {projection.history_runs} runs"
-        if projection.history_runs
-        else "(simulated estimate: no history)"
-    )
-    what = "median" if projection.history_runs else "estimate"
-    line = (
-        f"projected: {_usd4(monthly)}/month ({projection.runs_per_day} runs/day × {what} "
-        f"{_usd4(projection.per_run_micro_usd)} {source})"
-    )
-    lines = [line]
+    lines = [f"projected: {usd6(monthly)}/month ({_per_run_text(projection)})"]
     warnings: list[str] = []
-    caps = _monthly_caps(loop)
+    caps = _monthly_caps(loop.budget)
     if caps:
         how, cap = min(caps, key=lambda c: c[1])
-        lines.append(f"budget: {_usd4(cap)}/month ({how})")
+        lines.append(f"budget: {usd6(cap)}/month ({how})")
         if monthly > cap:
             warnings.append(
-                f"loop {name}: projected {_usd4(monthly)}/month exceeds its budget "
-                f"{_usd4(cap)}/month ({how}): the loop would be starved "
+                f"loop {name}: projected {usd6(monthly)}/month exceeds its budget "
+                f"{usd6(cap)}/month ({how}): the loop would be starved "
                 f"(when_over_budget: {loop.when_over_budget})"
             )
     else:
         threshold = config.guardrails.warn_unbudgeted_usd_per_month
         if from_micro_usd(monthly) > threshold:
             warnings.append(
-                f"loop {name}: no budget, projected {_usd4(monthly)}/month is above "
+                f"loop {name}: no budget, projected {usd6(monthly)}/month is above "
                 f"guardrails.warn_unbudgeted_usd_per_month ${threshold}: add a budget"
             )
     return lines, warnings
 
 
+def total_lines(
+    config: Config, total: int, rows: dict[str, LoopProjection]
+) -> tuple[list[str], list[str]]:
+    """The projected total of all loops, and a warning per global budget it exceeds."""
+    unpriced = sorted(name for name, p in rows.items() if p.monthly_micro_usd is None)
+    note = f" (not counted, no price: {', '.join(unpriced)})" if unpriced else ""
+    lines = [f"projected total: {usd6(total)}/month over {len(rows)} loops{note}"]
+    warnings = []
+    for how, cap in _monthly_caps(config.budgets):
+        if total > cap:
+            warnings.append(
+                f"projected total {usd6(total)}/month of all loops exceeds the global budget "
+                f"{usd6(cap)}/month ({how}): loops would be refused once it is spent"
+            )
+    return lines, warnings
+
+
+@dataclass(frozen=True)
+class ProjectionCheck:
+    """What `agentd check` shows of the projections: per loop, the total, and the warnings."""
+
+    lines: dict[str, list[str]]
+    total: list[str]
+    warnings: list[str]
+
+
 def check_projection(
     config: Config, state_dir: Path, *, now: datetime | None = None
-) -> tuple[dict[str, list[str]], list[str]]:
-    """For `agentd check`: per loop its projection lines, and the warnings of all loops.
+) -> ProjectionCheck:
+    """For `agentd check`: per loop its projection lines, the total, and every warning.
 
     The ledger is opened read-only when it exists (history); without one, every loop is a
     simulated estimate. Disabled loops project 0 runs.
     """
     ledger = _open_read_only(state_dir)
     try:
-        _, rows = projected_total(config, ledger, now)
+        total, rows = projected_total(config, ledger, now)
     finally:
         if ledger is not None:
             ledger.close()
@@ -343,7 +413,8 @@ def check_projection(
         loop_lines, loop_warnings = projection_lines(config, projection)
         lines[name] = loop_lines
         warnings.extend(loop_warnings)
-    return lines, warnings
+    overall, global_warnings = total_lines(config, total, rows)
+    return ProjectionCheck(lines, overall, warnings + global_warnings)
 
 
 def _open_read_only(state_dir: Path) -> Ledger | None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from collections.abc import Sequence
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 from agentd import budgets
 from agentd.apikeys import missing_api_keys
 from agentd.caching import decide_for_run
-from agentd.config import Config
+from agentd.config import ChainEntry, Config
 from agentd.context import check_context, stable_prefix, stable_sources
 from agentd.delivery import redact_url
 from agentd.guardrails import check_projection
@@ -30,7 +31,8 @@ from agentd.spendviews import prune_ledger as prune_ledger
 
 
 def _usd(amount: Any) -> str:
-    return f"${amount}"
+    # `:f`: a limit written 1e9 is shown $1000000000, not $1E+9; 0.50 keeps its digits.
+    return f"${amount:f}"
 
 
 def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
@@ -41,7 +43,8 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
         caps = ", ".join(f"{_usd(v)}/{p}" for p, v in config.budgets.limits().items())
         lines.append(f"global budget: {caps}")
     warnings = list(missing_api_keys(config))
-    projections, projection_warnings = check_projection(config, state_dir)
+    projection = check_projection(config, state_dir)
+    projections = projection.lines
     now = datetime.now(tz=UTC)
     for name, loop in config.loops.items():
         schedule = f"every {loop.every}" if loop.every else f"cron {loop.cron!r}"
@@ -52,12 +55,9 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
             + ("" if loop.enabled else " (disabled)")
         )
         chain = config.chain(name)
-        lines.append(
-            "  chain: "
-            + " -> ".join(f"{e.alias} ({e.provider_name}/{e.model.model})" for e in chain)
-        )
         if loop.route != "static":
             lines.append(f"  route: {loop.route}")
+        lines.extend(f"  {line}" for line in chain_lines(config, name))
         if loop.batch is not None:
             lines.append(
                 f"  batch: via the providers' batch APIs at batch prices (polls up to every "
@@ -95,7 +95,97 @@ def describe_config(config: Config, state_dir: Path) -> tuple[str, list[str]]:
         lines.append(
             "  next: " + ", ".join(f.astimezone(tz).isoformat(timespec="minutes") for f in fires)
         )
-    return "\n".join(lines), warnings + projection_warnings
+    lines += ["", *projection.total]
+    return "\n".join(lines), warnings + projection.warnings
+
+
+def _entry_text(entry: ChainEntry) -> str:
+    return f"{entry.alias} ({entry.provider_name}/{entry.model.model})"
+
+
+def _chain_text(config: Config, loop_name: str, entries: Sequence[ChainEntry]) -> str:
+    """A chain as `a (p/m) -> b (p/m)`, marking where the loop's fallback tiers begin."""
+    fallbacks = config.loops[loop_name].fallback_tiers
+    parts: list[str] = []
+    for index, entry in enumerate(entries):
+        text = _entry_text(entry)
+        if index and entry.tier != entries[index - 1].tier and entry.tier in fallbacks:
+            text = f"[fallback tier {entry.tier}] {text}"
+        parts.append(text)
+    return " -> ".join(parts)
+
+
+def chain_lines(config: Config, loop_name: str) -> list[str]:
+    """Every chain a loop's calls may walk: its own, its route's tiers, its budget downgrades."""
+    from agentd.routing import tiers_used
+    from agentd.runcalls import target_chain
+
+    loop = config.loops[loop_name]
+    own = config.chain(loop_name)
+    what = {
+        "cascade": "chain (draft)",
+        "classify": "chain (work without a usable label)",
+        "rules": "chain (configured; the rules pick the tier below)",
+    }
+    lines = [f"{what.get(loop.route, 'chain')}: {_chain_text(config, loop_name, own)}"]
+    # Route steps go through the same chain building as the loop's calls: tier + fallbacks.
+    steps: dict[tuple[str, str], list[str]] = {}
+    for key_path, tier, who in tiers_used(loop):
+        if key_path[-1] == "review_tier":
+            step = "review"
+        elif key_path[-1] == "escalate_tier":
+            step = "escalate"
+        elif key_path[-1] == "classifier_tier":
+            step = "classifier"
+        elif key_path[0] == "route":
+            step = "rules pick"
+        else:
+            step = "label"
+        steps.setdefault((step, tier), []).append(who)
+    for (step, tier), whos in steps.items():
+        label = f"{step} {', '.join(whos)}" if step == "label" else step
+        chain = target_chain(config, loop_name, tier, None)
+        lines.append(f"{label} ({tier}): {_chain_text(config, loop_name, chain)}")
+    if loop.when_over_budget == "downgrade":
+        lines.extend(_downgrade_lines(config, loop_name, own))
+    return lines
+
+
+def _downgrade_lines(config: Config, loop_name: str, own: Sequence[ChainEntry]) -> list[str]:
+    """The cheaper tiers a budget downgrade may fall to, dearest first (as `plans_for` orders
+    them; estimated with the prompt template, so a much longer rendered prompt may differ)."""
+    from agentd import pricing
+
+    loop = config.loops[loop_name]
+    prompt = config.prompt_path(loop_name).read_text(encoding="utf-8") if loop.prompt else ""
+    text_bytes = len(prompt.encode()) + len((loop.system or "").encode())
+    # The executor's reservation bound: one user message, plus the system prompt if any.
+    bound = pricing.input_token_bound(text_bytes, 1 + (1 if loop.system else 0))
+
+    def cost(entry: ChainEntry) -> int:
+        price = config.price(entry.alias)
+        if price is None:
+            return 0
+        return pricing.to_micro_usd(pricing.worst_case_usd(price, bound, loop.max_tokens))
+
+    own_cost = cost(own[0])
+    cheaper = [
+        (cost(chain[0]), tier, chain)
+        for tier in config.tiers
+        if tier != own[0].tier
+        for chain in [config.tier_chain(tier)]
+        if cost(chain[0]) < own_cost
+    ]
+    cheaper.sort(key=lambda item: -item[0])
+    lines = [
+        f"downgrade to {tier} (over budget): {' -> '.join(_entry_text(e) for e in chain)}"
+        for _, tier, chain in cheaper
+    ]
+    if loop.min_tokens is not None and loop.min_tokens < loop.max_tokens:
+        lines.append(f"downgrade: then max_tokens halved down to {loop.min_tokens}")
+    if not lines:
+        lines.append("downgrade: no cheaper tier (over budget the call is skipped)")
+    return lines
 
 
 def _loop_io_lines(config: Config, name: str) -> list[str]:
@@ -104,7 +194,10 @@ def _loop_io_lines(config: Config, name: str) -> list[str]:
     lines = []
     if loop.handler is not None:
         load_handler(config, name)  # a handler that cannot load is a ConfigError (exit 78)
-        lines.append(f"  handler: {loop.handler}")
+        lines.append(
+            f"  handler: {loop.handler} (a call naming a tier or model walks that tier's chain,"
+            " then fallback_tiers)"
+        )
     if loop.context:
         sources = []
         for source in loop.context:
@@ -298,9 +391,11 @@ def plan_report(
         compared = compare(this, other)
         rows, totals = compared[:-1], compared[-1]
         columns = COMPARE_COLUMNS if table else COMPARE_JSON_COLUMNS
-        name = other.config.path.name
-        head = f"projected spend over {days} days: this = {config.path.name}, other = {name}"
-        warnings = [f"{config.path.name}: {w}" for w in this.warnings]
+        from agentd.reprice import config_label
+
+        mine, name = config_label(config), config_label(other.config)
+        head = f"projected spend over {days} days: this = {mine}, other = {name}"
+        warnings = [f"{mine}: {w}" for w in this.warnings]
         warnings += [f"{name}: {w}" for w in other.warnings]
     if not table:
         # Scripts get the totals as the last row (scope `global` / name `total`).

@@ -73,29 +73,60 @@ def test_budget_80_and_100_percent(tmp_path: Path, fake_server: FakeServer, sink
         fake_server,
         {
             "alerts": {"sinks": [{"webhook": sink.url, "timeout_s": 5}]},
-            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": "0.001"}}},
+            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": 0.001}}},
         },
     )
     state = tmp_path / "state"
-    # 200 input × $1 + 150 output × $5 per MTok = 950 micro-USD: 95 % of the day's 1000.
-    fake_server.script("claude-haiku-4-5", ok(input_tokens=200, output_tokens=150))
+    # 200 input × $1 + 159 output × $5 per MTok = 995 micro-USD: 99.5 % of the day's 1000.
+    fake_server.script("claude-haiku-4-5", ok(input_tokens=200, output_tokens=159))
     first = asyncio.run(run_once(config, state, "work"))
-    assert first.status == "ok" and first.cost_micro_usd == 950
+    assert first.status == "ok" and first.cost_micro_usd == 995
     [eighty] = sink.events("budget_threshold")
-    assert eighty["level_pct"] == 80
+    assert eighty["level_pct"] == 80 and eighty["refused"] is False
+    assert eighty["used_pct"] == "99.5" and "asked_usd" not in eighty
     assert eighty["window"] == "loop work per day"
-    assert (eighty["limit_usd"], eighty["used_usd"]) == ("0.001000", "0.000950")
+    assert (eighty["limit_usd"], eighty["used_usd"]) == ("0.001000", "0.000995")
     assert eighty["run_id"] == first.run_id
-    # The next call's worst case does not fit in what is left: refused, and that is 100 %.
+    # The next call's worst case does not fit in what is left on either model: refused, and
+    # that is 100 %, told apart from spend reaching the limit by `refused` and `asked_usd`.
     second = asyncio.run(run_once(config, state, "work"))
     assert second.status == "skipped_budget"
     levels = [e["level_pct"] for e in sink.events("budget_threshold")]
     assert levels == [80, 100]
-    assert sink.events("budget_threshold")[1]["window_start"] == eighty["window_start"]
+    hundred = sink.events("budget_threshold")[1]
+    assert hundred["window_start"] == eighty["window_start"]
+    assert hundred["refused"] is True and hundred["used_pct"] == "99.5"
+    # The cheaper refused call, gpt-4o-mini: 42 input tokens × $0.15 + 20 × $0.60 per MTok
+    # = 18.3 → 19 micro-USD, more than the 5 left.
+    assert hundred["asked_usd"] == "0.000019"
+    assert hundred["note"] == (
+        f"a call asking up to {hundred['asked_usd']} USD did not fit in the 0.000005 USD left"
+    )
     assert fake_server.count() == 1
     # No secret in any body.
     dump = json.dumps(sink.bodies)
     assert TEST_ENV["TEST_ANTHROPIC_KEY"] not in dump and sink.url not in dump
+
+
+def test_a_refusal_far_below_the_limit_says_so(
+    tmp_path: Path, fake_server: FakeServer, sink: Sink
+) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {
+            "alerts": {"sinks": [{"webhook": sink.url, "timeout_s": 5}]},
+            "loops": {"work": {"max_tokens": 2000, "budget": {"per_day_usd": 0.001}}},
+        },
+    )
+    result = asyncio.run(run_once(config, tmp_path / "state", "work"))
+    assert result.status == "skipped_budget" and fake_server.count() == 0
+    [event] = sink.events("budget_threshold")
+    assert event["level_pct"] == 100 and event["refused"] is True
+    assert (event["used_usd"], event["used_pct"]) == ("0.000000", "0.0")
+    # The cheaper refusal, gpt-4o-mini: 2000 output tokens at $0.60 per MTok = 1200 micro-USD,
+    # plus the 10-byte prompt's input bound of 42 tokens at $0.15 per MTok = 6.3 → 1207.
+    assert event["asked_usd"] == "0.001207"
 
 
 def test_pause_and_chain_failure_in_the_daemon(
@@ -172,7 +203,7 @@ def test_a_dead_sink_never_fails_the_run(tmp_path: Path, fake_server: FakeServer
         fake_server,
         {
             "alerts": {"sinks": [{"webhook": "http://127.0.0.1:9/x", "timeout_s": 1}]},
-            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": "0.001"}}},
+            "loops": {"work": {"max_tokens": 20, "budget": {"per_day_usd": 0.001}}},
         },
     )
     fake_server.script("claude-haiku-4-5", ok(input_tokens=200, output_tokens=150))

@@ -91,7 +91,7 @@ def test_token_ceiling(tmp_path: Path, fake_server: FakeServer, code: str) -> No
 def test_usd_ceiling_refuses_the_call_that_could_pass_it(
     tmp_path: Path, fake_server: FakeServer, code: str
 ) -> None:
-    h = handler_harness(tmp_path, fake_server, code, {"max_usd_per_run": "0.0015"})
+    h = handler_harness(tmp_path, fake_server, code, {"max_usd_per_run": 0.0015})
     result = h.run()
     assert result.status == "failed"
     assert (result.error or "").startswith("limit max_usd_per_run=0.0015 reached (spent $")
@@ -186,7 +186,7 @@ def test_a_run_ten_times_the_median_pauses_the_loop(
     assert result.status == "ok" and result.cost_micro_usd == 2000
     reason = loopstate.paused_reason(h.ledger, "work", datetime.now(UTC))
     assert reason == (
-        f"anomaly: run {result.run_id} cost $0.0020 = 10.0× the median $0.0002 "
+        f"anomaly: run {result.run_id} cost $0.002000 = 10.0× the median $0.000200 "
         "of the loop's last 10 ok runs (limit 5×)"
     )
     assert result.paused_reason == reason
@@ -220,7 +220,7 @@ def test_per_loop_anomaly_settings(tmp_path: Path, fake_server: FakeServer) -> N
     seeded(h, 1, input_tokens=300, output_tokens=20)  # 400 = 2.0×: not above 2
     assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
     seeded(h, 1, input_tokens=400, output_tokens=20)  # 500 = 2.5× the median 200
-    assert "= 2.5× the median $0.0002" in (
+    assert "= 2.5× the median $0.000200" in (
         loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) or ""
     )
 
@@ -247,7 +247,7 @@ def test_check_projection_simulated_starved_and_unbudgeted(tmp_path: Path) -> No
         {
             "guardrails": {"warn_unbudgeted_usd_per_month": 1},
             "loops": {
-                "work": {"budget": {"per_day_usd": "0.01"}},
+                "work": {"budget": {"per_day_usd": 0.01}},
                 "free": {"every": "30m", "tier": "fast", "max_tokens": 200, "prompt": "work.md"},
                 "daily": {
                     "cron": "0 7 * * *",
@@ -258,22 +258,24 @@ def test_check_projection_simulated_starved_and_unbudgeted(tmp_path: Path) -> No
             },
         },
     )
-    lines, warnings = check_projection(config, tmp_path / "no-state", now=NOW)
+    check = check_projection(config, tmp_path / "no-state", now=NOW)
+    lines, warnings = check.lines, check.warnings
     # "Say hello." = 10 bytes → 2 + 4 + 3 = 9 input tokens, plus all 200 output tokens on
     # claude-haiku-4-5 ($1 / $5 per MTok): 9 + 1000 = 1009 micro-USD a run; 1439 runs of an
     # every-30m loop in the next 30 days (the first one 30 minutes from now).
     assert lines["work"] == [
-        "projected: $1.4520/month (47.97 runs/day × estimate $0.0010 (simulated estimate: "
+        "projected: $1.451951/month (47.97 runs/day × estimate $0.001009 (simulated estimate: "
         "no history))",
-        "budget: $0.3000/month (per_day_usd 0.01 × 30)",
+        "budget: $0.300000/month (per_day_usd 0.01 × 30)",
     ]
     assert lines["daily"][0] == (
-        "projected: $0.0303/month (1 runs/day × estimate $0.0010 (simulated estimate: no history))"
+        "projected: $0.030270/month (1 runs/day × estimate $0.001009 (simulated estimate: no "
+        "history))"
     )
     assert warnings == [
-        "loop work: projected $1.4520/month exceeds its budget $0.3000/month "
+        "loop work: projected $1.451951/month exceeds its budget $0.300000/month "
         "(per_day_usd 0.01 × 30): the loop would be starved (when_over_budget: skip)",
-        "loop free: no budget, projected $1.4520/month is above "
+        "loop free: no budget, projected $1.451951/month is above "
         "guardrails.warn_unbudgeted_usd_per_month $1: add a budget",
     ]
 
@@ -288,12 +290,12 @@ def test_check_projection_uses_the_median_of_the_ledger(
     )
     seeded(h, 2)
     seeded(h, 1, input_tokens=1000, output_tokens=200)
-    lines, warnings = check_projection(h.config, tmp_path / "state", now=NOW)
-    assert lines["work"] == [
-        "projected: $0.0060/month (1 runs/day × median $0.0002 from 3 runs)",
-        "budget: $1.0000/month (per_month_usd 1)",
+    check = check_projection(h.config, tmp_path / "state", now=NOW)
+    assert check.lines["work"] == [
+        "projected: $0.006000/month (1 runs/day × median $0.000200 from 3 runs)",
+        "budget: $1.000000/month (per_month_usd 1)",
     ]
-    assert warnings == []
+    assert check.warnings == []
 
 
 def test_reload_cost_increase_is_a_warning(tmp_path: Path) -> None:

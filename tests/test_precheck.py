@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 import sys
 from pathlib import Path
 from typing import Any
@@ -154,6 +156,34 @@ def test_a_missing_checklist_is_not_a_noop(tmp_path: Path, fake_server: FakeServ
 def test_shipped_heartbeat_checklist_has_items() -> None:
     config = load_config(REPO / "config" / "agent-model-config.yaml")
     assert empty_checklist(config, "heartbeat") is None
+
+
+def test_shipped_checklist_without_its_items_is_empty() -> None:
+    """The guidance in the shipped checklist is in comments: removing the items makes ticks free."""
+    text = (REPO / "loops" / "heartbeat-checklist.md").read_text(encoding="utf-8")
+    assert not checklist_is_empty(text)
+    lines = text.splitlines(keepends=True)
+    items = [line for line in lines if line.startswith("- ")]
+    assert len(items) == 4
+    emptied = "".join(line for line in lines if not line.startswith("- "))
+    assert checklist_is_empty(emptied)
+    # The same with the items left as empty checkboxes, as an operator might.
+    assert checklist_is_empty("".join("- [ ]\n" if line in items else line for line in lines))
+
+
+def test_shipped_heartbeat_with_its_items_removed_is_free(tmp_path: Path) -> None:
+    shutil.copytree(REPO / "config", tmp_path / "config")
+    shutil.copytree(REPO / "loops", tmp_path / "loops")
+    checklist = tmp_path / "loops" / "heartbeat-checklist.md"
+    lines = checklist.read_text(encoding="utf-8").splitlines(keepends=True)
+    checklist.write_text("".join(line for line in lines if not line.startswith("- ")))
+    config, state = tmp_path / "config" / "agent-model-config.yaml", tmp_path / "state"
+    args = ["--config", str(config), "--state-dir", str(state), "once", "heartbeat"]
+    result = CliRunner().invoke(main, [*args, "--simulate", "--json"], env={"AGENTD_CONFIG": None})
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout)
+    assert out["status"] == "skipped_noop" and out["attempts"] == []
+    assert out["error"] == "nothing to do: checklist ../loops/heartbeat-checklist.md is empty"
 
 
 def test_once_exits_0_for_a_skipped_tick(tmp_path: Path, fake_server: FakeServer) -> None:
