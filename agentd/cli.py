@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import json
+import signal
 import sys
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -13,9 +14,13 @@ from typing import Any, TypeVar
 
 import click
 
-from agentd.errors import EXIT_CONFIG, EXIT_USAGE, AgentdError, ConfigError
+from agentd.errors import EXIT_CONFIG, EXIT_USAGE, AgentdError, ConfigError, Terminated
 
 F = TypeVar("F", bound=Callable[..., Any])
+# Killed by a signal, a command exits 128 + its number, as a shell reports it: 130 after
+# Ctrl-C (SIGINT), 143 after SIGTERM (`kill`, `timeout`, a stopping service manager).
+EXIT_INTERRUPTED = 128 + signal.SIGINT
+EXIT_TERMINATED = 128 + signal.SIGTERM
 
 
 @dataclass
@@ -64,7 +69,9 @@ def handle_errors(func: F) -> F:
         except AgentdError as exc:
             _fail(str(exc), exc.exit_code)
         except KeyboardInterrupt:
-            _fail("interrupted", 130)
+            _fail("interrupted", EXIT_INTERRUPTED)
+        except Terminated:
+            _fail("terminated", EXIT_TERMINATED)
 
     return wrapper  # type: ignore[return-value]
 
@@ -129,9 +136,13 @@ def check(obj: Context) -> None:
 @click.pass_obj
 @handle_errors
 def once(obj: Context, loop: str, simulate: bool, as_json: bool, no_wait: bool) -> None:
-    """Run LOOP once now; print its reply and cost (a batch loop waits for its batch)."""
+    """Run LOOP once now; print its reply and cost (a batch loop waits for its batch).
+
+    SIGINT exits 130 and SIGTERM 143, with the run and its call recorded `aborted`.
+    """
     import asyncio
 
+    from agentd.interrupt import cancelled_by_sigterm
     from agentd.runner import run_once
     from agentd.views import once_result_json, once_result_text
 
@@ -139,7 +150,9 @@ def once(obj: Context, loop: str, simulate: bool, as_json: bool, no_wait: bool) 
     if loop not in config.loops:
         _fail(f"no loop named {loop!r} (loops: {', '.join(sorted(config.loops))})", EXIT_USAGE)
     result = asyncio.run(
-        run_once(config, obj.state_dir(config), loop, simulate=simulate, wait=not no_wait)
+        cancelled_by_sigterm(
+            run_once(config, obj.state_dir(config), loop, simulate=simulate, wait=not no_wait)
+        )
     )
     click.echo(once_result_json(result) if as_json else once_result_text(result))
     sys.exit(result.exit_code)
@@ -216,8 +229,18 @@ def pause(obj: Context, loop: str) -> None:
 @click.pass_obj
 @handle_errors
 def resume(obj: Context, loop: str) -> None:
-    """Resume a paused LOOP (also clears its failure count)."""
-    _action(obj, "resume", loop)
+    """Resume a paused LOOP (also clears its failure count); with no daemon, in the ledger."""
+    from agentd.control_client import DaemonNotRunning, action_command, resume_in_ledger
+
+    try:
+        text, code = action_command(_socket(obj), "resume", loop)
+    except DaemonNotRunning:
+        # The pause lives in the ledger: clear it there, so a pause set by `agentd once`
+        # (the anomaly breaker, failures) can be cleared without starting the daemon.
+        config, state_dir = _reading(obj, full=True)
+        text, code = resume_in_ledger(state_dir, loop, None if config is None else config.loops)
+    click.echo(text, err=code != 0)
+    sys.exit(code)
 
 
 @main.command()
@@ -234,18 +257,26 @@ def reload(obj: Context) -> None:
     "--loop",
     "loop_name",
     metavar="LOOP",
-    help="Explain this loop's route (default: static on tier balanced).",
+    help="Explain this loop's route: TEXT is what the loop works on (its template is filled"
+    " with TEXT as its context, its system prompt counts, its budget windows are read)."
+    " Default: TEXT is the whole prompt, static on tier balanced, no budget.",
 )
 @click.option(
     "--simulate",
     is_flag=True,
-    help="Classify with the built-in offline model (no key, no network).",
+    help="Classify with the built-in offline model (no key, no network) and read the"
+    " simulated spend.",
 )
 @click.option("--json", "as_json", is_flag=True, help="Print the explanation as JSON.")
 @click.pass_obj
 @handle_errors
 def route(obj: Context, text: str, loop_name: str | None, simulate: bool, as_json: bool) -> None:
-    """Explain which tier and model TEXT would get, what it may cost, and why."""
+    """Explain which tier and model TEXT would get now, what it may cost, and why.
+
+    With --loop, the input is estimated as `agentd once` builds it (template, TEXT in place of
+    the context, system prompt) and the loop's budget decides: the tier after a downgrade, or
+    that the run would be skipped or the loop paused. Only a classify loop calls a model.
+    """
     import asyncio
 
     from agentd.routeexplain import explain_route, format_explanation
@@ -272,7 +303,9 @@ def _format(as_json: bool, as_csv: bool) -> str:
     type=click.Choice(["loop", "tier", "model", "provider", "purpose", "day", "week", "month"]),
 )
 @click.option(
-    "--since", default=None, help="A span (24h, 7d) or a date [default: 24h, 30d with --chart]."
+    "--since",
+    default=None,
+    help="A span (24h, 7d), a date, or today, week, month [default: 24h, 30d with --chart].",
 )
 @click.option("--until", default=None, help="A span back from now or a date (exclusive).")
 @click.option("--loop", "loop_name", default=None, help="Only this loop.")
@@ -351,19 +384,51 @@ def ledger_prune(obj: Context, before: str, dry_run: bool, no_rollup: bool, vacu
 @ledger.command("calls")
 @click.option("--loop", "loop_name", default=None, help="Only this loop's calls.")
 @click.option("--limit", default=20, show_default=True, type=click.IntRange(min=1))
+@click.option("--failed", is_flag=True, help="Only failed attempts (status error or aborted).")
+@click.option(
+    "--status",
+    "statuses",
+    multiple=True,
+    type=click.Choice(["ok", "error", "aborted", "pending", "submitted"]),
+    help="Only attempts with this status (repeatable; adds to --failed).",
+)
+@click.option("--since", default=None, help="A span (24h, 7d), a date, today, week or month.")
+@click.option("--until", default=None, help="A span back from now or a date (exclusive).")
 @click.option("--json", "as_json", is_flag=True)
 @click.option("--csv", "as_csv", is_flag=True)
 @click.option("--simulated", is_flag=True, help="Show simulated calls instead of real ones.")
 @click.pass_obj
 @handle_errors
 def ledger_calls(
-    obj: Context, loop_name: str | None, limit: int, as_json: bool, as_csv: bool, simulated: bool
+    obj: Context,
+    loop_name: str | None,
+    limit: int,
+    failed: bool,
+    statuses: tuple[str, ...],
+    since: str | None,
+    until: str | None,
+    as_json: bool,
+    as_csv: bool,
+    simulated: bool,
 ) -> None:
-    """The most recent attempts, newest first."""
+    """The most recent attempts, newest first (`--failed --since 24h`: what failed today)."""
+    from agentd.ledger import FAILED_CALL_STATUSES
     from agentd.spendviews import calls_report
 
     fmt = _format(as_json, as_csv)
-    click.echo(calls_report(_state_dir_for_reading(obj), loop_name, limit, simulated, fmt))
+    config, state_dir = _reading(obj)
+    wanted = {*statuses, *(FAILED_CALL_STATUSES if failed else ())}
+    text = calls_report(
+        state_dir,
+        loop_name,
+        limit,
+        simulated,
+        fmt,
+        statuses=sorted(wanted) if wanted else None,
+        since=_when(since, config, "--since") if since else None,
+        until=_when(until, config, "--until") if until else None,
+    )
+    click.echo(text)
 
 
 @main.command()
@@ -423,7 +488,7 @@ def plan(obj: Context, days: int, against: str | None, as_json: bool, as_csv: bo
     from agentd.views import plan_report
 
     config = obj.config()
-    other = load_config(against) if against else None
+    other = load_config(against, missing_hint="check the --against path") if against else None
     click.echo(
         plan_report(
             config, obj.state_dir(config), days=days, against=other, fmt=_format(as_json, as_csv)
@@ -460,7 +525,7 @@ def reprice(
     from agentd.views import reprice_report
 
     config, state_dir = _reading(obj, full=True)
-    other = load_config(against) if against else None
+    other = load_config(against, missing_hint="check the --against path") if against else None
     try:
         text = reprice_report(
             state_dir,
@@ -514,8 +579,3 @@ def _reading(obj: Context, *, full: bool = False) -> tuple[Any | None, Path]:
             raise
         config = None
     return config, obj.state_dir(config)
-
-
-def _state_dir_for_reading(obj: Context) -> Path:
-    """The state directory for a read-only command."""
-    return _reading(obj)[1]

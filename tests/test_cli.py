@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import signal
 import sqlite3
 import subprocess
 import sys
+import time
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
@@ -15,7 +18,7 @@ import pytest
 import yaml
 from builders import TEST_ENV, base_config, merge, write_config
 from click.testing import CliRunner, Result
-from fakeserver import FakeServer, error, ok
+from fakeserver import FakeServer, error, ok, timeout
 
 from agentd.cli import main
 
@@ -58,10 +61,10 @@ def shipped_copy(tmp_path: Path, patch: dict[str, Any] | None = None) -> Path:
 def test_check_passes_on_the_shipped_config(tmp_path: Path) -> None:
     result = agentd("--config", str(SHIPPED), "--state-dir", str(tmp_path), "check")
     assert result.exit_code == 0, result.output
-    for loop in ("heartbeat", "research", "planning"):
+    for loop in ("heartbeat", "research", "planning", "triage"):
         assert f"loop {loop}:" in result.stdout
     assert "haiku (anthropic/claude-haiku-5-5) -> gpt-mini (openai/gpt-5.4-mini)" in result.stdout
-    assert result.stdout.count("  next: ") == 3
+    assert result.stdout.count("  next: ") == 4
     assert "ANTHROPIC_API_KEY is not set" in result.stderr
 
 
@@ -153,7 +156,7 @@ def test_over_budget_exits_75_and_failed_run_exits_1(
                     "tier": "fast",
                     "max_tokens": 100,
                     "prompt": "work.md",
-                    "budget": {"per_day_usd": "0.0001"},
+                    "budget": {"per_day_usd": "0.00001"},
                 }
             }
         },
@@ -172,6 +175,46 @@ def test_over_budget_exits_75_and_failed_run_exits_1(
     )
     assert failed.exit_code == 1
     assert "every model failed" in failed.stdout
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
+def test_a_signal_mid_call_aborts_the_run_at_its_reservation(
+    tmp_path: Path, fake_server: FakeServer, sig: signal.Signals, code: int
+) -> None:
+    """SIGTERM (`kill`, `timeout`) ends `once` like Ctrl-C: nothing is left pending."""
+    data = merge(base_config(fake_server.url), {"providers": {"anthropic": {"timeout_s": 60}}})
+    config = write_config(tmp_path / "c", data)
+    state = tmp_path / "s"
+    fake_server.script("claude-haiku-4-5", timeout(60))  # a slow response
+    exe = Path(sys.executable).with_name("agentd")
+    proc = subprocess.Popen(
+        [str(exe), "--config", str(config), "--state-dir", str(state), "once", "work"],
+        env={**os.environ, **TEST_ENV},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        deadline = time.monotonic() + 60
+        while fake_server.count() == 0:
+            assert time.monotonic() < deadline, "the call never reached the server"
+            time.sleep(0.02)
+        proc.send_signal(sig)
+        _, stderr = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
+    assert proc.returncode == code, stderr
+    assert stderr.splitlines()[-1] == f"agentd: {'terminated' if code == 143 else 'interrupted'}"
+    db = state / "ledger.db"
+    [call] = rows(db, "SELECT status, cost_micro_usd, reserved_micro_usd FROM calls")
+    assert call["status"] == "aborted"
+    assert call["cost_micro_usd"] == call["reserved_micro_usd"] > 0  # charged at reservation
+    [run] = rows(db, "SELECT status, cost_micro_usd FROM runs")
+    assert run == {"status": "aborted", "cost_micro_usd": call["cost_micro_usd"]}
+    assert fake_server.count() == 1
 
 
 def test_ledger_reports_render_money_as_strings(tmp_path: Path) -> None:
