@@ -349,6 +349,7 @@ class Executor:
         `--no-wait`) its row stays `submitted` for `agentd.batchresume` to settle.
         """
         entry = model_try.entry
+        await provider.prepare()  # the SDK's import (seconds) is not this call's latency
         price = self.config.price(entry.alias, batch=batch is not None)
         amount = _reservation(price, system, messages, max_tokens)  # one price lookup, not two
         if amount is None and windows:

@@ -1,17 +1,20 @@
 """Guardrails beyond budgets: per-run ceilings, the anomaly breaker, projected monthly cost.
 
 - **Ceilings** (`limits:` on a loop): checked before every attempt of the run, so a runaway
-  handler is stopped before the call that would pass one. Calls are attempts (retries and
-  fallbacks count); tokens are the settled input + output tokens so far; USD is what the run
-  has spent (or may have been billed) plus the worst-case reservation of the next attempt. A
-  refused attempt writes no `calls` row and reserves nothing; the run is recorded `failed`
-  with the reason, whatever a handler does with the exception. Handler loops default to
-  20 calls and 200,000 tokens (no USD ceiling unless set); prompt loops have none unless set
-  (their route already bounds their calls). A key set to null means no ceiling.
-- **Anomaly breaker**: after an `ok` run, if its cost exceeds `factor` × the median cost of
-  the loop's previous `history` ok runs (of the same kind, real or simulated; only once there
-  are `min_runs` of them, and only when that median is above zero) the loop is paused with a
-  reason that names the run. `agentd resume LOOP` clears it.
+  handler is stopped before the call that would pass one: a ceiling is never exceeded. Calls
+  are attempts (retries and fallbacks count); tokens are the settled input + output tokens so
+  far plus the next attempt's worst case (its input bound, one token per UTF-8 byte as the
+  reservation counts it, plus its max_tokens); USD is what the run has spent (or may have been
+  billed) plus the worst-case reservation of the next attempt. A refused attempt writes no
+  `calls` row and reserves nothing; the run is recorded `failed` with the reason, whatever a
+  handler does with the exception. Handler loops default to 20 calls and 200,000 tokens (no
+  USD ceiling unless set); prompt loops have none unless set (their route already bounds
+  their calls). A key set to null means no ceiling.
+- **Anomaly breaker** (`check_anomaly`): after an `ok` run, if its cost exceeds `factor` ×
+  the median cost of the loop's previous `history` ok runs since the last anomaly resume (of
+  the same kind, real or simulated; only once there are `min_runs` of them, and only when that
+  median is above zero) the loop is paused with a reason that names the run. `agentd resume
+  LOOP` clears it and re-arms the breaker on a new baseline.
 - **Projections** for `agentd check` and reload: runs in the next 30 days × the share of the
   loop's latest real ticks that called the model (the rest were `skipped_noop`) × the median
   cost of its latest real ok runs, or the simulator's estimate of one call of its prompt
@@ -34,7 +37,7 @@ from agentd.errors import AgentdError
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.loopconfig import AnomalyConfig, BudgetConfig, LoopConfig, RunLimits
-from agentd.pricing import format_usd, from_micro_usd
+from agentd.pricing import format_usd, from_micro_usd, input_token_bound
 
 HANDLER_DEFAULT_LIMITS = RunLimits(max_calls_per_run=20, max_tokens_per_run=200_000)
 PROJECTION_DAYS = 30
@@ -75,16 +78,30 @@ class RunGuard:
         if self.reached is not None:
             raise RunLimitReached(self.reached)
 
-    def before_attempt(self, calls_made: int, tokens: int, spent: int, reserve: int) -> None:
-        """Refuse the next attempt when it would pass a ceiling (RunLimitReached)."""
+    def before_attempt(
+        self, calls_made: int, tokens: int, spent: int, reserve: int, call_tokens: int = 0
+    ) -> None:
+        """Refuse the next attempt when it would pass a ceiling (RunLimitReached).
+
+        `call_tokens` is the attempt's worst case (`call_token_bound`); 0 when unknown, which
+        only refuses once the ceiling is already reached.
+        """
         self.refuse_if_reached()
         lim = self.limits
         reason = None
         if lim.max_calls_per_run is not None and calls_made >= lim.max_calls_per_run:
             reason = f"limit max_calls_per_run={lim.max_calls_per_run} reached"
-        elif lim.max_tokens_per_run is not None and tokens >= lim.max_tokens_per_run:
+        elif lim.max_tokens_per_run is not None and (
+            tokens >= lim.max_tokens_per_run or tokens + call_tokens > lim.max_tokens_per_run
+        ):
+            # The attempt is refused, not shrunk to the tokens left: a smaller max_tokens would
+            # hand the caller a reply cut short (a handler cannot tell it from a whole one; a
+            # JSON answer would not parse), and since the input bound counts one token per byte
+            # (about 4× the real count) what is "left" would often be no useful reply at all.
+            # Refusing also matches max_usd_per_run, which never shrinks a call either.
             reason = (
-                f"limit max_tokens_per_run={lim.max_tokens_per_run} reached ({tokens} tokens used)"
+                f"limit max_tokens_per_run={lim.max_tokens_per_run} reached ({tokens} tokens "
+                f"used, the next call may use up to {call_tokens})"
             )
         elif self.max_usd_micro is not None and spent + reserve > self.max_usd_micro:
             reason = (
@@ -96,6 +113,14 @@ class RunGuard:
             self.reached = reason
             get_logger().warning("guardrail.limit_reached", reason=reason, calls=calls_made)
             raise RunLimitReached(reason)
+
+
+def call_token_bound(prompt: str, system: str | None, max_tokens: int) -> int:
+    """An attempt's worst-case tokens: the reservation's input bound plus all of max_tokens."""
+    # The executor's reservation (`executor._reservation`) bounds the same one user message and
+    # optional system prompt this way, so both ceilings price the same worst case.
+    text_bytes = len(prompt.encode()) + (len(system.encode()) if system else 0)
+    return input_token_bound(text_bytes, 2 if system else 1) + max_tokens
 
 
 # ---------------------------------------------------------------------------- anomaly breaker

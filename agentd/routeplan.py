@@ -344,11 +344,14 @@ def budget_reasons(
     if call.purpose == "classify":
         return []  # the real classifier call's own reasons say what happened
     if call.purpose == "review":
-        return [f"budget: the review would not fit ({why}): the draft would be the reply"]
+        return [
+            f"budget: the review would not fit ({why}): no score, so the run would escalate "
+            "if that fits, else the draft would be the reply"
+        ]
     if call.purpose == "escalate":
         return [
-            f"budget: the escalation would not fit ({why}): if the review scores low, the "
-            "draft would be the reply"
+            f"budget: the escalation would not fit ({why}): if the review scores low or "
+            "gives no score, the draft would be the reply"
         ]
     assert call is answering
     if handler:

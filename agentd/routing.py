@@ -15,9 +15,10 @@ JSON for a prompt loop, or the entry of one `complete()` in `route.calls` for a 
   work on the loop's own tier; each case is logged and recorded.
 - cascade: a draft on the loop's tier, a score from the review tier (`parse_score`), and below
   `routing.threshold` (or without a parseable score) the escalation tier improves the draft.
-  When the review call itself fails or does not fit the budget, the draft is the reply (no
-  dearer call is made when the cheap tier is down or the money is short); when the escalation
-  fails or does not fit the budget, the draft is the reply too. The record says which.
+  A review call that fails on every model or does not fit the budget gives no score, and a
+  missing score is a failed review: the run escalates (an escalation that does not fit the
+  budget is refused before any request). When the escalation fails or does not fit the
+  budget, the draft is the reply. The record says which.
 """
 
 from __future__ import annotations
@@ -441,30 +442,29 @@ async def _cascade(
         None,
         key="review",
         what="review call",
-        instead="the draft is the reply",
+        instead="no score, a failed review: escalating",
     )
-    if reviewed is None:
-        return draft
-    raw = reviewed[0].reply.text
-    score = parse_score(raw)
-    record.update(score=score, review_reply=_clip(raw))
     threshold = settings.threshold
-    if score is None:
+    raw = None if reviewed is None else reviewed[0].reply.text
+    score = None if raw is None else parse_score(raw)
+    if raw is None:
+        log.warning("route.review_missing", review=record["review"], escalate=True)
+    else:
+        record.update(score=score, review_reply=_clip(raw), review="ok")
+    if raw is not None and score is None:
         record["review"] = "unparseable"
         reasons.append(f"review reply {_clip(raw)!r} has no score: a failed review, escalating")
         log.warning("route.review_unparseable", reply=_clip(raw))
-    elif score >= threshold:
-        record["review"] = "ok"
+    elif score is not None and score >= threshold:
         reasons.append(f"review score {score:g} ≥ threshold {threshold:g}: the draft is the reply")
         log.info("route.reviewed", score=score, escalate=False)
         return draft
-    else:
-        record["review"] = "ok"
+    elif score is not None:
         reasons.append(f"review score {score:g} < threshold {threshold:g}: escalating")
         log.info("route.reviewed", score=score, escalate=True)
 
     template = route_template(config, loop_name, "escalation_prompt")
-    shown = "unparseable" if score is None else f"{score:g}"
+    shown = f"{score:g}" if score is not None else "unparseable" if raw else "missing"
     text = routeprompts.fill(template, task=prompt, draft=draft.reply.text, score=shown)
     # Only the escalation tier at full size: a cheaper or shorter "improvement" of the draft
     # is not worth paying for, so when it does not fit, the draft stands.

@@ -13,7 +13,7 @@ from agentd.caching import CacheDecision
 from agentd.config import ChainEntry, Config
 from agentd.errors import AgentdError, BudgetExceeded, RunFailed
 from agentd.executor import CallOutcome, Executor, RunTrace
-from agentd.guardrails import RunGuard, run_limits
+from agentd.guardrails import RunGuard, call_token_bound, run_limits
 from agentd.logs import get_logger
 from agentd.providers.base import Message
 from agentd.routing import context_skips, estimate_tokens
@@ -195,13 +195,16 @@ class RunCalls:
         # The run's ceilings, checked by the executor before every attempt.
         self.guard = RunGuard(run_limits(config.loops[loop_name]))
         trace.guard = self._check_limits
+        self._call_tokens = 0  # the worst-case tokens of the call being made (call_token_bound)
         # A handler may gather() several complete()s; the executor numbers attempts from the
         # trace's length, so the run's calls are made one at a time to keep numbers unique.
         self._lock = asyncio.Lock()
 
     def _check_limits(self, trace: RunTrace, reserve: int) -> None:
         """The executor's hook before each attempt: refuse it when it would pass a ceiling."""
-        self.guard.before_attempt(trace.numbered, trace.tokens, trace.cost_micro_usd, reserve)
+        self.guard.before_attempt(
+            trace.numbered, trace.tokens, trace.cost_micro_usd, reserve, self._call_tokens
+        )
 
     @property
     def limit_reached(self) -> str | None:
@@ -269,6 +272,7 @@ class RunCalls:
                 )
                 continue
             mark = None if self.cache is None else self.cache.mark(prompt, chain[0].alias)
+            self._call_tokens = call_token_bound(prompt, system, plan.max_tokens)
             seen = len(self.trace.budget_refusals)
             try:
                 outcome = await self.executor.call(

@@ -339,7 +339,7 @@ def test_route_cascade_says_the_escalation_would_not_fit(
     assert explained["budget"] == "fits" and explained["tier"] == "balanced"
     assert explained["reasons"][-1].startswith("budget: the escalation would not fit (")
     assert explained["reasons"][-1].endswith(
-        "if the review scores low, the draft would be the reply"
+        "if the review scores low or gives no score, the draft would be the reply"
     )
     fake_server.script(SONNET, ok("draft answer"))
     fake_server.script(HAIKU, ok("0.1"))

@@ -384,16 +384,23 @@ def test_cascade_escalation_too_large_for_every_model_says_so(
     assert "unpriced" not in text
 
 
-def test_cascade_review_failing_returns_the_draft(tmp_path: Path, fake_server: FakeServer) -> None:
+def test_cascade_review_failing_is_a_missing_score_and_escalates(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
     h = routed(tmp_path, fake_server, tier="balanced", route="cascade")
     fake_server.script(SONNET, ok("draft answer"))
     fake_server.script(HAIKU, error(400))
     fake_server.script("gpt-4o-mini", error(400))
+    fake_server.script(OPUS, ok("better answer"))
     result = h.run()
-    assert (result.status, result.reply) == ("ok", "draft answer")
-    assert [r[0] for r in rows(h, result.run_id)] == ["draft", "review", "review"]
-    assert result.route["review"] == "failed" and result.route["escalated"] is False
-    assert fake_server.count(OPUS) == 0
+    assert (result.status, result.reply, result.model) == ("ok", "better answer", OPUS)
+    assert [r[0] for r in rows(h, result.run_id)] == ["draft", "review", "review", "escalate"]
+    assert result.route["review"] == "failed" and result.route["score"] is None
+    assert result.route["escalated"] is True
+    assert any("no score, a failed review: escalating" in r for r in result.route["reasons"])
+    # The escalation prompt says why it was asked for.
+    (escalation,) = [r for r in fake_server.requests if r.model == OPUS]
+    assert "missing" in json.dumps(escalation.body["messages"])
 
 
 def test_cascade_draft_over_budget_skips_the_run(tmp_path: Path, fake_server: FakeServer) -> None:

@@ -9,12 +9,14 @@ from __future__ import annotations
 import asyncio
 import json
 import os
+import sqlite3
 import subprocess
 import sys
 import time
 from pathlib import Path
 
 import pytest
+from builders import TEST_ENV, base_config, write_config
 from fakeserver import FakeServer
 
 from agentd.providers.errormap import SdkErrors
@@ -97,6 +99,49 @@ def test_a_first_call_imports_its_sdk_without_freezing_the_event_loop(
     # ticker kept ticking: an import on the event loop would be one pause of about `took`.
     assert out["max_gap"] < out["took"] / 3, out
     assert out["ticks"] >= 10, out
+
+
+IMPORT_TIME = "import time; t = time.perf_counter(); import {sdk}; print(time.perf_counter() - t)"
+
+
+@pytest.mark.slow
+def test_a_first_calls_latency_is_the_request_not_the_sdk_import(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # Relative, not a fixed time: the import's own duration in a fresh interpreter is the
+    # yardstick. Were the import inside the timed part, latency_ms would exceed it.
+    took = subprocess.run(
+        [sys.executable, "-c", IMPORT_TIME.format(sdk="anthropic")],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=True,
+    )
+    import_ms = float(took.stdout) * 1000
+    config = write_config(tmp_path / "c", base_config(fake_server.url))
+    env = {**os.environ, **TEST_ENV}
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "agentd",
+            "--config",
+            str(config),
+            "--state-dir",
+            str(tmp_path / "s"),
+            "once",
+            "work",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=env,
+    )
+    assert proc.returncode == 0, proc.stderr
+    with sqlite3.connect(tmp_path / "s" / "ledger.db") as db:
+        (latency_ms,) = db.execute("SELECT latency_ms FROM calls").fetchone()
+    assert fake_server.count("claude-haiku-4-5") == 1
+    assert latency_ms < import_ms / 2, (latency_ms, import_ms)
 
 
 # Runs one CLI command in this interpreter, then prints which SDKs it imported.
