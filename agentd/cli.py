@@ -551,7 +551,7 @@ def config_group() -> None:
 @config_group.command("schema")
 def config_schema() -> None:
     """Print the config file's JSON Schema (for editor completion and checks)."""
-    from agentd.config import config_json_schema
+    from agentd.configschema import config_json_schema
 
     click.echo(json.dumps(config_json_schema(), indent=2, sort_keys=True))
 

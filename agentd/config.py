@@ -7,7 +7,6 @@ downstream gets typed objects and never re-reads YAML or the environment.
 
 from __future__ import annotations
 
-import json
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -26,6 +25,17 @@ from pydantic import (
     model_validator,
 )
 
+from agentd.confignumbers import (
+    MAX_COUNT,
+    MAX_TOKENS,
+    STRICT,
+    Count,
+    Seconds,
+    Share,
+    Usd,
+    Wait,
+)
+
 # Re-exported (`as`): config.py stays the one place to import the configuration from.
 from agentd.configpaths import CONFIG_FILENAME as CONFIG_FILENAME
 from agentd.configpaths import ENV_CONFIG as ENV_CONFIG
@@ -39,19 +49,7 @@ from agentd.configpaths import resolve_config_path as resolve_config_path
 from agentd.configpaths import resolve_state_dir as resolve_state_dir
 from agentd.configpaths import timezone_problem, top_level
 from agentd.errors import ConfigError
-from agentd.loopconfig import (
-    _STRICT,
-    MAX_COUNT,
-    MAX_TOKENS,
-    AnomalyConfig,
-    BudgetConfig,
-    Count,
-    LoopConfig,
-    Seconds,
-    Share,
-    Usd,
-    Wait,
-)
+from agentd.loopconfig import AnomalyConfig, BudgetConfig, LoopConfig
 from agentd.pricing import Price, batch_price, lookup_price, override_price
 from agentd.routeprompts import REQUIRED as ROUTE_TEMPLATE_PLACEHOLDERS
 from agentd.yamlload import (
@@ -62,8 +60,6 @@ from agentd.yamlload import (
     format_key_path,
     read_document,
 )
-
-SCHEMA_FILENAME = "agent-model-config.schema.json"
 
 KeyPath = tuple[str | int, ...]
 _LOOP_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_-]*$")
@@ -77,7 +73,7 @@ def _defined(names: Mapping[str, Any] | list[str]) -> str:
 class ProviderConfig(BaseModel):
     """An API endpoint and how to authenticate to it."""
 
-    model_config = _STRICT
+    model_config = STRICT
     type: Literal["anthropic", "openai"] = Field(
         description="Wire protocol: anthropic (Messages) or openai (Chat Completions, any "
         "OpenAI-compatible server)"
@@ -107,7 +103,7 @@ class ProviderConfig(BaseModel):
 class PriceConfig(BaseModel):
     """A price override in USD per million tokens (wins over the built-in table)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     input: Usd = Field(description="USD per million input tokens")
     output: Usd = Field(description="USD per million output tokens")
     cache_read: Usd | None = Field(None, description="Cache reads; default: the input price")
@@ -118,7 +114,7 @@ class PriceConfig(BaseModel):
 class ModelConfig(BaseModel):
     """A model alias: which provider serves it under which model id, and maybe its price."""
 
-    model_config = _STRICT
+    model_config = STRICT
     provider: str = Field(description="A key of providers")
     model: str = Field(min_length=1, description="The provider's model id")
     price: PriceConfig | None = None
@@ -130,7 +126,7 @@ class ModelConfig(BaseModel):
 class DaemonConfig(BaseModel):
     """How the daemon (`agentd run`) schedules, drains and keeps its ledger tidy."""
 
-    model_config = _STRICT
+    model_config = STRICT
     shutdown_grace_s: Wait = Field(
         30, description="On SIGTERM, wait this long for in-flight runs before aborting them"
     )
@@ -143,7 +139,7 @@ class DaemonConfig(BaseModel):
 class CircuitBreakerConfig(BaseModel):
     """When a failing model is skipped, and for how long."""
 
-    model_config = _STRICT
+    model_config = STRICT
     failures: Count = Field(3, description="Consecutive failures that open a circuit")
     cooldowns_s: list[Seconds] = Field(
         default_factory=lambda: [30.0, 60.0, 300.0],
@@ -157,7 +153,7 @@ class CircuitBreakerConfig(BaseModel):
 class GuardrailsConfig(BaseModel):
     """Guardrails over all loops: the anomaly breaker and cost warnings (`check`, reload)."""
 
-    model_config = _STRICT
+    model_config = STRICT
     anomaly: AnomalyConfig = Field(
         default_factory=AnomalyConfig, description="Defaults of every loop's anomaly breaker"
     )
@@ -174,7 +170,7 @@ class GuardrailsConfig(BaseModel):
 class AlertSink(BaseModel):
     """Where alert events go: POSTed as JSON to a webhook, or on a command's stdin."""
 
-    model_config = _STRICT
+    model_config = STRICT
     webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
     command: list[str] | None = Field(None, min_length=1, description="argv; gets JSON on stdin")
     timeout_s: Seconds = Field(10, description="Command / webhook timeout")
@@ -189,7 +185,7 @@ class AlertSink(BaseModel):
 class AlertsConfig(BaseModel):
     """Alerts an operator must not miss: budget at 80 % / 100 %, pauses, chain failures."""
 
-    model_config = _STRICT
+    model_config = STRICT
     sinks: list[AlertSink] = Field(default_factory=list, description="Where alerts go")
     min_interval_s: Wait = Field(
         3600, description="The same event (key) is sent at most once per this many seconds"
@@ -212,7 +208,7 @@ class ChainEntry:
 class Config(BaseModel):
     """The whole configuration file."""
 
-    model_config = _STRICT
+    model_config = STRICT
     timezone: str = Field("UTC", description="IANA zone for cron schedules and budget windows")
     state_dir: str | None = Field(None, description="Ledger and socket directory")
     providers: dict[str, ProviderConfig]
@@ -482,38 +478,3 @@ def _validate(document: YamlDocument, path: Path, file: str) -> Config:
         raise _config_error(file, first_problem(exc, document, Config)) from None
     except RecursionError:
         raise ConfigError(file, "a YAML alias refers to its own anchor") from None
-
-
-# ---------------------------------------------------------------------------- JSON schema
-
-
-def _number_defaults(node: Any) -> None:
-    """A Decimal default is a string in pydantic's schema; where a number is allowed, a number."""
-    if isinstance(node, dict):
-        types = [node.get("type")] + [a.get("type") for a in node.get("anyOf", [])]
-        if "number" in types and isinstance(node.get("default"), str):
-            node["default"] = json.loads(node["default"])  # a schema, not money arithmetic
-        for value in node.values():
-            _number_defaults(value)
-    elif isinstance(node, list):
-        for value in node:
-            _number_defaults(value)
-
-
-def config_json_schema() -> dict[str, Any]:
-    """The JSON Schema of the config file (from the pydantic models), for editors."""
-    schema = Config.model_json_schema()
-    _number_defaults(schema)
-    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
-    schema["$id"] = f"urn:agentd:{SCHEMA_FILENAME}"
-    schema["title"] = "agentd configuration (agent-model-config.yaml)"
-    schema["description"] = (
-        "Providers, model aliases, tier chains, budgets and scheduled loops of agentd. "
-        "Generated by `agentd config schema`; do not edit by hand."
-    )
-    return schema
-
-
-def config_json_schema_text() -> str:
-    """config_json_schema() as pretty, key-sorted JSON plus newline: the shipped schema file."""
-    return json.dumps(config_json_schema(), indent=2, sort_keys=True) + "\n"

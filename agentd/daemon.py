@@ -30,12 +30,12 @@ import signal
 import threading
 from collections.abc import Mapping
 from concurrent.futures import Future
-from datetime import UTC, datetime, timedelta
+from datetime import UTC, datetime
 from pathlib import Path
 from types import ModuleType
 from typing import TYPE_CHECKING, Any
 
-from agentd import loopstate, scheduling
+from agentd import housekeeping, loopstate, scheduling
 from agentd.config import Config, load_config
 from agentd.daemonstatus import DaemonView, abort_own_leftovers, checkpoint_wal
 from agentd.dispatch import Dispatcher
@@ -196,8 +196,10 @@ class Daemon(DaemonView):
                 self._log.info("loop.catch_up", loop=name, slot=utc_iso(missed))
                 self._dispatch.spawn(name, "catchup", missed)
         await self._start_control()
-        self._background_task(self._checkpoint_loop())
-        self._background_task(self._reconcile_loop())
+        self._background_task(
+            housekeeping.checkpoint_loop(self._ledger, lambda: self.config.daemon.wal_checkpoint_s)
+        )
+        self._background_task(housekeeping.reconcile_loop(self._ledger, self._reconcile_s))
         # Batch calls a stopped process left submitted: adopt them and finish their runs.
         from agentd.batchresume import BatchResumer
 
@@ -260,33 +262,6 @@ class Daemon(DaemonView):
             self._notifier.watchdog()
             await asyncio.sleep(interval)
 
-    async def _checkpoint_loop(self) -> None:
-        """Checkpoint the WAL now and then so it does not grow while readers come and go."""
-        while True:
-            await asyncio.sleep(self.config.daemon.wal_checkpoint_s)
-            try:
-                busy, frames, done = await asyncio.to_thread(checkpoint_wal, self.ledger.path, 0)
-            except Exception as exc:  # a failed checkpoint is retried next time
-                self._log.warning("ledger.checkpoint_failed", error=str(exc))
-            else:
-                self._log.debug("ledger.checkpoint", busy=busy, wal_frames=frames, done=done)
-            self._refresh_report_cache()
-
-    def _refresh_report_cache(self) -> None:
-        """Cache the hours that closed since the last round, so month-long reports find them.
-
-        On the event loop (the ledger's connection belongs to it): in steady state one round
-        sums the few calls of the hours that just closed. After a long stop only the last day
-        is filled here; older hours stay holes for the report that asks for them.
-        """
-        from agentd import spendcache
-
-        now = datetime.now(UTC)
-        try:
-            spendcache.refresh(self.ledger, now, since=now - timedelta(days=1))
-        except Exception as exc:  # the next round, or a report, fills what this one could not
-            self._log.warning("ledger.report_cache_failed", error=str(exc))
-
     def _start_sdk_imports(self, config: Config) -> dict[str, Future[ModuleType]]:
         """Start importing the SDKs a run could need, in threads (see agentd.providers.sdkload)."""
         from agentd.providers.sdkload import warm_up
@@ -299,21 +274,6 @@ class Daemon(DaemonView):
 
         for module, error in (await wait_imports(imports)).items():
             self._log.error("provider.sdk_import_failed", sdk=module, error=error)
-
-    async def _reconcile_loop(self) -> None:
-        """Settle dead processes' leftovers now and then, not only when the daemon starts.
-
-        `reconcile_abandoned` touches only rows whose owner process is gone (never this
-        daemon's own, nor a live `agentd once`'s); it charges their calls at the reservation.
-        """
-        from agentd.budgets import reconcile_abandoned
-
-        while True:
-            await asyncio.sleep(self._reconcile_s)
-            try:
-                reconcile_abandoned(self.ledger)
-            except Exception as exc:  # a busy or failing ledger is tried again next time
-                self._log.warning("ledger.reconcile_failed", error=str(exc))
 
     async def _start_control(self) -> None:
         from agentd import control

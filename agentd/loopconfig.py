@@ -8,106 +8,37 @@ from typing import Annotated, Any, Literal
 
 from pydantic import (
     BaseModel,
-    BeforeValidator,
-    ConfigDict,
     Field,
-    WithJsonSchema,
     field_validator,
     model_validator,
 )
-from pydantic_core import PydanticCustomError
 
-from agentd.yamlload import ConfigProblem, show_value
+from agentd.confignumbers import (
+    MAX_COUNT,
+    MAX_TOKENS,
+    STRICT,
+    Bytes,
+    Count,
+    Factor,
+    Limit,
+    Seconds,
+    Tokens,
+    parse_duration,
+)
+from agentd.yamlload import ConfigProblem
 
 PERIODS = ("hour", "day", "week", "month")
-_DURATION = re.compile(r"^(?:(\d+)d)?(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?$")
 _CLOCK = re.compile(r"^([01]\d|2[0-3]):([0-5]\d)$")
-
-# Models forbid unknown keys, and values are never coerced: `true` is not 1, "512" is not 512.
-_STRICT = ConfigDict(extra="forbid", frozen=True, strict=True)
-
-# Upper bounds of numbers in the config. A value beyond them is a typo, and letting it through
-# would end in a traceback further on (datetime overflow, Decimal precision, SQLite integers).
-MAX_SECONDS = 366 * 86400  # every duration and every `*_s` setting
-MAX_USD = 1_000_000_000  # every budget, price (per million tokens) and USD threshold
-MAX_TOKENS = 10_000_000  # a token count of one call (max_tokens, a context window...)
-MAX_COUNT = 1_000_000  # counts: retries, failures, runs, calls
-MAX_BYTES = 1 << 30  # a cap on bytes read into a prompt
-
-
-def parse_duration(text: str) -> int:
-    """Seconds in a duration like `45s`, `30m`, `2h` or `1h30m`, up to 366d; else ValueError."""
-    match = _DURATION.match(text.strip())
-    got = show_value(text)
-    if not text.strip() or match is None:
-        raise ValueError(f"not a duration like 30m, 2h, 45s, 1d or 1h30m (got {got})")
-    # A part of 10+ digits is over the bound anyway (and int() refuses 4300+ digits).
-    if any(g and len(g.lstrip("0")) > 9 for g in match.groups()):
-        raise ValueError(f"must be at most 366d (got {got})")
-    days, hours, minutes, seconds = (int(g) if g else 0 for g in match.groups())
-    total = ((days * 24 + hours) * 60 + minutes) * 60 + seconds
-    if total <= 0:
-        raise ValueError(f"must be longer than zero (got {got})")
-    if total > MAX_SECONDS:
-        raise ValueError(f"must be at most 366d (got {got})")
-    return total
-
-
-# A quoted plain decimal ("0.50") is still money: quoting is how many operators keep amounts
-# exact in YAML, and configs written that way were accepted before numbers became strict.
-_DECIMAL_TEXT = re.compile(r"\s*[0-9]+(\.[0-9]+)?\s*")
-
-
-def _exact_decimal(value: Any) -> Any:
-    """Money and shares: a YAML number (int, or Decimal from its text) or a quoted plain decimal.
-
-    No bool, no float, no other string (`"1e3"`, `"five"`, `"true"`).
-    """
-    if isinstance(value, Decimal):
-        return value
-    if isinstance(value, int) and not isinstance(value, bool):
-        return Decimal(value)
-    if isinstance(value, str) and _DECIMAL_TEXT.fullmatch(value):
-        return Decimal(value.strip())
-    if isinstance(value, float):
-        raise ConfigProblem((), f"must be an exact decimal, not a binary float (got {value})")
-    raise PydanticCustomError("decimal_type", "Input should be a valid decimal")
-
-
-def _number(low: int, high: int, *, above: bool = False) -> WithJsonSchema:
-    """The JSON schema of an exact Decimal: a number, or a quoted plain decimal like "0.50"."""
-    bound = "exclusiveMinimum" if above else "minimum"
-    return WithJsonSchema(
-        {
-            "anyOf": [
-                {"type": "number", bound: low, "maximum": high},
-                {"type": "string", "pattern": r"^\s*[0-9]+(\.[0-9]+)?\s*$"},
-            ]
-        }
-    )
-
-
-_Exact = BeforeValidator(_exact_decimal)
-_Limit = Annotated[Decimal, _Exact, Field(gt=0, le=MAX_USD), _number(0, MAX_USD, above=True)]
-Usd = Annotated[Decimal, _Exact, Field(ge=0, le=MAX_USD), _number(0, MAX_USD)]
-# A share of an amount: 0.25 = 25 %, 2 = 200 %.
-Share = Annotated[Decimal, _Exact, Field(ge=0, le=1000), _number(0, 1000)]
-_Factor = Annotated[Decimal, _Exact, Field(gt=1, le=1_000_000), _number(1, 1_000_000, above=True)]
-Seconds = Annotated[float, Field(gt=0, le=MAX_SECONDS, allow_inf_nan=False)]
-Wait = Annotated[float, Field(ge=0, le=MAX_SECONDS, allow_inf_nan=False)]  # zero allowed
-Tokens = Annotated[int, Field(gt=0, le=MAX_TOKENS)]
-Count = Annotated[int, Field(ge=1, le=MAX_COUNT)]
-Bytes = Annotated[int, Field(gt=0, le=MAX_BYTES)]
 
 
 class BudgetConfig(BaseModel):
     """Spend limits in USD per calendar window (in the config's timezone)."""
 
-    model_config = _STRICT
-    per_hour_usd: _Limit | None = None
-    per_day_usd: _Limit | None = None
-    per_week_usd: _Limit | None = None
-    per_month_usd: _Limit | None = None
+    model_config = STRICT
+    per_hour_usd: Limit | None = None
+    per_day_usd: Limit | None = None
+    per_week_usd: Limit | None = None
+    per_month_usd: Limit | None = None
 
     @model_validator(mode="after")
     def _at_least_one(self) -> BudgetConfig:
@@ -126,7 +57,7 @@ class BudgetConfig(BaseModel):
 class ActiveHours(BaseModel):
     """Local hours in which a loop may run; `end` before `start` spans midnight."""
 
-    model_config = _STRICT
+    model_config = STRICT
     start: str = Field(description='Local time "HH:MM" from which runs happen')
     end: str = Field(description='Local time "HH:MM" from which runs stop')
 
@@ -155,7 +86,7 @@ class ActiveHours(BaseModel):
 class ContextSource(BaseModel):
     """One input filled into the prompt: a file (or glob), a command's output, the last reply."""
 
-    model_config = _STRICT
+    model_config = STRICT
     file: str | None = Field(None, description="Path or glob; relative to the config's directory")
     command: list[str] | None = Field(None, min_length=1, description="argv; run without a shell")
     last_reply: bool | None = Field(None, description="The loop's previous reply")
@@ -188,7 +119,7 @@ class ContextSource(BaseModel):
 class Delivery(BaseModel):
     """Where a reply goes: appended to a file, piped to a command, or POSTed to a webhook."""
 
-    model_config = _STRICT
+    model_config = STRICT
     file: str | None = Field(None, description="Append here; relative to the state directory")
     command: list[str] | None = Field(None, min_length=1, description="argv; gets reply on stdin")
     webhook: str | None = Field(None, pattern=r"^https?://", description="POST JSON here")
@@ -205,7 +136,7 @@ class Delivery(BaseModel):
 class OnReply(BaseModel):
     """Wake another loop when a reply contains some text."""
 
-    model_config = _STRICT
+    model_config = STRICT
     contains: str = Field(min_length=1, description="Text the reply must contain")
     trigger: str = Field(description="The loop to run then")
 
@@ -213,7 +144,7 @@ class OnReply(BaseModel):
 class OnFailure(BaseModel):
     """How a failing loop backs off, and when it is paused."""
 
-    model_config = _STRICT
+    model_config = STRICT
     backoff_s: list[Seconds] = Field(
         default_factory=lambda: [30.0, 60.0, 300.0, 900.0, 3600.0],
         min_length=1,
@@ -225,7 +156,7 @@ class OnFailure(BaseModel):
 class Precheck(BaseModel):
     """A command run before the model: exit 0 = work to do, 1 = nothing to do, else failed."""
 
-    model_config = _STRICT
+    model_config = STRICT
     command: list[str] = Field(min_length=1, description="argv; run without a shell")
     timeout: Seconds | None = Field(None, description="Seconds before it is killed (10)")
     timeout_s: Seconds | None = Field(None, description="Same as timeout")
@@ -256,14 +187,14 @@ class RunLimits(BaseModel):
     a key set to null means no ceiling.
     """
 
-    model_config = _STRICT
+    model_config = STRICT
     max_calls_per_run: Annotated[int, Field(gt=0, le=MAX_COUNT)] | None = Field(
         None, description="Attempts per run"
     )
     max_tokens_per_run: Annotated[int, Field(gt=0, le=100 * MAX_TOKENS)] | None = Field(
         None, description="Settled input + output tokens per run"
     )
-    max_usd_per_run: _Limit | None = Field(
+    max_usd_per_run: Limit | None = Field(
         None, description="USD per run: spent + the next attempt's worst case"
     )
 
@@ -271,9 +202,9 @@ class RunLimits(BaseModel):
 class AnomalyConfig(BaseModel):
     """Anomaly breaker: pause a loop whose ok run costs more than factor × its recent median."""
 
-    model_config = _STRICT
+    model_config = STRICT
     enabled: bool = Field(True, description="Whether the breaker watches this loop")
-    factor: _Factor = Field(
+    factor: Factor = Field(
         Decimal(5), description="A run costing more than factor × the median pauses the loop"
     )
     min_runs: Count = Field(10, description="ok runs needed before the breaker acts")
@@ -294,7 +225,7 @@ class BatchConfig(BaseModel):
     `batch: true` is short for `batch: {}` (every default); `batch: false` turns it off.
     """
 
-    model_config = _STRICT
+    model_config = STRICT
     on_failure: Literal["call", "fail"] = Field(
         "call",
         description="An expired, canceled or errored batch item: make the call directly "
@@ -352,7 +283,7 @@ _RULES_ONLY = ("kind", "stakes", "latency")
 class RouteLabels(BaseModel):
     """`route: classify`: the tier each classifier label sends the task to."""
 
-    model_config = _STRICT
+    model_config = STRICT
     simple_extraction: str = Field("fast", description="Tier for simple_extraction")
     classification: str = Field("fast", description="Tier for classification")
     content_generation: str = Field("balanced", description="Tier for content_generation")
@@ -368,7 +299,7 @@ class RouteLabels(BaseModel):
 class RoutingConfig(BaseModel):
     """Settings of a loop's route strategy; each key belongs to one strategy."""
 
-    model_config = _STRICT
+    model_config = STRICT
     short_input_tokens: Tokens = Field(
         100, description="rules: below this estimated input size a task counts as short"
     )
@@ -419,7 +350,7 @@ ROUTING_KEYS: dict[str, str] = {
 class LoopConfig(BaseModel):
     """One scheduled agent loop."""
 
-    model_config = _STRICT
+    model_config = STRICT
     every: str | None = Field(None, description="Interval like 30m, 2h, 45s, 1d, 1h30m")
     cron: str | None = Field(None, description='5-field crontab, e.g. "0 7 * * *"')
     tier: str | None = Field(None, description="A key of tiers")

@@ -182,7 +182,7 @@ def _thirds(values: list[float]) -> tuple[float, float] | None:
 
 
 def _seconds(every: str) -> int:
-    from agentd.loopconfig import parse_duration
+    from agentd.confignumbers import parse_duration
 
     return int(parse_duration(every))
 

@@ -16,15 +16,15 @@ from agentd.config import (
     ChainEntry,
     Config,
     ProviderConfig,
-    config_json_schema,
-    config_json_schema_text,
     load_config,
     parse_config,
     resolve_config_path,
     resolve_state_dir,
 )
+from agentd.confignumbers import parse_duration
+from agentd.configschema import config_json_schema, config_json_schema_text
 from agentd.errors import ConfigError, MissingKeyError
-from agentd.loopconfig import LoopConfig, parse_duration
+from agentd.loopconfig import LoopConfig
 from agentd.pricing import lookup_price
 from agentd.yamlload import load_yaml
 

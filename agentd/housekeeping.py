@@ -1,0 +1,62 @@
+"""The daemon's periodic upkeep of the ledger: WAL checkpoints, the report cache, leftovers."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
+
+from agentd.daemonstatus import checkpoint_wal
+from agentd.ledger import Ledger
+from agentd.logs import get_logger
+
+log = get_logger()
+
+
+async def checkpoint_loop(ledger: Ledger, every_s: Callable[[], float]) -> None:
+    """Checkpoint the WAL now and then so it does not grow while readers come and go.
+
+    `every_s` is read each round (a reload may change it). After each checkpoint, cache the
+    report hours that closed since (`refresh_report_cache`).
+    """
+    while True:
+        await asyncio.sleep(every_s())
+        try:
+            busy, frames, done = await asyncio.to_thread(checkpoint_wal, ledger.path, 0)
+        except Exception as exc:  # a failed checkpoint is retried next time
+            log.warning("ledger.checkpoint_failed", error=str(exc))
+        else:
+            log.debug("ledger.checkpoint", busy=busy, wal_frames=frames, done=done)
+        refresh_report_cache(ledger)
+
+
+def refresh_report_cache(ledger: Ledger) -> None:
+    """Cache the hours that closed since the last round, so month-long reports find them.
+
+    On the event loop (the ledger's connection belongs to it): in steady state one round sums
+    the few calls of the hours that just closed. After a long stop only the last day is filled
+    here; older hours stay holes for the report that asks for them.
+    """
+    from agentd import spendcache
+
+    now = datetime.now(UTC)
+    try:
+        spendcache.refresh(ledger, now, since=now - timedelta(days=1))
+    except Exception as exc:  # the next round, or a report, fills what this one could not
+        log.warning("ledger.report_cache_failed", error=str(exc))
+
+
+async def reconcile_loop(ledger: Ledger, every_s: float) -> None:
+    """Settle dead processes' leftovers now and then, not only when the daemon starts.
+
+    `reconcile_abandoned` touches only rows whose owner process is gone (never this daemon's
+    own, nor a live `agentd once`'s); it charges their calls at the reservation.
+    """
+    from agentd.budgets import reconcile_abandoned
+
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            reconcile_abandoned(ledger)
+        except Exception as exc:  # a busy or failing ledger is tried again next time
+            log.warning("ledger.reconcile_failed", error=str(exc))
