@@ -24,7 +24,6 @@
 
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -42,7 +41,6 @@ from agentd.pricing import format_usd, from_micro_usd, input_token_bound
 HANDLER_DEFAULT_LIMITS = RunLimits(max_calls_per_run=20, max_tokens_per_run=200_000)
 PROJECTION_DAYS = 30
 PROJECTION_HISTORY = 50
-_ANOMALY_RUN = re.compile(r"^anomaly: run (\d+) ")
 
 
 class RunLimitReached(AgentdError):
@@ -154,7 +152,20 @@ def usd6(micro: Decimal | int) -> str:
 def check_anomaly(
     config: Config, ledger: Ledger, loop_name: str, run_id: int, *, simulated: bool = False
 ) -> str | None:
-    """After an ok run: pause the loop when its cost is an anomaly; the pause reason, or None."""
+    """After an ok run: pause the loop when its cost is an anomaly; the pause reason, or None.
+
+    The run is an anomaly when it costs more than `factor` × the median cost of the loop's
+    previous `history` ok runs of the same kind (real or simulated), once there are `min_runs`
+    of them and their median is above zero. The pause names the run (`agentd status` shows
+    it) and is noted in its route (`route.anomaly`: ratio, median, factor, runs).
+
+    `agentd resume LOOP` re-arms the breaker on a new baseline: the median only counts the ok
+    runs after the resumed anomaly run (`loopstate.anomaly_history`), so the breaker waits for
+    `min_runs` fresh runs before it can trip again, and then compares with what the loop costs
+    now. A loop whose cost has legitimately risen thus gets out with one resume (the next
+    `min_runs` runs are watched only by budgets and ceilings), while one that keeps rising is
+    paused again once it has a fresh history.
+    """
     settings = anomaly_settings(config, loop_name)
     if not settings.enabled:
         return None
@@ -162,28 +173,32 @@ def check_anomaly(
         row = conn.execute(
             "SELECT cost_micro_usd, status FROM runs WHERE id = ?", (run_id,)
         ).fetchone()
-        if row is None or row[1] != "ok":
-            return None
-        cost = int(row[0] or 0)
-        history = [
-            int(r[0] or 0)
-            for r in conn.execute(
-                "SELECT cost_micro_usd FROM runs WHERE loop = ? AND status = 'ok'"
-                " AND simulated = ? AND id < ? ORDER BY started_at DESC, id DESC LIMIT ?",
-                (loop_name, int(simulated), run_id, settings.history),
-            )
-        ]
+    if row is None or row[1] != "ok":
+        return None
+    cost = int(row[0] or 0)
+    history, since = loopstate.anomaly_history(
+        ledger, loop_name, run_id, simulated, settings.history
+    )
     if len(history) < settings.min_runs:
         return None
     mid = median(history)
     if mid <= 0 or Decimal(cost) <= settings.factor * mid:
         return None
     ratio = (Decimal(cost) / mid).quantize(Decimal("0.1"))
+    baseline = "" if since is None else f" since the resume after run {since}"
     reason = (
-        f"anomaly: run {run_id} cost {usd6(cost)} = {ratio}× the median {usd6(mid)} "
-        f"of the loop's last {len(history)} ok runs (limit {settings.factor}×)"
+        f"{loopstate.ANOMALY_PREFIX}{run_id} cost {usd6(cost)} = {ratio}× the median "
+        f"{usd6(mid)} of the loop's last {len(history)} ok runs{baseline} "
+        f"(limit {settings.factor}×)"
     )
-    loopstate.set_paused(ledger, loop_name, reason, None)
+    details = {
+        "ratio": str(ratio),
+        "median_micro_usd": str(mid),
+        "factor": str(settings.factor),
+        "runs": len(history),
+        "since_run": since,
+    }
+    loopstate.pause_for_anomaly(ledger, loop_name, run_id, reason, details)
     get_logger().warning(
         "guardrail.anomaly",
         loop=loop_name,
@@ -193,6 +208,7 @@ def check_anomaly(
         ratio=str(ratio),
         factor=str(settings.factor),
         runs=len(history),
+        since_run=since,
         note=f"loop paused; agentd resume {loop_name} clears it",
     )
     return reason
@@ -200,8 +216,7 @@ def check_anomaly(
 
 def anomaly_run_id(paused_reason: str | None) -> int | None:
     """The run id named by an anomaly pause reason (for `agentd status`), else None."""
-    match = _ANOMALY_RUN.match(paused_reason or "")
-    return int(match.group(1)) if match else None
+    return loopstate.anomaly_run_id(paused_reason)
 
 
 # ---------------------------------------------------------------------------- projections

@@ -192,7 +192,8 @@ class RunLimits(BaseModel):
         None, description="Attempts per run"
     )
     max_tokens_per_run: Annotated[int, Field(gt=0, le=100 * MAX_TOKENS)] | None = Field(
-        None, description="Settled input + output tokens per run"
+        None,
+        description="Input + output tokens per run: settled so far + the next attempt's worst case",
     )
     max_usd_per_run: Limit | None = Field(
         None, description="USD per run: spent + the next attempt's worst case"

@@ -5,9 +5,11 @@ It lives in the `loop_state` table, so a restarted daemon resumes where the last
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+import json
+import re
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import UTC, datetime, timedelta
 
 from agentd.ledger import Ledger, parse_iso, utc_iso
 from agentd.loopconfig import OnFailure
@@ -15,6 +17,9 @@ from agentd.loopconfig import OnFailure
 # Errors no retry or backoff will fix: the loop is paused at once instead of burning its schedule.
 PAUSE_AT_ONCE = ("auth_error", "billing_error")
 _REASON_MAX = 300
+# An anomaly pause's reason starts with the run that tripped the breaker (`guardrails`).
+ANOMALY_PREFIX = "anomaly: run "
+_ANOMALY_RUN = re.compile(r"^anomaly: run (\d+) ")
 
 
 @dataclass(frozen=True)
@@ -96,16 +101,84 @@ def set_paused(ledger: Ledger, loop: str, reason: str, until: datetime | None) -
         )
 
 
-def resume(ledger: Ledger, loop: str) -> bool:
-    """Clear a loop's pause and its failure streak (so no backoff is left); was it paused?"""
+def resume(ledger: Ledger, loop: str, now: datetime | None = None) -> bool:
+    """Clear a loop's pause and its failure streak (so no backoff is left); was it paused?
+
+    Resuming an anomaly pause also stamps `route.anomaly.resumed_at` on the run that tripped
+    the breaker: the breaker's baseline starts after that run (`anomaly_history`).
+    """
     with ledger.write() as conn:
-        row = conn.execute("SELECT paused FROM loop_state WHERE loop = ?", (loop,)).fetchone()
+        row = conn.execute(
+            "SELECT paused, paused_reason FROM loop_state WHERE loop = ?", (loop,)
+        ).fetchone()
         conn.execute(
             "UPDATE loop_state SET paused = 0, paused_reason = NULL, paused_until = NULL,"
             " consecutive_failures = 0 WHERE loop = ?",
             (loop,),
         )
-    return row is not None and bool(row[0])
+        was_paused = row is not None and bool(row[0])
+        run_id = anomaly_run_id(row[1]) if was_paused else None
+        if run_id is not None:
+            at = utc_iso(now or datetime.now(UTC))
+            conn.execute(
+                "UPDATE runs SET route = json_set(COALESCE(route, '{}'), '$.anomaly.resumed_at', ?)"
+                " WHERE id = ? AND loop = ?",
+                (at, run_id, loop),
+            )
+    return was_paused
+
+
+# ---------------------------------------------------------------------------- anomaly pauses
+
+
+def anomaly_run_id(paused_reason: str | None) -> int | None:
+    """The run id named by an anomaly pause reason (for `agentd status`), else None."""
+    match = _ANOMALY_RUN.match(paused_reason or "")
+    return int(match.group(1)) if match else None
+
+
+def pause_for_anomaly(
+    ledger: Ledger, loop: str, run_id: int, reason: str, details: Mapping[str, object]
+) -> None:
+    """Pause a loop for the anomaly of one of its runs, and note it in that run's `route`.
+
+    `reason` must start with ANOMALY_PREFIX and the run id; `details` (the figures) go to
+    `route.anomaly`, where `resume` later adds `resumed_at`.
+    """
+    if anomaly_run_id(reason) != run_id:
+        raise ValueError(f"an anomaly pause reason must start with {ANOMALY_PREFIX}{run_id}")
+    with ledger.write() as conn:
+        set_paused(ledger, loop, reason, None)
+        conn.execute(
+            "UPDATE runs SET route = json_set(COALESCE(route, '{}'), '$.anomaly', json(?))"
+            " WHERE id = ? AND loop = ?",
+            (json.dumps(dict(details), default=str), run_id, loop),
+        )
+
+
+def anomaly_history(
+    ledger: Ledger, loop: str, before_run: int, simulated: bool, limit: int
+) -> tuple[list[int], int | None]:
+    """The costs of the loop's latest ok runs before `before_run`, newest first, that the
+    anomaly breaker compares with: at most `limit`, and none from before the last resumed
+    anomaly (of runs of the same kind); also the id of that anomaly run, or None.
+
+    Only the `limit` latest runs are read (their routes parsed), so the cost does not grow with
+    the loop's history: a resumed anomaly older than them cuts nothing off anyway.
+    """
+    with ledger.read() as conn:
+        rows = conn.execute(
+            "SELECT id, cost_micro_usd, json_extract(route, '$.anomaly.resumed_at') IS NOT NULL"
+            " FROM runs WHERE loop = ? AND status = 'ok' AND simulated = ? AND id < ?"
+            " ORDER BY started_at DESC, id DESC LIMIT ?",
+            (loop, int(simulated), before_run, limit),
+        ).fetchall()
+    costs: list[int] = []
+    for run_id, cost, resumed in rows:
+        if resumed:
+            return costs, int(run_id)
+        costs.append(int(cost or 0))
+    return costs, None
 
 
 def set_last_slot(ledger: Ledger, loop: str, slot: str) -> None:

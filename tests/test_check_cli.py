@@ -291,9 +291,9 @@ def test_status_and_resume_of_an_anomaly_pause(short_dir: Path, fake_server: Fak
     # Without a daemon: status says so; resume clears the pause in the ledger itself.
     down = agentd(config, state, "status")
     assert down.exit_code == 1 and "no agentd daemon is running" in down.stderr
-    fake_server.script("claude-haiku-4-5", ok(input_tokens=1000, output_tokens=200))
-    again = agentd(config, state, "once", "work", "--json")
-    assert json.loads(again.stdout)["paused_reason"].startswith("anomaly: run ")
+    # The resume re-armed the breaker on a new baseline: after min_runs (2) fresh runs, a
+    # run 10× as dear pauses the loop again.
+    anomaly_pause(config, state, fake_server)
     assert agentd(config, state, "once", "work").exit_code == 75
     resumed = agentd(config, state, "resume", "work")
     assert resumed.exit_code == 0, resumed.output

@@ -76,15 +76,74 @@ def test_default_call_ceiling_stops_a_runaway_handler(
     assert row["route"]["limit_reached"] == "limit max_calls_per_run=20 reached"
 
 
+# A handler call of "x" * 80 on the loop's max_tokens 200, as the reservation bounds it:
+# 80 bytes + 16 per message + 16 = 112 input tokens at most, + 200 output = 312.
+WORST = 312
+
+
+def run_tokens(h: Harness, run_id: int) -> int:
+    (tokens,) = h.ledger.conn.execute(
+        "SELECT COALESCE(SUM(input_tokens + output_tokens), 0) FROM calls WHERE run_id = ?",
+        (run_id,),
+    ).fetchone()
+    return int(tokens)
+
+
 @pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
 def test_token_ceiling(tmp_path: Path, fake_server: FakeServer, code: str) -> None:
-    # Each call: 80 bytes → 20 input tokens and 16 output tokens (the fake server's default).
-    h = handler_harness(tmp_path, fake_server, code, {"max_tokens_per_run": 100})
+    # Each call uses 20 input + 16 output tokens (the fake server's default), but may use up
+    # to 312: a call is made only while the tokens used + 312 fit in 600.
+    h = handler_harness(tmp_path, fake_server, code, {"max_tokens_per_run": 600})
     result = h.run()
     assert result.status == "failed"
-    assert result.error == "limit max_tokens_per_run=100 reached (108 tokens used)"
-    assert len(h.calls()) == 3
+    assert result.error == (
+        "limit max_tokens_per_run=600 reached (324 tokens used, the next call may use up to 312)"
+    )
+    assert len(h.calls()) == 9 and fake_server.count() == 9  # 8 × 36 + 312 = 600 fits
+    assert run_tokens(h, result.run_id) == 324
     assert pending(h) == 0
+    assert h.run_row(result.run_id)["route"]["limit_reached"] == result.error
+
+
+@pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
+@pytest.mark.parametrize("ceiling", [2 * WORST, 2 * WORST + 200, 3 * WORST - 1])
+def test_token_ceiling_is_never_exceeded(
+    tmp_path: Path, fake_server: FakeServer, code: str, ceiling: int
+) -> None:
+    # Every reply uses its whole worst case: two calls fit (exactly, for the first ceiling);
+    # a third would pass the ceiling, so it is refused before it is made.
+    h = handler_harness(tmp_path, fake_server, code, {"max_tokens_per_run": ceiling})
+    fake_server.script(
+        "claude-haiku-4-5", *[ok(input_tokens=112, output_tokens=200) for _ in range(3)]
+    )
+    result = h.run()
+    assert result.status == "failed"
+    assert result.error == (
+        f"limit max_tokens_per_run={ceiling} reached ({2 * WORST} tokens used, "
+        f"the next call may use up to {WORST})"
+    )
+    assert fake_server.count() == 2
+    assert run_tokens(h, result.run_id) == 2 * WORST <= ceiling
+    assert pending(h) == 0
+
+
+def test_token_ceiling_refuses_a_prompt_loops_only_call_that_could_pass_it(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # "Say hello." (10 bytes) on max_tokens 200: up to 10 + 32 + 200 = 242 tokens.
+    h = Harness(tmp_path, fake_server, {"loops": {"work": {"limits": {"max_tokens_per_run": 241}}}})
+    result = h.run()
+    assert result.status == "failed"
+    assert result.error == (
+        "limit max_tokens_per_run=241 reached (0 tokens used, the next call may use up to 242)"
+    )
+    assert fake_server.count() == 0 and h.calls() == [] and pending(h) == 0
+    h2 = Harness(
+        tmp_path / "fits",
+        fake_server,
+        {"loops": {"work": {"limits": {"max_tokens_per_run": 242}}}},
+    )
+    assert h2.run().status == "ok"
 
 
 @pytest.mark.parametrize("code", [FOREVER, SWALLOWS])
@@ -197,6 +256,63 @@ def test_a_run_ten_times_the_median_pauses_the_loop(
         h.run()
     assert loopstate.resume(h.ledger, "work")
     assert h.run().status == "ok"
+
+
+def test_resume_rearms_the_breaker_on_a_new_baseline(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    h = Harness(tmp_path, fake_server)
+    now = datetime.now(UTC)
+    seeded(h, 10)  # 200 micro-USD each
+    seeded(h, 1, input_tokens=1000, output_tokens=200)  # 2000: 10×
+    tripped = loopstate.get_state(h.ledger, "work").last_run_id
+    assert tripped is not None
+    reason = loopstate.paused_reason(h.ledger, "work", now)
+    assert anomaly_run_id(reason) == tripped
+    assert h.run_row(tripped)["route"]["anomaly"] == {
+        "ratio": "10.0",
+        "median_micro_usd": "200",
+        "factor": "5",
+        "runs": 10,
+        "since_run": None,
+    }
+    assert loopstate.resume(h.ledger, "work")
+    assert "resumed_at" in h.run_row(tripped)["route"]["anomaly"]
+
+    # The loop now costs 2000 a run, legitimately: the breaker waits for 10 fresh runs.
+    seeded(h, 1, input_tokens=1000, output_tokens=200)
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
+    seeded(h, 9, input_tokens=1000, output_tokens=200)
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
+    # 10 runs at the new level, then one 6× as dear (12000): paused again, on the new median.
+    seeded(h, 1, input_tokens=6000, output_tokens=1200)
+    run_id = loopstate.get_state(h.ledger, "work").last_run_id
+    reason = loopstate.paused_reason(h.ledger, "work", datetime.now(UTC))
+    assert reason == (
+        f"anomaly: run {run_id} cost $0.012000 = 6.0× the median $0.002000 of the loop's "
+        f"last 10 ok runs since the resume after run {tripped} (limit 5×)"
+    )
+    assert anomaly_run_id(reason) == run_id
+    assert h.run_row(run_id or 0)["route"]["anomaly"]["since_run"] == tripped
+
+
+def test_the_new_baseline_keeps_its_history_window(tmp_path: Path, fake_server: FakeServer) -> None:
+    # After a resume the median still covers only the latest `history` runs (3 here), and a
+    # second resume starts yet another baseline.
+    patch = {"loops": {"work": {"anomaly": {"min_runs": 2, "history": 3}}}}
+    h = Harness(tmp_path, fake_server, patch)
+    seeded(h, 2)
+    seeded(h, 1, input_tokens=1000, output_tokens=200)
+    assert loopstate.resume(h.ledger, "work")
+    seeded(h, 2, input_tokens=1000, output_tokens=200)  # 2000 each: 1×, and a fresh history
+    seeded(h, 3)  # 200 each: cheaper is never an anomaly
+    seeded(h, 1, input_tokens=1000, output_tokens=200)  # 10× the last 3 (200 each)
+    reason = loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) or ""
+    # The 3 runs compared with all came after the resume: the reason needs no "since".
+    assert reason.endswith("= 10.0× the median $0.000200 of the loop's last 3 ok runs (limit 5×)")
+    assert loopstate.resume(h.ledger, "work")
+    seeded(h, 1, input_tokens=1000, output_tokens=200)  # only 0 runs since: no breaker
+    assert loopstate.paused_reason(h.ledger, "work", datetime.now(UTC)) is None
 
 
 def test_no_breaker_before_min_runs_nor_below_the_factor(

@@ -112,3 +112,71 @@ def test_failure_pause_reason() -> None:
     billing = loopstate.failure_pause_reason(1, rule, ["timeout", "billing_error"], "402")
     assert billing is not None and billing.startswith("billing_error")
     assert len(loopstate.failure_pause_reason(5, rule, [], "e" * 1000) or "") <= 300
+
+
+# ---------------------------------------------------------------------------- anomaly pauses
+
+
+def ok_run(ledger: Ledger, loop: str, *, simulated: bool = False) -> int:
+    run_id = ledger.start_run(loop=loop, trigger="schedule", simulated=simulated)
+    ledger.finish_run(run_id, status="ok", route={"strategy": "static"})
+    loopstate.record_run(ledger, loop, run_id, "ok", None)
+    return run_id
+
+
+def test_anomaly_run_id() -> None:
+    assert loopstate.anomaly_run_id("anomaly: run 12 cost $1 = 9.0× the median") == 12
+    assert loopstate.anomaly_run_id("3 consecutive failures: anomaly: run 12 ") is None
+    assert loopstate.anomaly_run_id("paused by the operator") is None
+    assert loopstate.anomaly_run_id(None) is None
+
+
+def test_resume_of_an_anomaly_starts_a_new_baseline(ledger: Ledger) -> None:
+    old = [ok_run(ledger, "a") for _ in range(3)]
+    dear = ok_run(ledger, "a")
+    loopstate.pause_for_anomaly(
+        ledger, "a", dear, f"anomaly: run {dear} cost $1 = 9.0× the median", {"ratio": "9.0"}
+    )
+    assert loopstate.get_state(ledger, "a").paused
+    assert ledger.get_run(dear)["route"] == {  # type: ignore[index]
+        "strategy": "static",
+        "anomaly": {"ratio": "9.0"},
+    }
+    # Before the resume, the dear run and the ones before it are the history.
+    assert loopstate.anomaly_history(ledger, "a", dear + 1, False, 20) == ([0] * 4, None)
+
+    at = datetime(2026, 1, 1, 12, tzinfo=UTC)
+    assert loopstate.resume(ledger, "a", now=at) is True
+    assert ledger.get_run(dear)["route"]["anomaly"] == {  # type: ignore[index]
+        "ratio": "9.0",
+        "resumed_at": "2026-01-01T12:00:00.000000Z",
+    }
+    assert [ledger.get_run(r)["route"] for r in old] == [{"strategy": "static"}] * 3  # type: ignore[index]
+    # After it, only the runs that followed the resumed anomaly count.
+    fresh = [ok_run(ledger, "a") for _ in range(2)]
+    assert loopstate.anomaly_history(ledger, "a", fresh[-1] + 1, False, 20) == ([0, 0], dear)
+    # At most `limit` runs are read: the cut is not reached, the window is all fresh anyway.
+    assert loopstate.anomaly_history(ledger, "a", fresh[-1] + 1, False, 1) == ([0], None)
+    # Simulated runs keep their own history, untouched by a real run's anomaly.
+    sim = [ok_run(ledger, "a", simulated=True) for _ in range(2)]
+    assert loopstate.anomaly_history(ledger, "a", sim[-1] + 1, True, 20) == ([0, 0], None)
+    # Another loop's history is its own.
+    assert loopstate.anomaly_history(ledger, "b", fresh[-1] + 1, False, 20) == ([], None)
+
+
+def test_resume_of_another_pause_marks_no_run(ledger: Ledger) -> None:
+    run_id = ok_run(ledger, "a")
+    loopstate.set_paused(ledger, "a", f"paused by the operator (after run {run_id})", None)
+    assert loopstate.resume(ledger, "a") is True
+    assert ledger.get_run(run_id)["route"] == {"strategy": "static"}  # type: ignore[index]
+    # Resuming a loop that is not paused leaves an old anomaly's run alone too.
+    assert loopstate.resume(ledger, "a") is False
+
+
+def test_pause_for_anomaly_needs_a_reason_naming_the_run(ledger: Ledger) -> None:
+    run_id = ok_run(ledger, "a")
+    with pytest.raises(ValueError, match="anomaly: run"):
+        loopstate.pause_for_anomaly(ledger, "a", run_id, "too dear", {})
+    with pytest.raises(ValueError, match="anomaly: run"):
+        loopstate.pause_for_anomaly(ledger, "a", run_id, f"anomaly: run {run_id + 1} x", {})
+    assert not loopstate.get_state(ledger, "a").paused
