@@ -133,7 +133,9 @@ class DaemonConfig(BaseModel):
     misfire_grace_s: Seconds = Field(
         300, description="A run this late is still run; later ones count as missed"
     )
-    wal_checkpoint_s: Seconds = Field(300, description="How often to checkpoint the WAL")
+    wal_checkpoint_s: Seconds = Field(
+        300, description="How often to checkpoint the WAL (sooner once it passes 4 MB)"
+    )
 
 
 class CircuitBreakerConfig(BaseModel):

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
+from pathlib import Path
 
 from agentd.daemonstatus import checkpoint_wal
 from agentd.ledger import Ledger
@@ -13,21 +14,45 @@ from agentd.logs import get_logger
 log = get_logger()
 
 
-async def checkpoint_loop(ledger: Ledger, every_s: Callable[[], float]) -> None:
-    """Checkpoint the WAL now and then so it does not grow while readers come and go.
+# How often the WAL's size is looked at, and the size that asks for a checkpoint at once
+# (SQLite's own default autocheckpoint, 1,000 pages), whatever `wal_checkpoint_s` says.
+WAL_POLL_S = 2.0
+WAL_CHECKPOINT_BYTES = 1000 * 4096
 
-    `every_s` is read each round (a reload may change it). After each checkpoint, cache the
-    report hours that closed since (`refresh_report_cache`).
+
+async def checkpoint_loop(ledger: Ledger, every_s: Callable[[], float]) -> None:
+    """Checkpoint the WAL from a worker thread, so no commit on the event loop has to.
+
+    Every `every_s()` seconds (read each round: a reload may change it), and sooner when the
+    WAL passes `WAL_CHECKPOINT_BYTES`: a busy daemon's WAL stays small and the connection's
+    own autocheckpoint (`ledger.WAL_AUTOCHECKPOINT_PAGES`), which would stall a call with
+    page copies and an fsync, never fires. After each checkpoint, cache the report hours
+    that closed since (`refresh_report_cache`).
     """
+    wal = Path(f"{ledger.path}-wal")
+    waited = 0.0
     while True:
-        await asyncio.sleep(every_s())
+        await asyncio.sleep(WAL_POLL_S)
+        waited += WAL_POLL_S
+        due = waited >= every_s()
+        if not due and _size(wal) < WAL_CHECKPOINT_BYTES:
+            continue
         try:
             busy, frames, done = await asyncio.to_thread(checkpoint_wal, ledger.path, 0)
         except Exception as exc:  # a failed checkpoint is retried next time
             log.warning("ledger.checkpoint_failed", error=str(exc))
         else:
             log.debug("ledger.checkpoint", busy=busy, wal_frames=frames, done=done)
-        refresh_report_cache(ledger)
+        if due:  # the report cache moves by the hour: the periodic round is often enough
+            waited = 0.0
+            refresh_report_cache(ledger)
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except OSError:  # no WAL at this moment
+        return 0
 
 
 def refresh_report_cache(ledger: Ledger) -> None:

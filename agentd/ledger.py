@@ -140,7 +140,16 @@ def _connect(path: Path, *, read_only: bool, immutable: bool) -> sqlite3.Connect
     conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
     conn.execute("PRAGMA foreign_keys = ON")
     conn.execute("PRAGMA synchronous = NORMAL")
+    if not read_only:
+        # A checkpoint (pages copied back, the file fsynced) runs inside the commit that
+        # crosses this size: on the event loop, in the middle of some call. The daemon
+        # checkpoints from a worker thread long before (`agentd.housekeeping`); this bound is
+        # the safety net for processes without one (10,000 pages, 40 MB, not SQLite's 1,000).
+        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
     return conn
+
+
+WAL_AUTOCHECKPOINT_PAGES = 10_000
 
 
 class Ledger:

@@ -755,6 +755,43 @@ def test_a_once_killed_mid_call_is_reconciled_while_the_daemon_runs(
     assert [r[3] for r in runs(state, "mine")] == ["aborted"]
 
 
+def test_the_daemon_checkpoints_a_growing_wal_from_a_thread(tmp_path: Path) -> None:
+    """A WAL past 1,000 pages is checkpointed within a few seconds, long before the hourly
+    `wal_checkpoint_s` and before any commit on the event loop would have to do it."""
+    data = {
+        "timezone": "UTC",
+        "providers": {"anthropic": {"type": "anthropic", "api_key_env": "NO_KEY_NEEDED"}},
+        "models": {"haiku": {"provider": "anthropic", "model": "claude-haiku-4-5"}},
+        "tiers": {"fast": ["haiku"]},
+        "daemon": {"wal_checkpoint_s": 3600},
+        "loops": {
+            "work": {"cron": "0 0 1 1 *", "tier": "fast", "max_tokens": 50, "prompt": "work.md"}
+        },
+    }
+    state = tmp_path / "state"
+    wal = state / "ledger.db-wal"
+
+    async def main() -> None:
+        daemon = Daemon(
+            load_config(write_config(tmp_path / "cfg", data)), state, simulate=True, env={}
+        )
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        await wait_async(lambda: daemon.health()["ok"])
+        # Another writer (it never checkpoints itself) grows the WAL past 4 MB.
+        writer = sqlite3.connect(state / "ledger.db", isolation_level=None)
+        writer.execute("PRAGMA wal_autocheckpoint = 0")
+        writer.execute("CREATE TABLE filler (blob BLOB)")
+        for _ in range(6):
+            writer.execute("INSERT INTO filler VALUES (zeroblob(1000000))")
+        writer.close()
+        assert wal.stat().st_size > 4 * 1024 * 1024
+        await wait_async(lambda: wal.stat().st_size == 0, timeout_s=8)  # TRUNCATE: emptied
+        daemon.request_stop()
+        assert await task == 0
+
+    asyncio.run(main())
+
+
 def test_on_reply_wakes_a_loop_and_inactive_hours_are_recorded_not_billed(
     tmp_path: Path, fake_server: FakeServer, monkeypatch: pytest.MonkeyPatch
 ) -> None:
