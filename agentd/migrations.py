@@ -355,6 +355,39 @@ def m012_list_cost(db: Database) -> None:
     db.execute("DELETE FROM report_holes")
 
 
+@migration
+def m013_report_cache_reprice(db: Database) -> None:
+    """What `agentd reprice` needs in the report cache, so it reads sums instead of raw rows.
+
+    `report_hours` and `report_days` get `alias` and `batch` (in the key beside loop, tier,
+    model, provider, purpose and simulated), `band` (how many of the input-size thresholds
+    kept in the new `report_cache.bands` a call's input exceeds: tiered prices change there)
+    and the sums of `ok` calls alone (`ok_calls`, their cost, input, cache read, cache write,
+    1-hour cache write and output tokens). The cache is emptied, as in m012, and the next
+    report rebuilds it from `calls`.
+    """
+    columns = [
+        ("alias", str),
+        ("batch", int),
+        ("band", int),
+        ("ok_calls", int),
+        ("ok_cost_micro_usd", int),
+        ("ok_input_tokens", int),
+        ("ok_cache_read_tokens", int),
+        ("ok_cache_write_tokens", int),
+        ("ok_cache_write_1h_tokens", int),
+        ("ok_output_tokens", int),
+    ]
+    for table in ("report_hours", "report_days"):
+        db.execute(f"DELETE FROM {table}")
+        for name, kind in columns:
+            db.table(table).add_column(name, kind)
+    db.table("report_cache").add_column("bands", str)  # JSON list of thresholds, ascending
+    # No watermark and no holes: the cache is empty, and refills from the first call.
+    db.execute("DELETE FROM report_cache")
+    db.execute("DELETE FROM report_holes")
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

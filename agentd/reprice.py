@@ -22,11 +22,13 @@ negative when writes were not read back enough), and batching (the batch calls' 
 standard less at batch rates).
 
 Arithmetic is exact `Decimal`: token sums × USD-per-million rates, per price band (a model
-whose price changes above some input size is priced per band of calls). The ledger is read in
-one grouped scan of `calls` (per loop, tier, alias, batch flag and band); the report cache
-(`spendcache`) cannot serve it, as it keeps neither alias, batch flag, 1-hour writes, input
-bands nor `ok`-only sums. Money is shown in micro-USD like the ledger (re-priced costs rounded
-up, savings half up); percentages are (actual − other) / other, one decimal.
+whose price changes above some input size is priced per band of calls). The sums per loop,
+tier, alias, batch flag and band come from the report cache where it holds them, raw `calls`
+elsewhere (`repricesources`): the same figures either way, to the micro-dollar. Days that
+`agentd ledger prune` rolled up keep no per-alias or per-band token sums: they are not
+re-priced, and the total says how many there were. Money is shown in micro-USD like the
+ledger (re-priced costs rounded up, savings half up); percentages are (actual − other) /
+other, one decimal.
 """
 
 from __future__ import annotations
@@ -39,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from agentd.config import ChainEntry, Config
-from agentd.ledger import Ledger, utc_iso
+from agentd.ledger import Ledger
 from agentd.pricing import (
     MICRO,
     MTOK,
@@ -49,6 +51,8 @@ from agentd.pricing import (
     to_micro_usd,
 )
 from agentd.reports import Column
+from agentd.repricesources import OkGroup, Pruned, ok_groups, pruned
+from agentd.spendsources import refresh_range
 
 NOT_IN_OTHER = "not in other config"
 
@@ -151,9 +155,9 @@ def _bands(prices: Iterable[Price]) -> list[int]:
     return sorted({threshold for price in prices for threshold, _ in price.tiers})
 
 
-def band_cost(price: Price, band: int, thresholds: Sequence[int], sums: Sequence[int]) -> Decimal:
-    """Exact USD of summed tokens (uncached, cache read, 5m write, 1h write, output) in a band."""
-    rates = price.rates_for(_representative(band, thresholds))
+def band_cost(price: Price, size: int, sums: Sequence[int]) -> Decimal:
+    """Exact USD of summed tokens (uncached, read, 5m/1h write, output) at `size`'s rates."""
+    rates = price.rates_for(size)
     uncached, cache_read, write_5m, write_1h, output = sums
     return (
         Decimal(uncached) * rates.input
@@ -162,25 +166,6 @@ def band_cost(price: Price, band: int, thresholds: Sequence[int], sums: Sequence
         + Decimal(write_1h) * rates.cache_write_1h
         + Decimal(output) * rates.output
     ) / MTOK
-
-
-def _representative(band: int, thresholds: Sequence[int]) -> int:
-    # Calls in band b have input in (thresholds[b-1], thresholds[b]]: rates are constant there.
-    return 0 if band == 0 else thresholds[band - 1] + 1
-
-
-# What the scan sums per group; the token columns are NULL together (a call without usage).
-# Cache writes split by TTL; rows from before migration m009 have no 1h count (all 5m).
-_SUMS = (
-    "COUNT(*), SUM(cost_micro_usd), SUM(input_tokens), SUM(cache_read_tokens),"
-    " SUM(cache_write_tokens), SUM(cache_write_1h_tokens), SUM(output_tokens)"
-)
-
-
-def _token_sums(raw: Sequence[int | None]) -> list[int]:
-    """Summed input, cache read, cache write, 1h write, output as `band_cost` takes them."""
-    inp, read, write, write_1h, output = (int(v or 0) for v in raw)
-    return [inp - read - write, read, write - write_1h, write_1h, output]
 
 
 def percent_change(actual: Decimal, other: Decimal) -> Decimal | None:
@@ -216,46 +201,52 @@ def reprice(
     since: datetime | None = None,
     until: datetime | None = None,
     simulated: bool = False,
+    cache: bool = True,
 ) -> RepriceResult:
-    """Re-price the real (or simulated) `ok` calls of [since, until) on `target`."""
+    """Re-price the real (or simulated) `ok` calls of [since, until) on `target`.
+
+    `cache=False` reads raw rows only (the cache never changes a figure; tests compare).
+    """
     if ledger is None:
         return _result(target.label, [])
     thresholds = _bands(_known_prices(current, target.config))
-    band = " + ".join(f"(input_tokens > {t})" for t in thresholds) or "0"
-    # The call's tier only matters when a call keeps its role (`--against`), the band only when
-    # some price has bands: a constant key is left out of the GROUP BY, whose sort is most of
-    # the scan's cost.
-    tier = "tier" if target.tier is None and target.alias is None else "NULL"
-    keys = ["loop", tier, "alias", "batch", band]
-    group = ", ".join(str(n) for n, key in enumerate(keys, 1) if key not in ("NULL", "0"))
+    if cache:
+        refresh_range(ledger, since)  # a no-op on a read-only ledger: raw rows fill in
     with ledger.read() as conn:
-        groups = conn.execute(
-            _select(f"{', '.join(keys)}, {_SUMS}", since, until, group=group),
-            _params(since, until, simulated),
-        ).fetchall()
+        groups = ok_groups(
+            conn,
+            thresholds,
+            # The call's tier only matters when a call keeps its role (`--against`).
+            by_tier=target.tier is None and target.alias is None,
+            since=since,
+            until=until,
+            simulated=simulated,
+            cache=cache,
+        )
+        rolled_up = pruned(conn, since, until, simulated)
     pricer = _Pricer(current, target)
     per_loop: dict[str, dict[str, Any]] = {}
-    for loop, call_tier, alias, batch, band_no, count, actual, *raw in groups:
+    for group in groups:
         row = per_loop.setdefault(
-            loop,
-            {"loop": loop, "calls": 0, "actual": 0, "other": Decimal(0), "targets": set(),
+            group.loop,
+            {"loop": group.loop, "calls": 0, "actual": 0, "other": Decimal(0), "targets": set(),
              "note": None, "cache_saving": Decimal(0), "batch_saving": Decimal(0)},
         )  # fmt: skip
-        sums = _token_sums(raw)
-        row["calls"] += int(count)
-        row["actual"] += int(actual or 0)
-        _add_savings(row, pricer, alias, bool(batch), int(band_no), thresholds, sums)
-        entry = pricer.entry(loop, call_tier)
+        row["calls"] += group.calls
+        row["actual"] += group.actual
+        _add_savings(row, pricer, group)
+        entry = pricer.entry(group.loop, group.tier)
         if entry is None:
             row["note"] = NOT_IN_OTHER
             continue
-        price = pricer.target_price(loop, entry.alias)
+        price = pricer.target_price(group.loop, entry.alias)
         row["targets"].add(entry.alias)
         if price is None:
             row["note"] = f"no price for {entry.alias} ({entry.model.model})"
             continue
-        row["other"] += band_cost(price, int(band_no), thresholds, sums)
-    return _result(target.label, sorted(per_loop.values(), key=lambda r: r["loop"]))
+        row["other"] += band_cost(price, group.size, group.tokens)
+    loops = sorted(per_loop.values(), key=lambda r: r["loop"])
+    return _result(target.label, loops, rolled_up)
 
 
 def _known_prices(*configs: Config | None) -> Iterable[Price]:
@@ -296,9 +287,9 @@ class _Pricer:
         spec = self.target.config.loops.get(loop)
         return self._price(True, alias, spec is not None and spec.batch is not None)
 
-    def current_price(self, alias: str, batch: bool) -> Price | None:
+    def current_price(self, alias: str | None, batch: bool) -> Price | None:
         """The current config's price of `alias` (None: no current config, or unknown alias)."""
-        if self.current is None or alias not in self.current.models:
+        if self.current is None or alias is None or alias not in self.current.models:
             return None
         return self._price(False, alias, batch)
 
@@ -311,53 +302,36 @@ class _Pricer:
         return self._prices[key]
 
 
-def _add_savings(
-    row: dict[str, Any],
-    pricer: _Pricer,
-    alias: str,
-    batch: bool,
-    band_no: int,
-    thresholds: Sequence[int],
-    sums: Sequence[int],
-) -> None:
+def _add_savings(row: dict[str, Any], pricer: _Pricer, group: OkGroup) -> None:
     """Add what caching and batching saved on a group of a loop's calls, against list price.
 
     Caching: reads' discount less writes' surcharge, at the rates the calls were billed at
     (batch rates for batch calls). Batching: the same tokens at standard less at batch rates.
     Either becomes None (unknown) for the loop once a call's model has no current price.
     """
-    billed, listed = pricer.current_price(alias, batch), pricer.current_price(alias, False)
+    billed = pricer.current_price(group.alias, group.batch)
+    listed = pricer.current_price(group.alias, False)
     if billed is None or listed is None:
         row["cache_saving"] = row["batch_saving"] = None
         return
     if row["cache_saving"] is None:
         return
-    _, read, write_5m, write_1h, _ = sums
-    rates = billed.rates_for(_representative(band_no, thresholds))
+    _, read, write_5m, write_1h, _ = group.tokens
+    rates = billed.rates_for(group.size)
     row["cache_saving"] += cache_saving_usd(rates, read, write_5m, write_1h)
-    if batch:
-        row["batch_saving"] += band_cost(listed, band_no, thresholds, sums) - band_cost(
-            billed, band_no, thresholds, sums
+    if group.batch:
+        row["batch_saving"] += band_cost(listed, group.size, group.tokens) - band_cost(
+            billed, group.size, group.tokens
         )
 
 
-def _select(what: str, since: datetime | None, until: datetime | None, *, group: str) -> str:
-    where = "status = 'ok' AND simulated = ?"
-    if since is not None:
-        where += " AND started_at >= ?"
-    if until is not None:
-        where += " AND started_at < ?"
-    return f"SELECT {what} FROM calls WHERE {where} GROUP BY {group}"
+_NONE_PRUNED = Pruned(0, 0)
 
 
-def _params(
-    since: datetime | None, until: datetime | None, simulated: bool = False
-) -> list[object]:
-    return [int(simulated), *(utc_iso(t) for t in (since, until) if t is not None)]
-
-
-def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
-    """The rows, the total of the compared loops, and the headline."""
+def _result(
+    label: str, loops: list[dict[str, Any]], rolled_up: Pruned = _NONE_PRUNED
+) -> RepriceResult:
+    """The rows, the total of the compared loops, and the headline (with any pruned days)."""
     rows = []
     calls = actual = missing_calls = missing_actual = 0
     other, cache, batch = Decimal(0), Decimal(0), Decimal(0)
@@ -404,10 +378,17 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
         "change": format_percent(pct),
         "cache_saving_micro_usd": cache_micro,
         "batch_saving_micro_usd": batch_micro,
-        "note": f"compared loops only; not compared: {', '.join(missing)}" if missing else None,
+        "note": None,
         "not_compared_calls": missing_calls if missing else None,
         "not_compared_micro_usd": missing_actual if missing else None,
+        # Pruned days keep only day totals (no alias, band or ok-only tokens): never re-priced.
+        "pruned_days": rolled_up.days or None,
+        "pruned_calls": rolled_up.calls if rolled_up.days else None,
     }
+    notes = [f"compared loops only; not compared: {', '.join(missing)}"] if missing else []
+    if rolled_up.days:
+        notes.append(_pruned_text(rolled_up))
+    total["note"] = "; ".join(notes) or None
     saved = [(n, v) for n, v in (("caching", cache_micro), ("batching", batch_micro)) if v]
     places = usd_places([actual, other_micro, missing_actual, *(v for _, v in saved)])
     headline = f"actual {usd_text(actual, places)} vs {label} {usd_text(other_micro, places)}"
@@ -420,7 +401,15 @@ def _result(label: str, loops: list[dict[str, Any]]) -> RepriceResult:
         headline += (
             f"; not compared: {', '.join(missing)} (actual {usd_text(missing_actual, places)})"
         )
+    if rolled_up.days:
+        headline += f"; {_pruned_text(rolled_up)}: prune kept only day totals"
     return RepriceResult(label=label, rows=rows, total=total, headline=headline)
+
+
+def _pruned_text(rolled_up: Pruned) -> str:
+    days = "day" if rolled_up.days == 1 else "days"
+    calls = "call" if rolled_up.calls == 1 else "calls"
+    return f"{rolled_up.days} pruned {days} ({rolled_up.calls} ok {calls}) not re-priced"
 
 
 def saving_micro_usd(usd: Decimal | None) -> int | None:
@@ -462,4 +451,6 @@ REPRICE_JSON_COLUMNS = [c for c in REPRICE_COLUMNS if c.key != "change"] + [
     Column("actual_vs_other_pct", "actual_vs_other_pct"),
     Column("not_compared_calls", "not_compared_calls"),
     Column("not_compared_micro_usd", "not_compared_usd", money=True),
+    Column("pruned_days", "pruned_days"),
+    Column("pruned_calls", "pruned_calls"),
 ]

@@ -1,9 +1,13 @@
 """A derived cache of per-UTC-hour call sums, so reports over long ranges skip most raw rows.
 
 `report_hours` holds one row per cached hour and (loop, tier, model, provider, purpose,
-simulated): the sums a spend report needs and a histogram of latencies over fixed buckets
-(`HIST_BOUNDS`). The exact p95 merges the histograms to find the bucket holding the rank,
-then reads only that bucket's raw latencies through the `calls_latency` index.
+simulated, alias, batch, band): the sums a spend report needs and a histogram of latencies over
+fixed buckets (`HIST_BOUNDS`). The exact p95 merges the histograms to find the bucket holding
+the rank, then reads only that bucket's raw latencies through the `calls_latency` index.
+Spend reports sum over the key, so its extra columns change none of their figures; alias,
+batch flag, `band` (how many of the input-size thresholds in `report_cache.bands` a call's input
+exceeds) and the `ok_*` sums of `ok` calls alone are what `agentd reprice` needs
+(`repricesources`).
 
 `report_days` holds the same sums per UTC day, for days whose every hour is cached (a day
 with a hole has none), so long ranges read a row per day and key rather than per hour.
@@ -31,6 +35,8 @@ from __future__ import annotations
 import bisect
 import json
 import sqlite3
+from collections.abc import Iterable
+from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 
 from agentd.ledger import Ledger
@@ -40,7 +46,26 @@ HIST_COLUMNS: tuple[str, ...] = tuple(f"l{i:02d}" for i in range(len(HIST_BOUNDS
 SETTLE_MARGIN = timedelta(hours=1)
 CHUNK = timedelta(days=7)
 _UNSETTLED = "status IN ('pending', 'submitted')"
-_KEY = "loop, tier, model, provider, purpose, simulated"
+_KEY = "loop, tier, model, provider, purpose, simulated, alias, batch"
+# The input-size thresholds at which a built-in (genai-prices) price of an Anthropic or OpenAI
+# model changes, ascending (a test checks the snapshot against it). A cached row's `band`
+# counts how many of them its calls' input exceeds, so a price whose thresholds are all here
+# has one rate per band. The list a cache was filled with is kept in `report_cache.bands`;
+# `refresh` empties a cache filled with another list.
+BANDS: tuple[int, ...] = (100_000, 200_000, 272_000)
+# The sums of `ok` calls alone (failed calls have no token counts to re-price).
+OK_NAMES = (
+    "ok_calls",
+    "ok_cost_micro_usd",
+    "ok_input_tokens",
+    "ok_cache_read_tokens",
+    "ok_cache_write_tokens",
+    "ok_cache_write_1h_tokens",
+    "ok_output_tokens",
+)
+_OK_SUMS = "SUM(status = 'ok'), " + ", ".join(
+    f"SUM(CASE WHEN status = 'ok' THEN {name[3:]} END)" for name in OK_NAMES[1:]
+)
 SUM_NAMES = (
     "calls",
     "failed",
@@ -75,25 +100,33 @@ def _hist_sql() -> str:
     return ", ".join(parts)
 
 
+def band_sql(thresholds: Iterable[int]) -> str:
+    """How many of `thresholds` a call's input exceeds (0 for a call without token counts)."""
+    exceeds = " + ".join(f"(input_tokens > {int(t)})" for t in thresholds)
+    return f"COALESCE({exceeds}, 0)" if exceeds else "0"
+
+
+_COLUMNS = f"{_KEY}, band, {', '.join(SUM_NAMES)}, {', '.join(OK_NAMES)}, {', '.join(HIST_COLUMNS)}"
 _FILL = (
-    f"INSERT INTO report_hours (hour, {_KEY}, {', '.join(SUM_NAMES)}, {', '.join(HIST_COLUMNS)})"
-    f" SELECT substr(started_at, 1, 13), {_KEY}, COUNT(*), SUM(status IN ('error', 'aborted')),"
+    f"INSERT INTO report_hours (hour, {_COLUMNS})"
+    f" SELECT substr(started_at, 1, 13), {_KEY}, {band_sql(BANDS)}, COUNT(*),"
+    " SUM(status IN ('error', 'aborted')),"
     " SUM(attempt = 1 AND run_id IS NOT NULL), SUM(input_tokens), SUM(cache_read_tokens),"
     " SUM(cache_write_tokens), SUM(output_tokens), SUM(reasoning_tokens),"
     " SUM(COALESCE(cost_micro_usd, reserved_micro_usd)), COUNT(latency_ms), SUM(latency_ms),"
     " SUM(COALESCE(list_cost_micro_usd, cost_micro_usd, reserved_micro_usd)),"
-    f" {_hist_sql()}"
+    f" {_OK_SUMS}, {_hist_sql()}"
     " FROM calls INDEXED BY calls_started_at WHERE started_at >= ? AND started_at < ?"
     " AND substr(started_at, 1, 13) NOT IN (SELECT value FROM json_each(?))"
-    f" GROUP BY 1, {_KEY}"
+    f" GROUP BY 1, {_KEY}, {len(_KEY.split(',')) + 2}"
 )
 
 
 _ROLL_DAY = (
-    f"INSERT INTO report_days (day, {_KEY}, {', '.join(SUM_NAMES)}, {', '.join(HIST_COLUMNS)})"
-    f" SELECT substr(hour, 1, 10), {_KEY}, {sums_sql()},"
-    f" {', '.join(f'SUM({c})' for c in HIST_COLUMNS)}"
-    f" FROM report_hours WHERE hour >= ? AND hour < ? GROUP BY 1, {_KEY}"
+    f"INSERT INTO report_days (day, {_COLUMNS})"
+    f" SELECT substr(hour, 1, 10), {_KEY}, band, {sums_sql()},"
+    f" {', '.join(f'SUM({c})' for c in (*OK_NAMES, *HIST_COLUMNS))}"
+    f" FROM report_hours WHERE hour >= ? AND hour < ? GROUP BY 1, {_KEY}, band"
 )
 
 
@@ -196,10 +229,31 @@ def _fill(conn: sqlite3.Connection, start: str, end: str, skip: set[str]) -> Non
 
 def _set_state(conn: sqlite3.Connection, through: str, last_id: int) -> None:
     conn.execute(
-        "INSERT INTO report_cache (id, through, last_id) VALUES (1, ?, ?)"
+        "INSERT INTO report_cache (id, through, last_id, bands) VALUES (1, ?, ?, ?)"
         " ON CONFLICT (id) DO UPDATE SET through = excluded.through, last_id = excluded.last_id",
-        (through, last_id),
+        (through, last_id, json.dumps(BANDS)),
     )
+
+
+def bands(conn: sqlite3.Connection) -> tuple[int, ...] | None:
+    """The thresholds the cached rows' `band` counts (None: no cache, or filled without one)."""
+    row = conn.execute("SELECT bands FROM report_cache WHERE id = 1").fetchone()
+    if row is None or row[0] is None:
+        return None
+    return tuple(int(t) for t in json.loads(row[0]))
+
+
+def _reset_if_rebanded(conn: sqlite3.Connection) -> None:
+    """Empty a cache filled with other band thresholds than `BANDS`: it refills from scratch.
+
+    Its `band` counts would mean other input sizes; the thresholds change only when a new
+    version of agentd does (a genai-prices snapshot with a new price band).
+    """
+    row = conn.execute("SELECT bands FROM report_cache WHERE id = 1").fetchone()
+    if row is None or bands(conn) == BANDS:
+        return
+    for table in ("report_hours", "report_days", "report_holes", "report_cache"):
+        conn.execute(f"DELETE FROM {table}")
 
 
 def refresh(ledger: Ledger, now: datetime, *, since: datetime | None = None) -> None:
@@ -214,6 +268,7 @@ def refresh(ledger: Ledger, now: datetime, *, since: datetime | None = None) -> 
     target = hour_key(now - SETTLE_MARGIN)  # hours before it ended at least the margin ago
     first = None if since is None else hour_key(since)
     with ledger.write() as conn:
+        _reset_if_rebanded(conn)
         through, holes = state(conn)  # includes the hours of back-dated calls
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
         # Every hole is recorded (a back-dated call's hour loses its sums) before `last_id`
@@ -317,3 +372,106 @@ def forget_day(conn: sqlite3.Connection, day: datetime, following: datetime) -> 
             hours.append((hour_key(cur),))
         cur += timedelta(hours=1)
     conn.executemany("INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", hours)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """Where a range's sums come from: raw spans of `calls`, and cached parts.
+
+    `parts` are (table, time column, first key or None, end key): whole UTC days from
+    `report_days` (`days` lists them), the other cached hours from `report_hours`.
+    """
+
+    raw: list[tuple[datetime | None, datetime | None]]
+    parts: list[tuple[str, str, str | None, str]]
+    days: list[str]
+
+
+def plan(conn: sqlite3.Connection, since: datetime | None, until: datetime | None) -> Plan | None:
+    """Split [since, until) into cached parts and raw spans; None when nothing is cached."""
+    through, holes = state(conn)
+    if not through:
+        return None
+    first = None if since is None else _ceil_hour(since)
+    end = hour_start(through)
+    if until is not None:
+        end = min(end, _floor_hour(until))
+    if first is not None and first >= end:
+        return None
+    raw: list[tuple[datetime | None, datetime | None]] = []
+    if since is not None and first is not None and since < first:
+        raw.append((since, first))
+    first_key = None if first is None else hour_key(first)
+    end_key = hour_key(end)
+    raw.extend(spans(h for h in holes if h < end_key and h >= (first_key or "")))
+    raw.append((end, until))
+    days, parts = _cached_parts(conn, first_key, end_key, holes)
+    return Plan(raw, parts, days)
+
+
+def _floor_hour(at: datetime) -> datetime:
+    return at.astimezone(UTC).replace(minute=0, second=0, microsecond=0)
+
+
+def _ceil_hour(at: datetime) -> datetime:
+    floor = _floor_hour(at)
+    return floor if floor == at else floor + timedelta(hours=1)
+
+
+def _next_day(day: str) -> str:
+    return (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
+
+
+def _cached_parts(
+    conn: sqlite3.Connection, first: str | None, end: str, holes: set[str]
+) -> tuple[list[str], list[tuple[str, str, str | None, str]]]:
+    """Split cached hours [first, end) into whole UTC days (`report_days`) and hours."""
+    start = first
+    if start is None:
+        row = conn.execute("SELECT MIN(hour) FROM report_hours").fetchone()
+        if row[0] is None:
+            return [], []
+        start = str(row[0])
+    day = hour_start(start[:10] + "T00")
+    if start[11:13] != "00":
+        day += timedelta(days=1)
+    stop = hour_start(end[:10] + "T00")
+    days: list[str] = []
+    hole_days = {h[:10] for h in holes}
+    while day < stop:
+        key = day.date().isoformat()
+        if key not in hole_days:
+            days.append(key)
+        day += timedelta(days=1)
+    # Hours to skip in `report_hours`: the holes (read raw) and the days read whole.
+    skips: list[tuple[str, str, str | None]] = []  # (first hour, end hour, day part)
+    for span_start, span_end in spans(h for h in holes if h < end and h >= (first or "")):
+        skips.append((hour_key(span_start), hour_key(span_end), None))
+    i = 0
+    while i < len(days):
+        j = i
+        while j + 1 < len(days) and _next_day(days[j]) == days[j + 1]:
+            j += 1
+        skips.append((days[i] + "T00", _next_day(days[j]) + "T00", days[i]))
+        i = j + 1
+    parts: list[tuple[str, str, str | None, str]] = []
+    cursor = first
+    for low, high, day_first in sorted(skips):
+        parts.append(("report_hours", "hour", cursor, low))
+        if day_first is not None:
+            parts.append(("report_days", "day", day_first, high[:10]))
+        cursor = high
+    parts.append(("report_hours", "hour", cursor, end))
+    return days, parts
+
+
+def spans(hours: Iterable[str]) -> list[tuple[datetime, datetime]]:
+    """Hour keys as [start, end) spans of consecutive hours: a month of holes is one range."""
+    out: list[tuple[datetime, datetime]] = []
+    for hour in sorted(hours):
+        start = hour_start(hour)
+        if out and out[-1][1] == start:
+            out[-1] = (out[-1][0], start + timedelta(hours=1))
+        else:
+            out.append((start, start + timedelta(hours=1)))
+    return out

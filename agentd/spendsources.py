@@ -10,7 +10,7 @@ from __future__ import annotations
 import contextlib
 import json
 import sqlite3
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 from zoneinfo import ZoneInfo
@@ -19,16 +19,7 @@ from agentd import spendcache
 from agentd.errors import LedgerError
 from agentd.ledger import SKIPPED_RUN_STATUSES, Ledger
 from agentd.migrations import SKIPPED_INDEXED
-from agentd.spendgroups import (
-    Acc,
-    Filter,
-    Key,
-    Period,
-    ceil_hour,
-    floor_hour,
-    next_day,
-    whole_hours,
-)
+from agentd.spendgroups import Acc, Filter, Key, Period, whole_hours
 from agentd.spendlatency import GroupReader
 
 _SKIPPED = "(" + ", ".join(f"'{s}'" for s in SKIPPED_RUN_STATUSES) + ")"
@@ -72,76 +63,21 @@ class _Collector(GroupReader):
         periods = self.periods
         if periods is not None and not periods.utc and not whole_hours(periods.tz.key):
             return  # local periods do not start on UTC hours: raw rows only
-        through, holes = spendcache.state(self.conn)
-        if not through:
-            return
         flt = self.flt
-        first = None if flt.since is None else ceil_hour(flt.since)
-        end = spendcache.hour_start(through)
-        if flt.until is not None:
-            end = min(end, floor_hour(flt.until))
-        if first is not None and first >= end:
+        plan = spendcache.plan(self.conn, flt.since, flt.until)
+        if plan is None:
             return
-        raw = []
-        if flt.since is not None and first is not None and flt.since < first:
-            raw.append(Filter(flt.since, first, flt.simulated, flt.loop))
-        first_key = None if first is None else spendcache.hour_key(first)
-        end_key = spendcache.hour_key(end)
-        for low, high in _spans(h for h in holes if h < end_key and h >= (first_key or "")):
-            raw.append(Filter(low, high, flt.simulated, flt.loop))
-        raw.append(Filter(end, flt.until, flt.simulated, flt.loop))
-        self.raw = raw
-        self.cached = self._cached_parts(first_key, end_key, holes)
-
-    def _cached_parts(
-        self, first: str | None, end: str, holes: set[str]
-    ) -> list[tuple[str, str, str | None, str]]:
-        """Split cached hours [first, end) into whole UTC days (`report_days`) and hours."""
-        start = first
-        if start is None:
-            row = self.conn.execute("SELECT MIN(hour) FROM report_hours").fetchone()
-            if row[0] is None:
-                return []
-            start = str(row[0])
-        day = spendcache.hour_start(start[:10] + "T00")
-        if start[11:13] != "00":
-            day += timedelta(days=1)
-        stop = spendcache.hour_start(end[:10] + "T00")
-        days: list[str] = []
-        hole_days = {h[:10] for h in holes}
-        while day < stop:
-            key = day.date().isoformat()
-            periods = self.periods
-            if key not in hole_days:
-                days.append(key)
-                if periods is not None and not periods.utc:
-                    # A UTC day counts in the period of its noon; its hours in another period
-                    # move there (added to theirs, subtracted from the day's).
-                    noon = periods.day_label(key)
-                    for h in range(24):
-                        if periods.label_of(day + timedelta(hours=h)) != noon:
-                            self.moved.append(spendcache.hour_key(day + timedelta(hours=h)))
-            day += timedelta(days=1)
-        # Hours to skip in `report_hours`: the holes (read raw) and the days read whole.
-        skips: list[tuple[str, str, str | None]] = []  # (first hour, end hour, day part)
-        for span_start, span_end in _spans(h for h in holes if h < end and h >= (first or "")):
-            skips.append((spendcache.hour_key(span_start), spendcache.hour_key(span_end), None))
-        i = 0
-        while i < len(days):
-            j = i
-            while j + 1 < len(days) and next_day(days[j]) == days[j + 1]:
-                j += 1
-            skips.append((days[i] + "T00", next_day(days[j]) + "T00", days[i]))
-            i = j + 1
-        parts: list[tuple[str, str, str | None, str]] = []
-        cursor = first
-        for low, high, day_first in sorted(skips):
-            parts.append(("report_hours", "hour", cursor, low))
-            if day_first is not None:
-                parts.append(("report_days", "day", day_first, high[:10]))
-            cursor = high
-        parts.append(("report_hours", "hour", cursor, end))
-        return parts
+        self.raw = [Filter(low, high, flt.simulated, flt.loop) for low, high in plan.raw]
+        self.cached = plan.parts
+        if periods is not None and not periods.utc:
+            # A UTC day counts in the period of its noon; its hours in another period move
+            # there (added to theirs, subtracted from the day's).
+            for key in plan.days:
+                day = spendcache.hour_start(key + "T00")
+                noon = periods.day_label(key)
+                for h in range(24):
+                    if periods.label_of(day + timedelta(hours=h)) != noon:
+                        self.moved.append(spendcache.hour_key(day + timedelta(hours=h)))
 
     def _acc(self, key: Key) -> Acc:
         acc = self.groups.get(key)
@@ -353,18 +289,6 @@ class _Collector(GroupReader):
 # What looking up one fallback run's calls costs, in calls walked by the range scan (measured
 # on a 1M-row ledger: ~1.7 µs per fallback run against ~0.27 µs per call in the range).
 _FALLBACK_PROBE_COST = 6
-
-
-def _spans(hours: Iterable[str]) -> list[tuple[datetime, datetime]]:
-    """Hour keys as [start, end) spans of consecutive hours: a month of holes is one range."""
-    spans: list[tuple[datetime, datetime]] = []
-    for hour in sorted(hours):
-        start = spendcache.hour_start(hour)
-        if spans and spans[-1][1] == start:
-            spans[-1] = (spans[-1][0], start + timedelta(hours=1))
-        else:
-            spans.append((start, start + timedelta(hours=1)))
-    return spans
 
 
 class _NotWholeHours(Exception):

@@ -428,7 +428,8 @@ def reprice_report(
     if fmt != "table":
         return render([*result.rows, result.total], REPRICE_JSON_COLUMNS, fmt)
     if not result.rows:
-        return "(no ok calls in this period)"
+        note = result.total["note"]
+        return "(no ok calls in this period)" + (f"; {note}" if note else "")
     tz = zone_of(config)
     return "\n".join(
         [

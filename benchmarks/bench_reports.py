@@ -9,9 +9,9 @@ command is then timed as a fresh process (hyperfine when installed, else a subpr
 the way an operator runs it: a real config file (timezone, state_dir) and no `--state-dir`;
 the default `--since 24h`, the whole ledger (`--since` the first row's day) by loop and by
 day, and `--json`; `ledger calls` (the latest 20, and what failed in the last day); the HTML
-page (`report --html`, its default 30 days); and `budget` (the shipped config, which needs a
-full one). The query alone (`spend.spend_report` in-process, ledger opened once, no start-up)
-is timed too, to split start-up from SQL.
+page (`report --html`, its default 30 days); `reprice --all-tier deep` and `budget` (with the
+shipped config: they need a full one). The query alone (`spend.spend_report` in-process,
+ledger opened once, no start-up) is timed too, to split start-up from SQL.
 """
 
 from __future__ import annotations
@@ -183,6 +183,18 @@ def main(argv: list[str] | None = None) -> int:
                 "--state-dir",
                 str(state),
                 "budget",
+            ],
+            "reprice --all-tier deep --since 30d (shipped config)": [
+                AGENTD,
+                "--config",
+                str(shipped),
+                "--state-dir",
+                str(state),
+                "reprice",
+                "--all-tier",
+                "deep",
+                "--since",
+                "30d",
             ],
         }
         samples, tool = time_commands(commands, runs=args.runs, warmup=args.warmup, env=env)

@@ -19,7 +19,7 @@ from agentd.ledger import Ledger
 
 PROCS = Path(__file__).parent / "procs"
 
-# report_hours and report_days (m010, m012) share every column but their first.
+# report_hours and report_days (m010, m012, m013) share every column but their first.
 REPORT_CACHE_COLUMNS = [
     *[(c, "TEXT") for c in ("loop", "tier", "model", "provider", "purpose")],
     *[
@@ -41,6 +41,21 @@ REPORT_CACHE_COLUMNS = [
     ],
     *[(f"l{i:02d}", "INTEGER") for i in range(64)],
     ("list_cost_micro_usd", "INTEGER"),
+    ("alias", "TEXT"),
+    *[
+        (c, "INTEGER")
+        for c in (
+            "batch",
+            "band",
+            "ok_calls",
+            "ok_cost_micro_usd",
+            "ok_input_tokens",
+            "ok_cache_read_tokens",
+            "ok_cache_write_tokens",
+            "ok_cache_write_1h_tokens",
+            "ok_output_tokens",
+        )
+    ],
 ]
 
 EXPECTED_COLUMNS = {
@@ -142,7 +157,12 @@ EXPECTED_COLUMNS = {
         ("day", "TEXT"),
         *REPORT_CACHE_COLUMNS,
     ],
-    "report_cache": [("id", "INTEGER"), ("through", "TEXT"), ("last_id", "INTEGER")],
+    "report_cache": [
+        ("id", "INTEGER"),
+        ("through", "TEXT"),
+        ("last_id", "INTEGER"),
+        ("bands", "TEXT"),
+    ],
     "report_holes": [("hour", "TEXT")],
     "_agentd_migrations": [("name", "TEXT"), ("applied_at", "TEXT")],
 }
@@ -160,6 +180,7 @@ EXPECTED_STEPS = [
     "m010_report_hours",
     "m011_batches",
     "m012_list_cost",
+    "m013_report_cache_reprice",
 ]
 
 
