@@ -51,9 +51,8 @@ import weakref
 from collections.abc import Sequence
 from typing import Any
 
-import structlog
-
 from agentd.ledger import Ledger
+from agentd.logs import get_logger
 
 # A window: (scope, simulated, start, end); start and end as ledger text (`ledger.utc_iso`).
 WindowKey = tuple[str, bool, str, str]
@@ -67,7 +66,7 @@ SCAN_MAX = 20_000  # more unseen rows than this: rebuild rather than catch up ro
 _CHUNK = 500  # ids per `IN (...)` when re-reading unsettled rows
 _OPEN = ("pending", "submitted")
 
-log = structlog.get_logger()
+log = get_logger()
 
 _SUM_SQL = (
     "SELECT COALESCE(SUM(CASE WHEN status IN ('pending', 'submitted') THEN 0"

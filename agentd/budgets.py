@@ -20,11 +20,10 @@ from decimal import ROUND_FLOOR, Decimal
 from typing import Literal, get_args
 from zoneinfo import ZoneInfo
 
-import structlog
-
 from agentd import budgetcache
 from agentd.errors import BudgetExceeded, LedgerError
 from agentd.ledger import ABANDONED_ERROR, EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
+from agentd.logs import get_logger
 from agentd.owner import current_owner, owner_alive
 from agentd.pricing import MICRO, format_usd
 from agentd.providers.base import Usage
@@ -38,7 +37,7 @@ _SETTLE_STATUSES = frozenset(get_args(SettleStatus))
 # Unsettled rows a dead owner leaves behind; a submitted batch call is the provider's to finish.
 _ABANDONABLE = "status IN ('pending', 'submitted') AND NOT (status = 'submitted' AND batch = 1)"
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 @dataclass(frozen=True)

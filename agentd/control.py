@@ -35,9 +35,8 @@ from pathlib import Path
 from typing import Any, Protocol
 from urllib.parse import unquote
 
-import structlog
-
 from agentd.errors import EXIT_NOT_NOW, AgentdError
+from agentd.logs import get_logger
 
 SOCKET_NAME = "agentd.sock"
 ENV_RUNTIME_DIRECTORY = "RUNTIME_DIRECTORY"  # set by systemd's RuntimeDirectory=
@@ -53,7 +52,7 @@ _MAX_BODY_BYTES = 64 * 1024
 _GET_ROUTES = frozenset({"status", "health", "metrics"})
 _LOOP_ROUTES = frozenset({"trigger", "pause", "resume"})
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 class ControlTarget(Protocol):

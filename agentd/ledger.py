@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-import asyncio
 import fcntl
 import json
 import os
 import sqlite3
+import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -15,10 +15,9 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
-import structlog
-
 from agentd import migrations
 from agentd.errors import LedgerError
+from agentd.logs import get_logger
 from agentd.owner import current_owner
 
 DB_NAME = "ledger.db"
@@ -42,7 +41,7 @@ EFFECTIVE_COST_SQL = (
 FAILED_CALL_STATUSES = ("error", "aborted")
 _ERROR_MAX = 500
 
-log = structlog.get_logger()
+log = get_logger()
 
 
 def utc_iso(dt: datetime) -> str:
@@ -80,10 +79,16 @@ def _short(text: str | None) -> str | None:
 
 
 def _current_task() -> object | None:
+    # Without asyncio imported no task can be running: a read-only command (`agentd ledger`)
+    # then never imports it (~20 ms).
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
     try:
-        return asyncio.current_task()
+        task: object | None = asyncio.current_task()
     except RuntimeError:
         return None
+    return task
 
 
 def _adopt_owner(fd: int, reference: Path) -> None:

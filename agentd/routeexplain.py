@@ -29,13 +29,12 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agentd import pricing, routeprompts, routing
 from agentd.config import Config
 from agentd.errors import EXIT_USAGE, AgentdError
 from agentd.executor import Executor, RunTrace
 from agentd.ledger import Ledger
+from agentd.logs import bind_contextvars, unbind_contextvars
 from agentd.loopconfig import LABELS
 from agentd.routeplan import (
     BudgetView,
@@ -260,7 +259,7 @@ async def _classify(
             )
             classifier, _ = planned_call(config, before, spec)
             run_id = ledger.start_run(loop=loop, trigger="manual", simulated=simulate)
-            structlog.contextvars.bind_contextvars(loop=loop, run_id=run_id)
+            bind_contextvars(loop=loop, run_id=run_id)
             trace = RunTrace(run_id=run_id, loop=loop, simulated=simulate)
             route: dict[str, Any] = {"strategy": "classify", "explain": True}
             calls = RunCalls(config, executor, loop, trace, loop_windows(config, loop), route)
@@ -272,7 +271,7 @@ async def _classify(
             finally:
                 route["skipped"] = trace.skipped
                 ledger.finish_run(run_id, status=status, route=route, error=None)
-                structlog.contextvars.unbind_contextvars("loop", "run_id")
+                unbind_contextvars("loop", "run_id")
             # The work call fits what the windows have left after the classifier's real cost.
             view = BudgetView(
                 config, executor, loop, window_statuses(config, ledger, loop, simulate)

@@ -7,8 +7,6 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-import structlog
-
 from agentd import budgets, caching, guardrails, loopstate, precheck
 from agentd.batches import BatchDetached, BatchMode, submitted_batch_calls
 from agentd.budgets import BudgetWindowExceeded
@@ -32,7 +30,7 @@ from agentd.errors import (
 from agentd.executor import Attempt, CallOutcome, Executor, RunTrace
 from agentd.handlers import Handler, LoopContext, load_handler
 from agentd.ledger import Ledger
-from agentd.logs import get_logger
+from agentd.logs import bind_contextvars, get_logger, unbind_contextvars
 from agentd.looplock import loop_lock
 from agentd.routing import route_call, tiers_used
 from agentd.runcalls import RunCalls
@@ -172,7 +170,7 @@ async def _run_locked(
     # Decided before the run row exists, so nothing here can leave a run unfinished.
     cache = caching.decide_for_run(config, loop_name, prefix, now)
     run_id = ledger.start_run(loop=loop_name, trigger=trigger, simulated=simulated, slot=slot)
-    structlog.contextvars.bind_contextvars(loop=loop_name, run_id=run_id)
+    bind_contextvars(loop=loop_name, run_id=run_id)
     trace = RunTrace(run_id=run_id, loop=loop_name, simulated=simulated)
     route: dict[str, Any] = {"strategy": loop.route, **check.route}
     if handler is not None:
@@ -239,7 +237,7 @@ async def _run_locked(
             ledger.finish_run(run_id, status="aborted", route=route, error="cancelled")
         raise
     finally:
-        structlog.contextvars.unbind_contextvars("loop", "run_id")
+        unbind_contextvars("loop", "run_id")
 
 
 async def _conclude(
