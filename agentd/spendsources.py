@@ -108,7 +108,7 @@ class _Collector(GroupReader):
             del self.groups[key]
             self.hists.pop(key, None)
         # Only the small partial index `calls_unsettled` matches this condition; named, since
-        # the planner would rather scan a whole covering budget index (m008) that holds every
+        # the planner would rather scan a whole covering index (m008's, until m014) holding every
         # selected column: ~70 ms over a million rows, for usually no row at all.
         # A call in flight saves nothing yet: its list cost, as summed above, comes out too.
         for bucket, value, simulated, started_at, loop, reserved, listed in self.conn.execute(

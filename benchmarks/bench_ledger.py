@@ -12,10 +12,8 @@ a budgeted loop under global caps does; `--no-windows` measures an unbudgeted lo
 A reservation reads its windows' running totals (`agentd.budgetcache`), so its cost should not
 depend on how many rows the windows already hold: `--scaling` times one reserve + settle
 against windows already holding 0 … N rows, and the first reservation of a process (the one
-that sums each window once, cold). `--drop-covering-indexes` (an experiment, in the
-benchmark's own temp ledger only) repeats the budgeted measurements without migration m008's
-two covering indexes, which every insert and settle keeps up to date but which reservations
-no longer read.
+that sums each window once, cold) — with the report cache empty (the rows are summed) and
+filled (what a daemon keeps it: the closed hours come from `report_hours`/`report_days`).
 """
 
 from __future__ import annotations
@@ -33,9 +31,6 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import emit_json, fmt_mmm, print_machine
-
-# Migration m008's covering indexes for the window sums (see `--drop-covering-indexes`).
-COVERING_INDEXES = ("calls_budget_global", "calls_budget_loop")
 
 
 def _windows(loop: str, with_windows: bool) -> list[Any]:
@@ -93,22 +88,17 @@ async def _tasks(state: Path, tasks: int, per_task: int, with_windows: bool, tag
     return sum(done)
 
 
-def _prepare(state: Path, drop_covering: bool) -> None:
-    """Create and migrate a fresh ledger outside the timing; maybe drop m008's indexes."""
+def _prepare(state: Path) -> None:
+    """Create and migrate a fresh ledger outside the timing."""
     from agentd.ledger import Ledger
 
-    with Ledger.open(state) as ledger:
-        if drop_covering:
-            with ledger.write() as conn:
-                for name in COVERING_INDEXES:
-                    conn.execute(f"DROP INDEX IF EXISTS {name}")
+    with Ledger.open(state):
+        pass
 
 
-def _one_process(
-    state: Path, tasks: int, per_task: int, with_windows: bool, drop_covering: bool = False
-) -> float:
+def _one_process(state: Path, tasks: int, per_task: int, with_windows: bool) -> float:
     """Calls per second for K tasks in this process, on a fresh ledger."""
-    _prepare(state, drop_covering)
+    _prepare(state)
     t0 = time.perf_counter()
     n = asyncio.run(_tasks(state, tasks, per_task, with_windows, "p0"))
     return n / (time.perf_counter() - t0)
@@ -132,10 +122,9 @@ def _processes(
     tasks: int,
     per_task: int,
     with_windows: bool,
-    drop_covering: bool = False,
 ) -> float:
     """Calls per second for `procs` processes × `tasks` tasks on one fresh ledger."""
-    _prepare(state, drop_covering)
+    _prepare(state)
     ctx = mp.get_context("spawn")
     barrier = ctx.Barrier(procs)
     out = ctx.Queue()
@@ -163,8 +152,9 @@ def _fill(state: Path, rows: int, loops: int = 50) -> None:
     from agentd.ledger import Ledger, utc_iso
 
     now = datetime.now(UTC)
-    # Inside the last hour (or since midnight, if that is nearer) and never in the future.
-    span = min(timedelta(hours=1), now - now.replace(hour=0, minute=0, second=0, microsecond=0))
+    # Spread since midnight (inside the day and month windows), never in the future: the
+    # hours that closed over an hour ago are what a filled report cache holds.
+    span = max(timedelta(minutes=1), now - now.replace(hour=0, minute=0, second=0, microsecond=0))
     with Ledger.open(state) as ledger, ledger.write() as conn:
         conn.executemany(
             "INSERT INTO calls (loop, purpose, tier, alias, provider, model, attempt, status,"
@@ -183,17 +173,20 @@ def _fill(state: Path, rows: int, loops: int = 50) -> None:
         )
 
 
-def _scaling_point(state: Path, rows: int, drop_covering: bool, n: int) -> tuple[float, float]:
+def _scaling_point(state: Path, rows: int, cached: bool, n: int) -> tuple[float, float]:
     """(ms of a process's first reserve + settle, mean ms of the next `n`), 3 windows, with
-    `rows` rows already in the windows."""
+    `rows` rows already in the windows (and with `cached`, the report cache filled first)."""
     from zoneinfo import ZoneInfo
 
-    from agentd import budgets
+    from agentd import budgets, spendcache
     from agentd.budgets import CallStart
     from agentd.ledger import Ledger
 
-    _prepare(state, drop_covering)
+    _prepare(state)
     _fill(state, rows)
+    if cached:
+        with Ledger.open(state) as ledger:
+            spendcache.refresh(ledger, datetime.now(UTC))
     tz = ZoneInfo("UTC")
     windows = _windows("x", True)
     start = CallStart(None, "x", "work", "fast", "haiku", "anthropic", "claude-haiku-4-5", 1, False)
@@ -222,29 +215,22 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-windows", action="store_true", help="only unbudgeted calls")
     parser.add_argument("--scaling", action="store_true", help="reserve cost vs rows in window")
     parser.add_argument("--scaling-rows", default="0,10000,100000,1000000")
-    parser.add_argument(
-        "--drop-covering-indexes",
-        action="store_true",
-        help="experiment: also measure without migration m008's covering indexes",
-    )
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     parser.add_argument("--json", help="write results as JSON to this path")
     args = parser.parse_args(argv)
     if args.smoke:
         args.calls, args.repeats = 256, 1
-        args.scaling, args.scaling_rows, args.drop_covering_indexes = True, "0,2000", True
+        args.scaling, args.scaling_rows = True, "0,2000"
     from agentd.logs import configure_logging
 
     configure_logging("warning")  # the ledgers' "migrated" events would bury the tables
     print_machine()
-    # (label, budgeted, without m008's covering indexes)
-    modes = [("budgeted (3 windows)", True, False)]
+    # (label, budgeted)
+    modes = [("budgeted (3 windows)", True)]
     if args.no_windows:
-        modes = [("unbudgeted (no sums)", False, False)]
+        modes = [("unbudgeted (no sums)", False)]
     elif not args.smoke:
-        modes.append(("unbudgeted (no sums)", False, False))
-    if args.drop_covering_indexes:
-        modes += [(f"{label}, no m008 indexes", w, True) for label, w, _ in modes]
+        modes.append(("unbudgeted (no sums)", False))
     results: dict[str, Any] = {"throughput": {}, "scaling": {}}
     cases = [
         ("1 task", 1, 1),
@@ -257,22 +243,22 @@ def main(argv: list[str] | None = None) -> int:
     for _ in range(args.repeats):
         for label, procs, tasks in cases:
             per_task = max(1, args.calls // (procs * tasks))
-            for mode, with_windows, drop in modes:
+            for mode, with_windows in modes:
                 with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
                     if procs == 1:
-                        rate = _one_process(Path(tmp), tasks, per_task, with_windows, drop)
+                        rate = _one_process(Path(tmp), tasks, per_task, with_windows)
                     else:
-                        rate = _processes(Path(tmp), procs, tasks, per_task, with_windows, drop)
+                        rate = _processes(Path(tmp), procs, tasks, per_task, with_windows)
                 rates.setdefault((label, mode), []).append(rate)
     print(
         f"# settled calls/s (reserve + settle), {args.calls} calls per measurement, "
         f"median (min–max) of {args.repeats}, fresh ledger each"
     )
-    print("| case | " + " | ".join(m for m, _, _ in modes) + " |")
+    print("| case | " + " | ".join(m for m, _ in modes) + " |")
     print("|---|" + "---|" * len(modes))
     for label, _, _ in cases:
-        cells = [fmt_mmm(rates[label, mode], 0) for mode, _, _ in modes]
-        for mode, _, _ in modes:
+        cells = [fmt_mmm(rates[label, mode], 0) for mode, _ in modes]
+        for mode, _ in modes:
             results["throughput"].setdefault(label, {})[mode] = rates[label, mode]
         print(f"| {label} | " + " | ".join(cells) + " |")
     if args.scaling:
@@ -281,18 +267,16 @@ def main(argv: list[str] | None = None) -> int:
             "\n# ms per reserve + settle (3 windows) vs rows already in the windows: a process's"
             " first one (sums each window once), then the mean of the next 300"
         )
-        variants = [("agentd schema", False)]
-        if args.drop_covering_indexes:
-            variants.append(("no m008 indexes (experiment)", True))
+        variants = [("report cache empty", False), ("report cache filled", True)]
         heads = [f"{name}: {what}" for name, _ in variants for what in ("first", "next")]
         print("| rows in window | " + " | ".join(heads) + " |")
         print("|---|" + "---|" * len(heads))
         for rows in rows_list:
             cells = []
             n = 50 if args.smoke else 300
-            for name, drop in variants:
+            for name, cached in variants:
                 with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
-                    cold, warm = _scaling_point(Path(tmp), rows, drop, n)
+                    cold, warm = _scaling_point(Path(tmp), rows, cached, n)
                 results["scaling"].setdefault(name, {})[rows] = {"first": cold, "next": warm}
                 cells += [f"{cold:.3f}", f"{warm:.3f}"]
             print(f"| {rows:,} | " + " | ".join(cells) + " |")

@@ -181,6 +181,7 @@ EXPECTED_STEPS = [
     "m011_batches",
     "m012_list_cost",
     "m013_report_cache_reprice",
+    "m014_drop_budget_covering_indexes",
 ]
 
 
@@ -239,6 +240,8 @@ def test_keys_and_constraints(ledger: Ledger) -> None:
 def test_budget_query_indexes(ledger: Ledger) -> None:
     indexes = {r[1] for r in ledger.conn.execute("PRAGMA index_list(calls)")}
     assert {"calls_started_at", "calls_loop_started_at", "calls_unsettled"} <= indexes
+    # m008's covering indexes are gone (m014): every insert and settle paid for them.
+    assert not {"calls_budget_global", "calls_budget_loop"} & indexes
     assert "runs_loop_started_at" in {r[1] for r in ledger.conn.execute("PRAGMA index_list(runs)")}
     plan = " ".join(
         str(r[3])
