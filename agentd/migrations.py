@@ -400,6 +400,23 @@ def m014_drop_budget_covering_indexes(db: Database) -> None:
     db.execute("DROP INDEX IF EXISTS calls_budget_loop")
 
 
+@migration
+def m015_covering_latency_index(db: Database) -> None:
+    """`calls_latency` also holds what a report filters and groups the p95's bucket by.
+
+    A report's exact p95 reads the raw latencies of the one histogram bucket that holds the
+    rank (about 2 % of the calls); with the columns in the index it reads them from the index
+    alone instead of visiting every row (~35 ms of a whole-ledger report on a million calls).
+    The index already gained an entry at every settle; only the entries grow.
+    """
+    db.execute("DROP INDEX IF EXISTS calls_latency")
+    db.execute(
+        "CREATE INDEX calls_latency ON calls"
+        " (latency_ms, simulated, started_at, loop, tier, model, provider, purpose)"
+        " WHERE latency_ms IS NOT NULL"
+    )
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -182,6 +182,7 @@ EXPECTED_STEPS = [
     "m012_list_cost",
     "m013_report_cache_reprice",
     "m014_drop_budget_covering_indexes",
+    "m015_covering_latency_index",
 ]
 
 
