@@ -74,3 +74,28 @@ def write_config(directory: Path, data: dict[str, Any], prompt: str = "Say hello
     path = directory / "agent-model-config.yaml"
     path.write_text(yaml.safe_dump(data, sort_keys=False))
     return path
+
+
+def haiku_call(
+    loop: str,
+    run_id: int | None = None,
+    *,
+    simulated: bool = False,
+    batch: bool = False,
+    attempt: int = 1,
+) -> Any:
+    """A `budgets.CallStart` of a `work` call on haiku (fast tier), for the budget tests."""
+    from agentd.budgets import CallStart
+
+    return CallStart(
+        run_id=run_id,
+        loop=loop,
+        purpose="work",
+        tier="fast",
+        alias="haiku",
+        provider="anthropic",
+        model="claude-haiku-4-5",
+        attempt=attempt,
+        simulated=simulated,
+        batch=batch,
+    )

@@ -15,30 +15,17 @@ from pathlib import Path
 from zoneinfo import ZoneInfo
 
 import pytest
+from builders import haiku_call
 
 from agentd import budgets, spendcache
 from agentd.budgetcache import raw_window_sum, window_sum
-from agentd.budgets import CallStart, window_bounds
+from agentd.budgets import window_bounds
 from agentd.ledger import Ledger, utc_iso
 from agentd.providers.base import Usage
 
 NOW = datetime(2026, 11, 26, 15, 40, tzinfo=UTC)
 ZONES = [ZoneInfo("UTC"), ZoneInfo("America/New_York"), ZoneInfo("Asia/Kolkata")]
 LOOPS = ("alpha", "beta")
-
-
-def start(loop: str, simulated: bool) -> CallStart:
-    return CallStart(
-        run_id=None,
-        loop=loop,
-        purpose="work",
-        tier="fast",
-        alias="haiku",
-        provider="anthropic",
-        model="claude-haiku-4-5",
-        attempt=1,
-        simulated=simulated,
-    )
 
 
 def write_calls(ledger: Ledger, rng: random.Random, n: int, first: datetime) -> list[int]:
@@ -49,7 +36,9 @@ def write_calls(ledger: Ledger, rng: random.Random, n: int, first: datetime) -> 
         at = first + timedelta(seconds=rng.uniform(0, span))
         loop, simulated = rng.choice(LOOPS), rng.random() < 0.3
         reserved = rng.randint(1, 5000)
-        call_id = budgets.reserve(ledger, start(loop, simulated), reserved, [], UTC, now=at)
+        call_id = budgets.reserve(
+            ledger, haiku_call(loop, simulated=simulated), reserved, [], UTC, now=at
+        )
         fate = rng.random()
         if fate < 0.1:
             open_ids.append(call_id)  # still in flight
@@ -105,7 +94,7 @@ def test_cached_window_sums_equal_the_rows(ledger: Ledger) -> None:
 
     # A back-dated call lands in a cached hour: that hour is read from the rows again.
     back = NOW - timedelta(days=3, minutes=17)
-    call_id = budgets.reserve(ledger, start("alpha", False), 777, [], UTC, now=back)
+    call_id = budgets.reserve(ledger, haiku_call("alpha"), 777, [], UTC, now=back)
     budgets.settle(ledger, call_id, status="ok", usage=None, cost_micro_usd=555, priced=True)
     assert_cached_equals_raw(ledger)
 
@@ -133,7 +122,7 @@ def test_a_reservation_sees_cached_money(ledger: Ledger) -> None:
     with ledger.read() as conn:
         settled, reserved = raw_window_sum(conn, "alpha", False, utc_iso(low), utc_iso(high))
     exact = budgets.Window("alpha", "month", settled + reserved + 100)
-    budgets.reserve(ledger, start("alpha", False), 100, [exact], UTC, now=NOW)
+    budgets.reserve(ledger, haiku_call("alpha"), 100, [exact], UTC, now=NOW)
     with pytest.raises(budgets.BudgetWindowExceeded):
-        budgets.reserve(ledger, start("alpha", False), 1, [exact], UTC, now=NOW)
-    budgets.reserve(ledger, start("alpha", False), 1, [month], UTC, now=NOW)
+        budgets.reserve(ledger, haiku_call("alpha"), 1, [exact], UTC, now=NOW)
+    budgets.reserve(ledger, haiku_call("alpha"), 1, [month], UTC, now=NOW)

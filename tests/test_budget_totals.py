@@ -19,6 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from builders import haiku_call
 from structlog.testing import capture_logs
 
 from agentd import budgetcache, budgets, retention
@@ -39,18 +40,7 @@ LOOPS = ("alpha", "beta")
 
 
 def call_for(loop: str, *, simulated: bool = False, batch: bool = False) -> CallStart:
-    return CallStart(
-        run_id=None,
-        loop=loop,
-        purpose="work",
-        tier="fast",
-        alias="haiku",
-        provider="anthropic",
-        model="claude-haiku-4-5",
-        attempt=1,
-        simulated=simulated,
-        batch=batch,
-    )
+    return haiku_call(loop, simulated=simulated, batch=batch)
 
 
 def dead_owner() -> str:

@@ -19,6 +19,7 @@ from typing import Any
 from zoneinfo import ZoneInfo
 
 import pytest
+from builders import haiku_call
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from structlog.testing import capture_logs
@@ -47,17 +48,7 @@ def ledger(tmp_path: Path) -> Iterator[Ledger]:
 
 
 def call_for(loop: str, run_id: int | None = None, *, simulated: bool = False) -> CallStart:
-    return CallStart(
-        run_id=run_id,
-        loop=loop,
-        purpose="work",
-        tier="fast",
-        alias="haiku",
-        provider="anthropic",
-        model="claude-haiku-4-5",
-        attempt=1,
-        simulated=simulated,
-    )
+    return haiku_call(loop, run_id, simulated=simulated)
 
 
 def count_calls(ledger: Ledger) -> int:

@@ -69,14 +69,7 @@ class AnthropicProvider:
             timeout=self._timeout_s,
             max_retries=0,
         )
-        errors = SdkErrors(
-            status=anthropic.APIStatusError,
-            timeout=anthropic.APITimeoutError,
-            connection=anthropic.APIConnectionError,
-            validation=anthropic.APIResponseValidationError,
-            base=anthropic.AnthropicError,
-        )
-        return client, errors
+        return client, SdkErrors.of(anthropic, "AnthropicError")
 
     async def prepare(self) -> None:
         """Import the SDK and build the client off the event loop (the first call does it too)."""

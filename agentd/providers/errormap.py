@@ -93,6 +93,17 @@ class SdkErrors:
     validation: type[BaseException]  # APIResponseValidationError
     base: type[BaseException]  # AnthropicError / OpenAIError
 
+    @classmethod
+    def of(cls, sdk: Any, base: str) -> SdkErrors:
+        """The classes of an imported SDK module; both SDKs name them alike but for `base`."""
+        return cls(
+            status=sdk.APIStatusError,
+            timeout=sdk.APITimeoutError,
+            connection=sdk.APIConnectionError,
+            validation=sdk.APIResponseValidationError,
+            base=getattr(sdk, base),
+        )
+
 
 @dataclass(frozen=True)
 class CallContext:

@@ -54,14 +54,7 @@ class OpenAIProvider:
             timeout=self._timeout_s,
             max_retries=0,
         )
-        errors = SdkErrors(
-            status=openai.APIStatusError,
-            timeout=openai.APITimeoutError,
-            connection=openai.APIConnectionError,
-            validation=openai.APIResponseValidationError,
-            base=openai.OpenAIError,
-        )
-        return client, errors
+        return client, SdkErrors.of(openai, "OpenAIError")
 
     async def prepare(self) -> None:
         """Import the SDK and build the client off the event loop (the first call does it too)."""
