@@ -417,6 +417,28 @@ def m015_covering_latency_index(db: Database) -> None:
     )
 
 
+@migration
+def m016_covering_run_indexes(db: Database) -> None:
+    """`calls_run_id` and `runs_skipped` hold what a report's run counts read.
+
+    A whole-ledger report counts fallback runs by their first call's group (each fallback
+    run → its calls by `run_id`) and skipped runs by time, loop and kind (`simulated`). With
+    those columns in the indexes it never visits a row: about 40 % of a million-call
+    report. None of the columns changes when a call settles, so a settle touches neither.
+    """
+    db.execute("DROP INDEX IF EXISTS calls_run_id")
+    db.execute(
+        "CREATE INDEX calls_run_id ON calls"
+        " (run_id, attempt, simulated, started_at, loop, tier, model, provider, purpose)"
+    )
+    statuses = ", ".join(f"'{s}'" for s in SKIPPED_INDEXED)
+    db.execute("DROP INDEX IF EXISTS runs_skipped")
+    db.execute(
+        "CREATE INDEX runs_skipped ON runs (started_at, loop, simulated, status)"
+        f" WHERE status IN ({statuses})"
+    )
+
+
 def _now() -> str:
     # Same fixed-width format as the ledger's timestamps (ledger.py imports this module).
     return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")

@@ -183,6 +183,7 @@ EXPECTED_STEPS = [
     "m013_report_cache_reprice",
     "m014_drop_budget_covering_indexes",
     "m015_covering_latency_index",
+    "m016_covering_run_indexes",
 ]
 
 
