@@ -502,7 +502,8 @@ def _filters(
 ) -> tuple[str, list[Any]]:
     # Only loop and started_at may pick the index: `calls_(loop_)started_at` walked backwards
     # is in `started_at DESC, id DESC` order, so LIMIT stops early. `+` keeps simulated and
-    # status out: on `simulated = ?` the planner took a budget index and sorted every row.
+    # status out: on `simulated = ?` the planner took m008's budget index (dropped since,
+    # m014) and sorted every row.
     clauses: list[str] = ["1 = 1"]
     params: list[Any] = []
     if loop is not None:
