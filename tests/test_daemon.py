@@ -26,10 +26,10 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from builders import TEST_ENV, base_config, merge, write_config
+from builders import TEST_ENV, base_config, haiku_call, merge, write_config
 from fakeserver import FakeServer, error, timeout
 
-from agentd import loopstate, scheduling
+from agentd import budgets, loopstate, scheduling
 from agentd.config import load_config
 from agentd.daemon import Daemon
 from agentd.errors import LoopBusy, LoopPaused, MissingKeyError
@@ -786,6 +786,43 @@ def test_the_daemon_checkpoints_a_growing_wal_from_a_thread(tmp_path: Path) -> N
         writer.close()
         assert wal.stat().st_size > 4 * 1024 * 1024
         await wait_async(lambda: wal.stat().st_size == 0, timeout_s=8)  # TRUNCATE: emptied
+        daemon.request_stop()
+        assert await task == 0
+
+    asyncio.run(main())
+
+
+def test_the_daemon_fills_the_report_cache_as_hours_close(tmp_path: Path) -> None:
+    """Each periodic round caches the closed hours of the last day, so a month's report (and
+    a budget window's sum) later finds them cached instead of reading every row."""
+    data = {
+        "timezone": "UTC",
+        "providers": {"anthropic": {"type": "anthropic", "api_key_env": "NO_KEY_NEEDED"}},
+        "models": {"haiku": {"provider": "anthropic", "model": "claude-haiku-4-5"}},
+        "tiers": {"fast": ["haiku"]},
+        "daemon": {"wal_checkpoint_s": 2},
+        "loops": {
+            "work": {"cron": "0 0 1 1 *", "tier": "fast", "max_tokens": 50, "prompt": "work.md"}
+        },
+    }
+    state = tmp_path / "state"
+    three_hours_ago = datetime.now(UTC) - timedelta(hours=3)
+    with Ledger.open(state) as ledger:
+        call_id = budgets.reserve(ledger, haiku_call("work"), 500, [], UTC, now=three_hours_ago)
+        budgets.settle(ledger, call_id, status="ok", usage=None, cost_micro_usd=321, priced=True)
+
+    def cached() -> int:
+        return int(rows(state, "SELECT COALESCE(SUM(cost_micro_usd), 0) FROM report_hours")[0][0])
+
+    assert cached() == 0
+
+    async def main() -> None:
+        daemon = Daemon(
+            load_config(write_config(tmp_path / "cfg", data)), state, simulate=True, env={}
+        )
+        task = asyncio.create_task(daemon.run(install_signals=False))
+        await wait_async(lambda: daemon.health()["ok"])
+        await wait_async(lambda: cached() == 321, timeout_s=10)
         daemon.request_stop()
         assert await task == 0
 
