@@ -3,6 +3,7 @@ attempt's outcome."""
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -10,9 +11,10 @@ from typing import Any
 from agentd import budgets, pricing
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
-from agentd.errors import BudgetExceeded
-from agentd.ledger import Ledger
+from agentd.errors import BudgetExceeded, LedgerError
+from agentd.ledger import Ledger, now_iso
 from agentd.logs import get_logger
+from agentd.owedwrites import OwedWrite
 from agentd.providers.base import Reply, Usage
 
 
@@ -101,6 +103,17 @@ def chain_over_budget(refusals: Sequence[tuple[str, BudgetExceeded]]) -> BudgetE
     return ChainOverBudget(nearest, message)
 
 
+def _running_loop() -> Any:
+    """The running asyncio event loop, or None (asyncio not even imported: no loop runs)."""
+    asyncio = sys.modules.get("asyncio")
+    if asyncio is None:
+        return None
+    try:
+        return asyncio.get_running_loop()
+    except RuntimeError:
+        return None
+
+
 class Recorder:
     """Settles attempts in the ledger (with their list-price cost) and logs `call.finished`."""
 
@@ -130,34 +143,67 @@ class Recorder:
         priced: bool,
         served_model: str | None = None,
     ) -> None:
-        """Write an attempt's outcome to its ledger row, the run's trace and the log.
+        """Put an attempt's outcome in the run's trace; its ledger row and log event follow.
 
-        `list_cost_micro_usd` goes with it: the same tokens at list price, for `saved_usd`.
+        The settle (with `list_cost_micro_usd`: the same tokens at list price, for `saved_usd`)
+        and the `call.finished` event are owed to the ledger (`agentd.owedwrites`): written on
+        the event loop's next turn, or with the next transaction of this ledger, whichever
+        comes first, so the caller gets its reply one transaction sooner. Without a running
+        event loop they are written before this returns.
         """
         list_cost: int | None = attempt.cost_micro_usd  # a failed attempt saved nothing
         if usage is not None and priced:
             list_cost = self.list_cost(attempt.alias, usage)
-        budgets.settle(
-            self.ledger,
-            attempt.call_id,
-            status=attempt.status,  # type: ignore[arg-type]
-            usage=usage,
-            cost_micro_usd=attempt.cost_micro_usd,
-            priced=priced,
-            error_type=attempt.error_type,
-            http_status=attempt.http_status,
-            request_id=attempt.request_id,
-            error=attempt.error,
-            latency_ms=attempt.latency_ms,
-            served_model=served_model,
-            list_cost_micro_usd=list_cost,
-        )
         trace.attempts.append(attempt)
+        if usage is not None:
+            trace.tokens += usage.input_tokens + usage.output_tokens
+        finished_at = now_iso()
+
+        def write() -> None:
+            budgets.settle(
+                self.ledger,
+                attempt.call_id,
+                status=attempt.status,  # type: ignore[arg-type]
+                usage=usage,
+                cost_micro_usd=attempt.cost_micro_usd,
+                priced=priced,
+                error_type=attempt.error_type,
+                http_status=attempt.http_status,
+                request_id=attempt.request_id,
+                error=attempt.error,
+                latency_ms=attempt.latency_ms,
+                served_model=served_model,
+                list_cost_micro_usd=list_cost,
+                finished_at=finished_at,
+            )
+
+        def written() -> None:
+            self._finished(trace, attempt, usage, served_model)
+
+        if self.ledger.owe(OwedWrite(write, written, f"settle call {attempt.call_id}")):
+            loop = _running_loop()
+            if loop is None:
+                self.ledger.flush()
+            else:
+                loop.call_soon(self._flush)
+
+    def _flush(self) -> None:
+        """The event loop's turn after an attempt: write what the ledger owes."""
+        try:
+            self.ledger.flush()
+        except LedgerError as exc:
+            # Still owed: the next transaction carries them again and fails its caller (a
+            # reservation then makes no call), the run's finish included.
+            self._log.error("ledger.flush_failed", owed=self.ledger.owed, error=str(exc))
+
+    def _finished(
+        self, trace: RunTrace, attempt: Attempt, usage: Usage | None, served_model: str | None
+    ) -> None:
+        """Log `call.finished` (and a substituted model) once the attempt's row is written."""
         if served_model and served_model != attempt.model:
             self._substituted(trace, attempt, served_model)
         tokens: dict[str, int] = {}
         if usage is not None:
-            trace.tokens += usage.input_tokens + usage.output_tokens
             tokens = {
                 "input_tokens": usage.input_tokens,
                 "output_tokens": usage.output_tokens,

@@ -351,8 +351,12 @@ def settle(
     latency_ms: int | None = None,
     served_model: str | None = None,
     list_cost_micro_usd: int | None = None,
+    finished_at: str | None = None,
 ) -> bool:
     """Replace a call's reservation by its real cost and outcome, in one transaction.
+
+    `finished_at` (ledger text) is when the attempt ended; default now (an owed settle,
+    `agentd.owedwrites`, is written a moment after).
 
     `list_cost_micro_usd`: the same tokens at list price (no cache, no batch discount), for
     the reports' `saved_usd`; None when unknown (reports then count no saving).
@@ -392,7 +396,7 @@ def settle(
                 request_id,
                 None if error is None else error[:500],
                 latency_ms,
-                now_iso(),
+                finished_at or now_iso(),
                 served_model,
                 list_cost_micro_usd,
                 call_id,

@@ -18,6 +18,7 @@ from typing import Any
 from agentd import migrations
 from agentd.errors import LedgerError
 from agentd.logs import get_logger
+from agentd.owedwrites import OwedWrite, OwedWrites, confirm, run_writes
 from agentd.owner import current_owner
 
 DB_NAME = "ledger.db"
@@ -178,6 +179,7 @@ class Ledger:
         # Called with True (committed) or False (rolled back) when an outermost transaction
         # ends: `agentd.budgetcache` undoes its in-memory totals when their writes roll back.
         self.on_transaction_end: Callable[[bool], None] | None = None
+        self._owed = OwedWrites()  # settles written after their reply (`agentd.owedwrites`)
 
     @classmethod
     def open(cls, state_dir: Path, *, create: bool = True, reconcile: bool = True) -> Ledger:
@@ -260,12 +262,35 @@ class Ledger:
 
     @property
     def conn(self) -> sqlite3.Connection:
-        """The raw connection; use it only inside `write()` or `read()`."""
+        """The raw connection (owed writes written first); use it inside `write()`/`read()`."""
+        if self._owed and not self._depth:
+            self.flush()
         return self._conn
 
-    def close(self) -> None:
-        """Close the connection."""
+    def owe(self, item: OwedWrite) -> bool:
+        """Write `item` with the next transaction or flush; True when it is the first owed."""
         with self._lock:
+            return self._owed.add(item)
+
+    @property
+    def owed(self) -> int:
+        """How many writes are owed."""
+        return len(self._owed)
+
+    def flush(self) -> None:
+        """Write everything owed now, in one transaction (a no-op inside one, or when none)."""
+        with self._lock:
+            if self._owed and not self._depth:
+                with self.write():
+                    pass
+
+    def close(self) -> None:
+        """Write what is owed (best effort: unwritten rows are reconciled), then close."""
+        with self._lock:
+            try:
+                self.flush()
+            except LedgerError as exc:
+                log.error("ledger.flush_failed", owed=len(self._owed), error=str(exc))
             self._conn.close()
 
     def __enter__(self) -> Ledger:
@@ -317,6 +342,8 @@ class Ledger:
     @contextmanager
     def _transaction(self, begin: str, *, writing: bool) -> Iterator[sqlite3.Connection]:
         with self._lock:
+            if self._owed and not self._depth and not writing and not self._read_only:
+                self.flush()  # read your own writes
             if self._depth:
                 if _current_task() is not self._task:
                     raise LedgerError("ledger transaction re-entered from another task")
@@ -334,7 +361,10 @@ class Ledger:
                 raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
             self._depth, self._writing, self._task = 1, writing, _current_task()
             committed = False
+            owed = self._owed.take() if writing else []
+            written: list[OwedWrite] = []
             try:
+                written = run_writes(owed)  # carried in this COMMIT, ahead of its own writes
                 yield self._conn
                 self._conn.execute("COMMIT")
                 committed = True
@@ -345,9 +375,12 @@ class Ledger:
                 self._rollback()
                 raise
             finally:
+                if not committed:
+                    self._owed.restore(owed)
                 self._depth, self._writing, self._task = 0, False, None
                 if self.on_transaction_end is not None:
                     self.on_transaction_end(committed)
+            confirm(written)
 
     def _rollback(self) -> None:
         # Some errors (SQLITE_FULL, IOERR) already rolled the transaction back.
