@@ -212,6 +212,12 @@ class _Totals:
                 self.changes,
             ) = saved
 
+    def other_tables_written(self, changes_before: int) -> None:
+        """`Ledger.on_other_tables_written`: changes no `calls` row saw need no catch-up."""
+        if self.ready and changes_before == self.changes:
+            self.touch()
+            self.changes = self.conn.total_changes
+
     # -- bookkeeping ------------------------------------------------------------------------
 
     def apply(
@@ -358,6 +364,7 @@ def _totals(ledger: Ledger, *, create: bool) -> _Totals | None:
         totals = _Totals(ledger)
         _caches[ledger] = totals
         ledger.on_transaction_end = totals.transaction_ended
+        ledger.on_other_tables_written = totals.other_tables_written
     return totals
 
 

@@ -179,6 +179,9 @@ class Ledger:
         # Called with True (committed) or False (rolled back) when an outermost transaction
         # ends: `agentd.budgetcache` undoes its in-memory totals when their writes roll back.
         self.on_transaction_end: Callable[[bool], None] | None = None
+        # Called with the connection's total_changes before a `write(calls=False)` block, after
+        # it: `agentd.budgetcache` then knows those changes cannot have moved a budget.
+        self.on_other_tables_written: Callable[[int], None] | None = None
         self._owed = OwedWrites()  # settles written after their reply (`agentd.owedwrites`)
 
     @classmethod
@@ -321,8 +324,11 @@ class Ledger:
                 raise LedgerError(f"{self._path}: vacuum failed: {exc}") from exc
 
     @contextmanager
-    def write(self) -> Iterator[sqlite3.Connection]:
+    def write(self, *, calls: bool = True) -> Iterator[sqlite3.Connection]:
         """A `BEGIN IMMEDIATE` … `COMMIT` transaction (ROLLBACK on any exception).
+
+        `calls=False` declares that the block changes no `calls` row (runs, loop state): the
+        budget totals then need no catch-up for it (a catch-up costs a reservation ~50 µs).
 
         IMMEDIATE takes the write lock up front, so the reads inside (budget sums) and the write
         that depends on them are atomic across processes; a deferred transaction would fail with
@@ -331,7 +337,12 @@ class Ledger:
         if self._read_only:
             raise LedgerError(f"{self._path}: opened read-only; cannot write")
         with self._transaction("BEGIN IMMEDIATE", writing=True) as conn:
+            if calls or self.on_other_tables_written is None:
+                yield conn
+                return
+            before = conn.total_changes
             yield conn
+            self.on_other_tables_written(before)
 
     @contextmanager
     def read(self) -> Iterator[sqlite3.Connection]:
@@ -395,7 +406,7 @@ class Ledger:
         """Record a run as `running`, owned by this process; return its id."""
         if trigger not in RUN_TRIGGERS:
             raise ValueError(f"unknown run trigger {trigger!r}")
-        with self.write() as conn:
+        with self.write(calls=False) as conn:
             cur = conn.execute(
                 "INSERT INTO runs (loop, trigger, slot, started_at, status, fallback, simulated,"
                 " owner) VALUES (?, ?, ?, ?, 'running', 0, ?, ?)",
@@ -417,7 +428,7 @@ class Ledger:
         """Finish a run; its cost is the sum of its calls' effective cost, in one transaction."""
         if status not in RUN_STATUSES or status == "running":
             raise ValueError(f"not a finished run status: {status!r}")
-        with self.write() as conn:
+        with self.write(calls=False) as conn:
             cur = conn.execute(
                 "UPDATE runs SET status = ?, finished_at = ?, route = ?, model = ?, fallback = ?,"
                 " reply = ?, error = ?, cost_micro_usd = (SELECT COALESCE(SUM("
@@ -454,7 +465,7 @@ class Ledger:
         if status not in RUN_STATUSES or status == "running":
             raise ValueError(f"not a finished run status: {status!r}")
         now = now_iso()
-        with self.write() as conn:
+        with self.write(calls=False) as conn:
             cur = conn.execute(
                 "INSERT INTO runs (loop, trigger, slot, started_at, finished_at, status, route,"
                 " fallback, cost_micro_usd, simulated, error, owner)"

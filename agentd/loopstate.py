@@ -90,7 +90,7 @@ def pause_of(state: LoopState, now: datetime) -> str | None:
 
 def set_paused(ledger: Ledger, loop: str, reason: str, until: datetime | None) -> None:
     """Pause a loop, optionally until a moment (e.g. its budget window resets)."""
-    with ledger.write() as conn:
+    with ledger.write(calls=False) as conn:
         conn.execute(
             "INSERT INTO loop_state"
             " (loop, paused, paused_reason, paused_until, consecutive_failures)"
@@ -107,7 +107,7 @@ def resume(ledger: Ledger, loop: str, now: datetime | None = None) -> bool:
     Resuming an anomaly pause also stamps `route.anomaly.resumed_at` on the run that tripped
     the breaker: the breaker's baseline starts after that run (`anomaly_history`).
     """
-    with ledger.write() as conn:
+    with ledger.write(calls=False) as conn:
         row = conn.execute(
             "SELECT paused, paused_reason FROM loop_state WHERE loop = ?", (loop,)
         ).fetchone()
@@ -147,7 +147,7 @@ def pause_for_anomaly(
     """
     if anomaly_run_id(reason) != run_id:
         raise ValueError(f"an anomaly pause reason must start with {ANOMALY_PREFIX}{run_id}")
-    with ledger.write() as conn:
+    with ledger.write(calls=False) as conn:
         set_paused(ledger, loop, reason, None)
         conn.execute(
             "UPDATE runs SET route = json_set(COALESCE(route, '{}'), '$.anomaly', json(?))"
@@ -183,7 +183,7 @@ def anomaly_history(
 
 def set_last_slot(ledger: Ledger, loop: str, slot: str) -> None:
     """Mark a schedule slot as handled without a run (skipped by a pause or a backoff)."""
-    with ledger.write() as conn:
+    with ledger.write(calls=False) as conn:
         conn.execute(
             "INSERT INTO loop_state (loop, paused, consecutive_failures, last_slot)"
             " VALUES (?, 0, 0, ?) ON CONFLICT(loop) DO UPDATE SET last_slot = excluded.last_slot",
@@ -196,7 +196,7 @@ def record_run(ledger: Ledger, loop: str, run_id: int, status: str, slot: str | 
 
     A success resets the count and a failure adds one; skipped runs leave it as it was.
     """
-    with ledger.write() as conn:
+    with ledger.write(calls=False) as conn:
         conn.execute(
             "INSERT INTO loop_state (loop, paused, consecutive_failures) VALUES (?, 0, 0)"
             " ON CONFLICT(loop) DO NOTHING",

@@ -173,6 +173,20 @@ def proc_rss_kb(pid: int) -> int | None:
     return int(fields[1]) * PAGE_KB
 
 
+def proc_rss_parts_kb(pid: int) -> dict[str, int] | None:
+    """RSS split by kind, KiB: `anon` (the heap), `file` (mapped files), `shmem` (SQLite's -shm)."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return None
+    parts: dict[str, int] = {}
+    for line in text.splitlines():
+        for kind in ("Anon", "File", "Shmem"):
+            if line.startswith(f"Rss{kind}:"):
+                parts[kind.lower()] = int(line.split()[1])
+    return parts if len(parts) == 3 else None
+
+
 def proc_cpu_s(pid: int) -> float | None:
     """User + system CPU seconds a process has used so far."""
     try:

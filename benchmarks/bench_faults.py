@@ -42,6 +42,7 @@ from _common import (
     print_machine,
     proc_cpu_s,
     proc_rss_kb,
+    proc_rss_parts_kb,
     write_config,
 )
 from fastserver import ServerProcess
@@ -88,6 +89,7 @@ def soak(
     minutes: float, loops: int, fault_rate: float, every: str, sample_s: float
 ) -> dict[str, Any]:
     samples: list[tuple[float, int, float]] = []
+    parts: list[tuple[float, int, float]] = []  # (t, anon KiB, file + shmem KiB)
     with (
         tempfile.TemporaryDirectory(prefix="agentd-faults-") as tmp,
         ServerProcess(fault_rate=fault_rate, slow_s=2.0, seed=7) as server,
@@ -109,6 +111,11 @@ def soak(
                     rss, cpu = proc_rss_kb(proc.pid), proc_cpu_s(proc.pid)
                     if rss and cpu is not None:  # 0 while the process is still exec-ing
                         samples.append((time.monotonic() - t0, rss, cpu))
+                        kinds = proc_rss_parts_kb(proc.pid)
+                        if kinds:
+                            parts.append(
+                                (samples[-1][0], kinds["anon"], kinds["file"] + kinds["shmem"])
+                            )
                     time.sleep(sample_s)
                 crashed = proc.poll()
                 proc.send_signal(signal.SIGTERM)
@@ -204,6 +211,9 @@ def soak(
         ),
         "rss_growth_mb_after_warmup": round(percentile(last, 50) - percentile(first, 50), 2),
         "rss_mb_p50_by_minute": _by_minute(samples),
+        # The heap alone: mapped files (libraries, SQLite's -shm index) are page cache.
+        "rss_anon_mb_p50_by_minute": _by_minute([(t, a, 0.0) for t, a, _ in parts]),
+        "rss_file_shmem_mb_p50_by_minute": _by_minute([(t, int(f), 0.0) for t, _, f in parts]),
         "cpu_pct_avg": round(cpu_pct, 2),
         "log_events": dict(events.most_common(12)),
         "problems": problems,

@@ -1,7 +1,8 @@
 """Call-path overhead: the raw Anthropic SDK vs the same call through agentd vs LiteLLM's Router.
 
 One zero-latency fake Anthropic server (`fastserver.py`, its own process) on 127.0.0.1. In
-one run, interleaved call by call (the order rotates, so drift hits every variant alike):
+one run, interleaved call by call (a new random order each round, so drift and cache warmth
+hit every variant alike):
 
   (a) raw    `anthropic.AsyncAnthropic(max_retries=0).messages.create(...)`
   (b) agentd route + reserve + call + settle + ledger: `plans_for` + `RunCalls.call` (which is
@@ -34,6 +35,7 @@ import cProfile
 import io
 import os
 import pstats
+import random
 import sys
 import tempfile
 import time
@@ -58,6 +60,7 @@ from fastserver import ServerProcess
 PROMPT = "Classify this ticket as bug, feature or question: the export button does nothing."
 MAX_TOKENS = 64
 GAP_S = 0.002
+ORDER_SEED = 20261126
 Call = Callable[[], Awaitable[Any]]
 
 
@@ -184,16 +187,20 @@ class Variants:
 
 
 async def _interleaved(v: Variants, n: int, warmup: int) -> dict[str, list[float]]:
-    """n rounds; each round times one call of every variant, in a rotating order (ms)."""
+    """n rounds; each round times one call of every variant, in a random order (ms)."""
     names = list(v.calls)
     for _ in range(warmup):
         for name in names:
             await v.calls[name]()
     samples: dict[str, list[float]] = {name: [] for name in names}
     clock = time.perf_counter_ns
-    for i in range(n):
-        k = i % len(names)
-        for name in names[k:] + names[:k]:
+    order = list(names)
+    shuffle = random.Random(ORDER_SEED).shuffle
+    for _ in range(n):
+        # A fresh random order every round: each variant follows every other equally often,
+        # so none always runs right after the raw SDK call (cold caches) or after agentd (warm).
+        shuffle(order)
+        for name in order:
             fn = v.calls[name]
             t0 = clock()
             await fn()

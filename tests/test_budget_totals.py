@@ -462,6 +462,40 @@ def test_other_writes_on_the_same_connection_are_caught_up(tmp_path: Path) -> No
         assert_exact(ledger, keys)
 
 
+def test_writes_declared_outside_calls_need_no_catch_up(tmp_path: Path) -> None:
+    """A run's own writes (runs, loop state) leave the totals current: no catch-up scan."""
+    at = datetime(2026, 5, 5, 12, tzinfo=UTC)
+    keys = keys_at(at, UTC_ZONE)
+    windows = [Window("alpha", "day", BIG), Window("global", "month", BIG)]
+    with Ledger.open(tmp_path / "state") as ledger:
+        first = budgets.reserve(ledger, call_for("alpha"), 100, windows, UTC_ZONE, now=at)
+        statements: list[str] = []
+        ledger.conn.set_trace_callback(statements.append)
+        run_id = ledger.start_run(loop="alpha", trigger="manual", simulated=False)
+        budgets.settle(ledger, first, status="ok", usage=None, cost_micro_usd=60, priced=True)
+        ledger.finish_run(run_id, status="ok")
+        ledger.record_skipped_run(
+            loop="alpha", trigger="schedule", simulated=False, status="skipped_noop"
+        )
+        statements.clear()
+        budgets.reserve(ledger, call_for("alpha"), 7, windows, UTC_ZONE, now=at)
+        assert not [s for s in statements if "FROM calls WHERE id >=" in s], statements
+        assert_exact(ledger, keys)
+        # The same statements through an undeclared write are caught up (and stay exact).
+        with ledger.write() as conn:
+            conn.execute("UPDATE runs SET error = 'x' WHERE id = ?", (run_id,))
+        statements.clear()
+        budgets.reserve(ledger, call_for("alpha"), 8, windows, UTC_ZONE, now=at)
+        assert [s for s in statements if "FROM calls WHERE id >=" in s]
+        assert_exact(ledger, keys)
+        # A declared write that rolls back leaves them exact too.
+        with pytest.raises(RuntimeError), ledger.write(calls=False) as conn:
+            conn.execute("UPDATE runs SET error = 'y' WHERE id = ?", (run_id,))
+            raise RuntimeError("the block failed")
+        budgets.reserve(ledger, call_for("alpha"), 9, windows, UTC_ZONE, now=at)
+        assert_exact(ledger, keys)
+
+
 def test_a_failed_statement_or_transaction_leaves_no_trace(tmp_path: Path) -> None:
     at = datetime(2026, 5, 5, 12, tzinfo=UTC)
     windows = [Window("alpha", "day", BIG)]
