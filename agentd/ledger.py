@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import fcntl
 import json
 import os
 import sqlite3
@@ -17,13 +16,13 @@ from typing import Any
 
 from agentd import migrations
 from agentd.errors import LedgerError
+from agentd.ledgerfile import WAL_AUTOCHECKPOINT_PAGES as WAL_AUTOCHECKPOINT_PAGES
+from agentd.ledgerfile import connect, create_private, setup_lock
 from agentd.logs import get_logger
 from agentd.owedwrites import OwedWrite, OwedWrites, confirm, run_writes
 from agentd.owner import current_owner
 
 DB_NAME = "ledger.db"
-LOCK_NAME = "ledger.lock"
-BUSY_TIMEOUT_MS = 30_000
 
 RUN_TRIGGERS = frozenset({"schedule", "manual", "catchup", "on_reply"})
 SKIPPED_RUN_STATUSES = ("skipped_budget", "skipped_noop", "skipped_inactive", "skipped_paused")
@@ -92,72 +91,6 @@ def _current_task() -> object | None:
     return task
 
 
-def _adopt_owner(fd: int, reference: Path) -> None:
-    """Running as root, give a file we create to the owner of `reference` (the service user).
-
-    Otherwise `sudo agentd once` on a fresh state directory would leave a root-owned 0600 file
-    that the daemon, running as its own user, cannot open.
-    """
-    if os.geteuid() != 0:
-        return
-    st = reference.stat()
-    if st.st_uid != 0:
-        os.fchown(fd, st.st_uid, st.st_gid)
-
-
-def _create_private(path: Path, reference: Path) -> None:
-    """Create `path` mode 0600 if missing (umask can only narrow it), owned like `reference`."""
-    try:
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o600)
-    except FileExistsError:
-        return
-    try:
-        _adopt_owner(fd, reference)
-    finally:
-        os.close(fd)
-
-
-@contextmanager
-def _setup_lock(state_dir: Path, db_path: Path) -> Iterator[None]:
-    """Serialize first-open setup across processes with flock on `<state_dir>/ledger.lock`.
-
-    The switch to WAL cannot run inside a transaction, so it cannot share the migrations'
-    `BEGIN IMMEDIATE`; this lock makes "switch to WAL, then migrate" one critical section across
-    processes. Openers that find the work done (the common case) never take it.
-    """
-    lock_path = state_dir / LOCK_NAME
-    fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        _adopt_owner(fd, db_path)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        yield
-    finally:
-        os.close(fd)  # closing releases the flock
-
-
-def _connect(path: Path, *, read_only: bool, immutable: bool) -> sqlite3.Connection:
-    if read_only:
-        uri = f"{path.resolve().as_uri()}?mode=ro" + ("&immutable=1" if immutable else "")
-        conn = sqlite3.connect(
-            uri, uri=True, isolation_level=None, check_same_thread=False, timeout=30
-        )
-    else:
-        conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False, timeout=30)
-    conn.execute(f"PRAGMA busy_timeout = {BUSY_TIMEOUT_MS}")
-    conn.execute("PRAGMA foreign_keys = ON")
-    conn.execute("PRAGMA synchronous = NORMAL")
-    if not read_only:
-        # A checkpoint (pages copied back, the file fsynced) runs inside the commit that
-        # crosses this size: on the event loop, in the middle of some call. The daemon
-        # checkpoints from a worker thread long before (`agentd.housekeeping`); this bound is
-        # the safety net for processes without one (10,000 pages, 40 MB, not SQLite's 1,000).
-        conn.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT_PAGES}")
-    return conn
-
-
-WAL_AUTOCHECKPOINT_PAGES = 10_000
-
-
 class Ledger:
     """One connection to `<state_dir>/ledger.db` with agentd's settings and write discipline.
 
@@ -208,7 +141,7 @@ class Ledger:
                 # mkdir's mode is narrowed by the umask, never widened: at most 0700.
                 state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
                 # Created 0600 before SQLite sees it; SQLite gives -wal/-shm the same mode.
-                _create_private(path, state_dir)
+                create_private(path, state_dir)
             elif not path.exists():
                 raise LedgerError(f"{path}: no ledger here (nothing has been recorded yet)")
             st = path.stat()
@@ -221,7 +154,7 @@ class Ledger:
                     and path.with_name(DB_NAME + "-shm").exists()
                 )
             )
-            conn = _connect(path, read_only=read_only, immutable=immutable)
+            conn = connect(path, read_only=read_only, immutable=immutable)
             if read_only:
                 missing = migrations.pending(conn)
                 if missing:
@@ -230,7 +163,7 @@ class Ledger:
                         "owner (e.g. sudo -u agentd agentd ledger)"
                     )
             elif migrations.needs_setup(conn):
-                with _setup_lock(state_dir, path):
+                with setup_lock(state_dir, path):
                     ran = migrations.setup(conn)
                 if ran:
                     log.info("ledger.migrated", path=str(path), steps=ran)

@@ -473,7 +473,7 @@ def setup(conn: sqlite3.Connection) -> list[str]:
     """Switch to WAL, then migrate under `BEGIN IMMEDIATE`; the caller holds the setup lock.
 
     The journal-mode switch cannot run inside a transaction, which is why the caller serializes
-    first opens with a lock of its own (see `ledger._setup_lock`).
+    first opens with a lock of its own (see `ledgerfile.setup_lock`).
     """
     mode = conn.execute("PRAGMA journal_mode = WAL").fetchone()[0]
     if str(mode).lower() != "wal":
