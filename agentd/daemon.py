@@ -200,6 +200,7 @@ class Daemon(DaemonView):
             housekeeping.checkpoint_loop(self._ledger, lambda: self.config.daemon.wal_checkpoint_s)
         )
         self._background_task(housekeeping.reconcile_loop(self._ledger, self._reconcile_s))
+        self._background_task(housekeeping.heap_trim_loop())
         # Batch calls a stopped process left submitted: adopt them and finish their runs.
         from agentd.batchresume import BatchResumer
 

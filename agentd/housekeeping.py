@@ -1,8 +1,9 @@
-"""The daemon's periodic upkeep of the ledger: WAL checkpoints, the report cache, leftovers."""
+"""The daemon's periodic upkeep: WAL checkpoints, the report cache, leftovers, the C heap."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -85,3 +86,39 @@ async def reconcile_loop(ledger: Ledger, every_s: float) -> None:
             reconcile_abandoned(ledger)
         except Exception as exc:  # a busy or failing ledger is tried again next time
             log.warning("ledger.reconcile_failed", error=str(exc))
+
+
+# How often the daemon hands freed C heap back to the kernel (`trim_heap`).
+HEAP_TRIM_S = 300.0
+
+
+def trim_heap() -> bool | None:
+    """Give the C heap's free pages back to the kernel (glibc `malloc_trim`).
+
+    True when some were released, False when none were, None without glibc. Freed memory
+    otherwise stays in the process: connections dropped and opened again, SQLite statements
+    and response bodies leave holes that glibc keeps, and a long-running daemon's RSS creeps
+    up with no live object growing (`benchmarks/README.md`, §5).
+    """
+    import ctypes
+
+    try:
+        # The interpreter's own symbols include the C library it runs on.
+        malloc_trim = ctypes.CDLL(None).malloc_trim
+    except (OSError, AttributeError):  # not glibc (musl, macOS): nothing to do
+        return None
+    malloc_trim.argtypes, malloc_trim.restype = [ctypes.c_size_t], ctypes.c_int
+    return bool(malloc_trim(0))
+
+
+async def heap_trim_loop(every_s: float = HEAP_TRIM_S) -> None:
+    """`trim_heap` every `every_s` seconds, on the event loop (it takes malloc's own locks, so
+    a worker thread would stall the loop's allocations just the same; it takes milliseconds)."""
+    while True:
+        await asyncio.sleep(every_s)
+        started = time.monotonic()
+        released = trim_heap()
+        if released is None:
+            return
+        ms = round((time.monotonic() - started) * 1000, 2)
+        log.debug("daemon.heap_trimmed", released=released, ms=ms)
