@@ -91,6 +91,9 @@ def _current_task() -> object | None:
     return task
 
 
+_NOTHING_OWED: list[OwedWrite] = []  # shared, never mutated: most transactions carry none
+
+
 class Ledger:
     """One connection to `<state_dir>/ledger.db` with agentd's settings and write discipline.
 
@@ -305,10 +308,11 @@ class Ledger:
                 raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
             self._depth, self._writing, self._task = 1, writing, _current_task()
             committed = False
-            owed = self._owed.take() if writing else []
-            written: list[OwedWrite] = []
+            owed = self._owed.take() if writing and self._owed else _NOTHING_OWED
+            written = _NOTHING_OWED
             try:
-                written = run_writes(owed)  # carried in this COMMIT, ahead of its own writes
+                if owed:
+                    written = run_writes(owed)  # carried in this COMMIT, ahead of its own
                 yield self._conn
                 self._conn.execute("COMMIT")
                 committed = True
@@ -319,12 +323,13 @@ class Ledger:
                 self._rollback()
                 raise
             finally:
-                if not committed:
+                if not committed and owed:
                     self._owed.restore(owed)
                 self._depth, self._writing, self._task = 0, False, None
                 if self.on_transaction_end is not None:
                     self.on_transaction_end(committed)
-            confirm(written)
+            if written:
+                confirm(written)
 
     def _rollback(self) -> None:
         # Some errors (SQLITE_FULL, IOERR) already rolled the transaction back.
