@@ -203,7 +203,7 @@ class Ledger:
     def conn(self) -> sqlite3.Connection:
         """The raw connection (owed writes written first); use it inside `write()`/`read()`."""
         if self._owed and not self._depth:
-            self.flush()
+            self._flush_for_read()
         return self._conn
 
     def owe(self, item: OwedWrite) -> bool:
@@ -222,6 +222,15 @@ class Ledger:
             if self._owed and not self._depth:
                 with self.write():
                     pass
+
+    def _flush_for_read(self) -> None:
+        """Write what is owed before a read (read your own writes); a failure is logged, not
+        raised: the rows still read `pending`, a true and conservative state, and the next
+        write transaction carries them again and fails its caller."""
+        try:
+            self.flush()
+        except LedgerError as exc:
+            log.warning("ledger.flush_failed", owed=len(self._owed), error=str(exc))
 
     def close(self) -> None:
         """Write what is owed (best effort: unwritten rows are reconciled), then close."""
@@ -290,7 +299,7 @@ class Ledger:
     def _transaction(self, begin: str, *, writing: bool) -> Iterator[sqlite3.Connection]:
         with self._lock:
             if self._owed and not self._depth and not writing and not self._read_only:
-                self.flush()  # read your own writes
+                self._flush_for_read()
             if self._depth:
                 if _current_task() is not self._task:
                     raise LedgerError("ledger transaction re-entered from another task")

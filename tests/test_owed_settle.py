@@ -148,6 +148,10 @@ def test_an_owed_settle_that_cannot_be_written_stops_the_next_call(
                 await _call(h, run_id)
             assert fake_server.count() == 1
             assert _row(h.ledger.path)[0] == "pending"
+            # A read through the ledger still answers (the row as it stands), and says why.
+            [call] = h.ledger.calls_for_run(run_id)
+            assert call["status"] == "pending"
+            assert len([e for e in logs if e["event"] == "ledger.flush_failed"]) == 2
             assert not [e for e in logs if e["event"] == "call.finished"]
 
     asyncio.run(go())
