@@ -21,7 +21,7 @@ from typing import Any
 
 import pytest
 from builders import TEST_ENV, base_config, merge, write_config
-from fakeserver import FakeServer, canceled, error, expired, ok
+from fakeserver import FakeServer, canceled, error, expired, ok, timeout
 
 from agentd.batchresume import BatchResumer, find_orphans
 from agentd.config import load_config
@@ -394,6 +394,44 @@ def test_daemon_stop_mid_wait_leaves_the_batch_for_the_next_start(
     [call] = h.calls()
     assert call["status"] == "submitted"
     assert h.ledger.get_run(call["run_id"])["status"] == "running"  # type: ignore[index]
+
+
+def test_a_run_that_starts_waiting_after_sigterm_is_let_go_too(
+    tmp_path: Path, fake_server: FakeServer
+) -> None:
+    # The batch is still being created (the server takes 2 s) when SIGTERM comes: the run
+    # begins to wait only after the stop began, and must not hold the daemon for the grace.
+    fake_server.batch_polls = 10_000
+    fake_server.script_batch_calls("create", timeout(2.0))
+    patch = {"loops": {"work": {"every": "1s"}}, "daemon": {"shutdown_grace_s": 30}}
+    h = Harness(tmp_path, fake_server, patch)
+    log_path = tmp_path / "daemon.log"
+    with log_path.open("wb") as err:
+        daemon = subprocess.Popen(
+            [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_env(),
+        )
+    try:
+        _wait(lambda: len(fake_server.batch_calls("create")) >= 1, "the batch create")
+        daemon.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        assert daemon.wait(timeout=25) == 0
+        stopped_in = time.monotonic() - started
+    finally:
+        if daemon.poll() is None:
+            daemon.kill()
+    events = [
+        json.loads(x)["event"] for x in log_path.read_text().splitlines() if x.startswith("{")
+    ]
+    assert "batch.submitted" in events and "daemon.aborting_runs" not in events
+    assert stopped_in < 10, stopped_in  # the 2 s create, then let go: not the 30 s grace
+    [call] = h.calls()
+    assert (call["status"], call["batch"]) == ("submitted", 1)
+    assert sqlite_row(h.state, "SELECT status FROM runs WHERE id = ?", call["run_id"]) == (
+        "running",
+    )
 
 
 def test_sigterm_mid_wait_stops_at_once_and_the_next_daemon_finishes_it(
