@@ -111,13 +111,15 @@ def trim_heap() -> bool | None:
     return bool(malloc_trim(0))
 
 
-async def heap_trim_loop(every_s: float = HEAP_TRIM_S) -> None:
-    """`trim_heap` every `every_s` seconds, on the event loop (it takes malloc's own locks, so
-    a worker thread would stall the loop's allocations just the same; it takes milliseconds)."""
+async def heap_trim_loop(
+    every_s: float = HEAP_TRIM_S, trim: Callable[[], bool | None] = trim_heap
+) -> None:
+    """`trim` every `every_s` seconds, on the event loop (it takes malloc's own locks, so a
+    worker thread would stall the loop's allocations just the same; it takes milliseconds)."""
     while True:
         await asyncio.sleep(every_s)
         started = time.monotonic()
-        released = trim_heap()
+        released = trim()
         if released is None:
             return
         ms = round((time.monotonic() - started) * 1000, 2)
