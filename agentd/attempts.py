@@ -180,12 +180,13 @@ class Recorder:
         def written() -> None:
             self._finished(trace, attempt, usage, served_model)
 
-        if self.ledger.owe(OwedWrite(write, written, f"settle call {attempt.call_id}")):
-            loop = _running_loop()
-            if loop is None:
-                self.ledger.flush()
-            else:
-                loop.call_soon(self._flush)
+        self.ledger.owe(OwedWrite(write, written, f"settle call {attempt.call_id}"))
+        loop = _running_loop()
+        if loop is None:
+            self.ledger.flush()
+        else:
+            # One turn per attempt: a turn that finds the writes done already is a no-op.
+            loop.call_soon(self._flush)
 
     def _flush(self) -> None:
         """The event loop's turn after an attempt: write what the ledger owes."""

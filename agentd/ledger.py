@@ -206,10 +206,10 @@ class Ledger:
             self._flush_for_read()
         return self._conn
 
-    def owe(self, item: OwedWrite) -> bool:
-        """Write `item` with the next transaction or flush; True when it is the first owed."""
+    def owe(self, item: OwedWrite) -> None:
+        """Write `item` with the next transaction, or at the next `flush`."""
         with self._lock:
-            return self._owed.add(item)
+            self._owed.add(item)
 
     @property
     def owed(self) -> int:

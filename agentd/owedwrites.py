@@ -14,8 +14,8 @@ Where they are written (`Ledger` does it; nothing here touches SQLite):
   run's finish always sees its calls settled;
 - before the next read through the `Ledger` (its own transaction), so this process always
   reads its own writes;
-- by `Ledger.flush`, which the recorder schedules on the event loop when the first write is
-  owed, and which `Ledger.close` calls.
+- by `Ledger.flush`, which the recorder schedules on the event loop's next turn after each
+  attempt, and which `Ledger.close` calls.
 
 What a write may do when it fails: an SQLite error (disk full, the busy timeout) is the
 ledger's state, not the write's, so the write stays owed and the transaction that carried it
@@ -55,10 +55,9 @@ class OwedWrites:
     def __len__(self) -> int:
         return len(self._items)
 
-    def add(self, item: OwedWrite) -> bool:
-        """Owe `item`; True when nothing was owed before (the caller schedules a flush)."""
+    def add(self, item: OwedWrite) -> None:
+        """Owe `item`, after everything owed already."""
         self._items.append(item)
-        return len(self._items) == 1
 
     def take(self) -> list[OwedWrite]:
         """Everything owed, now owed no more (give it back with `restore` on rollback)."""

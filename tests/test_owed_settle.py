@@ -184,7 +184,8 @@ def test_a_write_that_fails_for_its_own_reason_is_dropped_not_blocking(tmp_path:
             raise ValueError("a bug in this write")
 
         with capture_logs() as logs:
-            assert ledger.owe(OwedWrite(broken, label="broken"))
+            ledger.owe(OwedWrite(broken, label="broken"))
+            assert ledger.owed == 1
             ledger.flush()
         [event] = [e for e in logs if e["event"] == "ledger.owed_write_failed"]
         assert event["write"] == "broken" and "a bug in this write" in event["error"]
