@@ -240,6 +240,17 @@ def _cli(h: Harness, *args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+def _start_daemon(h: Harness, log: Path) -> subprocess.Popen[bytes]:
+    """`agentd run` on the harness's config and state, its stderr (the JSON log) into `log`."""
+    with log.open("wb") as err:
+        return subprocess.Popen(
+            [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
+            stdout=subprocess.DEVNULL,
+            stderr=err,
+            env=_env(),
+        )
+
+
 def _wait(predicate: Callable[[], Any], what: str, timeout_s: float = 60) -> Any:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
@@ -328,13 +339,7 @@ def test_kill_9_mid_wait_then_a_restarted_daemon_finishes_it(
     fake_server.finish_batch(batch_id)
 
     log = tmp_path / "daemon.log"
-    with log.open("wb") as err:
-        daemon = subprocess.Popen(
-            [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=_env(),
-        )
+    daemon = _start_daemon(h, log)
     try:
 
         def finished() -> bool:
@@ -406,13 +411,7 @@ def test_a_run_that_starts_waiting_after_sigterm_is_let_go_too(
     patch = {"loops": {"work": {"every": "1s"}}, "daemon": {"shutdown_grace_s": 30}}
     h = Harness(tmp_path, fake_server, patch)
     log_path = tmp_path / "daemon.log"
-    with log_path.open("wb") as err:
-        daemon = subprocess.Popen(
-            [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
-            stdout=subprocess.DEVNULL,
-            stderr=err,
-            env=_env(),
-        )
+    daemon = _start_daemon(h, log_path)
     try:
         _wait(lambda: len(fake_server.batch_calls("create")) >= 1, "the batch create")
         daemon.send_signal(signal.SIGTERM)
@@ -443,20 +442,11 @@ def test_sigterm_mid_wait_stops_at_once_and_the_next_daemon_finishes_it(
     fake_server.script(HAIKU, ok("night plan", input_tokens=1000, output_tokens=200))
     fake_server.set_default("other", input_tokens=10, output_tokens=5)
 
-    def daemon(log: Path) -> subprocess.Popen[bytes]:
-        with log.open("wb") as err:
-            return subprocess.Popen(
-                [AGENTD, "--config", str(h.config_path), "--state-dir", str(h.state), "run"],
-                stdout=subprocess.DEVNULL,
-                stderr=err,
-                env=_env(),
-            )
-
     def events(log: Path, name: str) -> list[dict[str, Any]]:
         lines = [json.loads(x) for x in log.read_text().splitlines() if x.startswith("{")]
         return [e for e in lines if e.get("event") == name]
 
-    first = daemon(tmp_path / "first.log")
+    first = _start_daemon(h, tmp_path / "first.log")
     try:
         _wait(lambda: fake_server.retrieves() >= 1, "the first poll")
         first.send_signal(signal.SIGTERM)
@@ -473,7 +463,7 @@ def test_sigterm_mid_wait_stops_at_once_and_the_next_daemon_finishes_it(
 
     # ... and the next daemon adopts it and finishes the run when the batch ends.
     fake_server.finish_batch(call["batch_id"])
-    second = daemon(tmp_path / "second.log")
+    second = _start_daemon(h, tmp_path / "second.log")
     try:
         _wait(
             lambda: sqlite_row(h.state, "SELECT status FROM runs WHERE id = ?", call["run_id"])
