@@ -213,7 +213,7 @@ class _Totals:
             ) = saved
 
     def other_tables_written(self, changes_before: int) -> None:
-        """`Ledger.on_other_tables_written`: changes no `calls` row saw need no catch-up."""
+        """`Ledger.on_other_tables_written`: changes to no `calls` row need no catch-up."""
         if self.ready and changes_before == self.changes:
             self.touch()
             self.changes = self.conn.total_changes
