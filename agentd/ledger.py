@@ -19,7 +19,7 @@ from agentd.errors import LedgerError
 from agentd.ledgerfile import WAL_AUTOCHECKPOINT_PAGES as WAL_AUTOCHECKPOINT_PAGES
 from agentd.ledgerfile import connect, create_private, setup_lock
 from agentd.logs import get_logger
-from agentd.owedwrites import OwedWrite, OwedWrites, confirm, run_writes
+from agentd.owedwrites import OwedWrite, confirm, run_writes
 from agentd.owner import current_owner
 
 DB_NAME = "ledger.db"
@@ -118,7 +118,8 @@ class Ledger:
         # Called with the connection's total_changes before a `write(calls=False)` block, after
         # it: `agentd.budgetcache` then knows those changes cannot have moved a budget.
         self.on_other_tables_written: Callable[[int], None] | None = None
-        self._owed = OwedWrites()  # settles written after their reply (`agentd.owedwrites`)
+        # Settles written after their reply (`agentd.owedwrites`), in the order owed.
+        self._owed: list[OwedWrite] = []
 
     @classmethod
     def open(cls, state_dir: Path, *, create: bool = True, reconcile: bool = True) -> Ledger:
@@ -209,7 +210,7 @@ class Ledger:
     def owe(self, item: OwedWrite) -> None:
         """Write `item` with the next transaction, or at the next `flush`."""
         with self._lock:
-            self._owed.add(item)
+            self._owed.append(item)
 
     @property
     def owed(self) -> int:
@@ -317,7 +318,9 @@ class Ledger:
                 raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
             self._depth, self._writing, self._task = 1, writing, _current_task()
             committed = False
-            owed = self._owed.take() if writing and self._owed else _NOTHING_OWED
+            owed = _NOTHING_OWED
+            if writing and self._owed:
+                owed, self._owed = self._owed, []
             written = _NOTHING_OWED
             try:
                 if owed:
@@ -333,7 +336,7 @@ class Ledger:
                 raise
             finally:
                 if not committed and owed:
-                    self._owed.restore(owed)
+                    self._owed[:0] = owed  # rolled back: owed again, ahead of newer ones
                 self._depth, self._writing, self._task = 0, False, None
                 if self.on_transaction_end is not None:
                     self.on_transaction_end(committed)

@@ -43,32 +43,6 @@ class OwedWrite:
     label: str = "write"
 
 
-class OwedWrites:
-    """The writes a `Ledger` owes, in the order they were owed."""
-
-    def __init__(self) -> None:
-        self._items: list[OwedWrite] = []
-
-    def __bool__(self) -> bool:
-        return bool(self._items)
-
-    def __len__(self) -> int:
-        return len(self._items)
-
-    def add(self, item: OwedWrite) -> None:
-        """Owe `item`, after everything owed already."""
-        self._items.append(item)
-
-    def take(self) -> list[OwedWrite]:
-        """Everything owed, now owed no more (give it back with `restore` on rollback)."""
-        items, self._items = self._items, []
-        return items
-
-    def restore(self, items: list[OwedWrite]) -> None:
-        """Owe `items` again, ahead of anything owed since: their transaction rolled back."""
-        self._items[:0] = items
-
-
 def run_writes(items: list[OwedWrite]) -> list[OwedWrite]:
     """Run owed writes inside the caller's transaction; the ones to confirm after its COMMIT.
 
