@@ -3,7 +3,6 @@ attempt's outcome."""
 
 from __future__ import annotations
 
-import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -12,6 +11,7 @@ from agentd import budgets, pricing
 from agentd.budgets import BudgetWindowExceeded
 from agentd.config import ChainEntry, Config
 from agentd.errors import BudgetExceeded, LedgerError
+from agentd.eventloop import running_loop
 from agentd.ledger import Ledger, now_iso
 from agentd.logs import get_logger
 from agentd.owedwrites import OwedWrite
@@ -103,17 +103,6 @@ def chain_over_budget(refusals: Sequence[tuple[str, BudgetExceeded]]) -> BudgetE
     return ChainOverBudget(nearest, message)
 
 
-def _running_loop() -> Any:
-    """The running asyncio event loop, or None (asyncio not even imported: no loop runs)."""
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None:
-        return None
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
-
-
 class Recorder:
     """Settles attempts in the ledger (with their list-price cost) and logs `call.finished`."""
 
@@ -181,7 +170,7 @@ class Recorder:
             self._finished(trace, attempt, usage, served_model)
 
         self.ledger.owe(OwedWrite(write, written, f"settle call {attempt.call_id}"))
-        loop = _running_loop()
+        loop = running_loop()
         if loop is None:
             self.ledger.flush()
         else:

@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
-import sys
 import threading
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
@@ -16,6 +15,7 @@ from typing import Any
 
 from agentd import migrations
 from agentd.errors import LedgerError
+from agentd.eventloop import current_task
 from agentd.ledgerfile import WAL_AUTOCHECKPOINT_PAGES as WAL_AUTOCHECKPOINT_PAGES
 from agentd.ledgerfile import connect, create_private, setup_lock
 from agentd.logs import get_logger
@@ -76,19 +76,6 @@ def _rows(cursor: sqlite3.Cursor) -> list[dict[str, Any]]:
 
 def _short(text: str | None) -> str | None:
     return None if text is None else text[:_ERROR_MAX]
-
-
-def _current_task() -> object | None:
-    # Without asyncio imported no task can be running: a read-only command (`agentd ledger`)
-    # then never imports it (~20 ms).
-    asyncio = sys.modules.get("asyncio")
-    if asyncio is None:
-        return None
-    try:
-        task: object | None = asyncio.current_task()
-    except RuntimeError:
-        return None
-    return task
 
 
 _NOTHING_OWED: list[OwedWrite] = []  # shared, never mutated: most transactions carry none
@@ -302,7 +289,7 @@ class Ledger:
             if self._owed and not self._depth and not writing and not self._read_only:
                 self._flush_for_read()
             if self._depth:
-                if _current_task() is not self._task:
+                if current_task() is not self._task:
                     raise LedgerError("ledger transaction re-entered from another task")
                 if writing and not self._writing:
                     raise LedgerError("cannot write inside a ledger read transaction")
@@ -316,7 +303,7 @@ class Ledger:
                 self._conn.execute(begin)
             except sqlite3.Error as exc:
                 raise LedgerError(f"{self._path}: cannot begin a transaction: {exc}") from exc
-            self._depth, self._writing, self._task = 1, writing, _current_task()
+            self._depth, self._writing, self._task = 1, writing, current_task()
             committed = False
             owed = _NOTHING_OWED
             if writing and self._owed:

@@ -17,6 +17,7 @@ from types import ModuleType
 from typing import TYPE_CHECKING, Generic, Protocol, TypeVar
 
 from agentd.errors import MissingKeyError
+from agentd.eventloop import running_loop
 from agentd.providers.errormap import SdkErrors
 
 if TYPE_CHECKING:
@@ -145,7 +146,7 @@ class SdkClient(Generic[ClientT]):
     async def aclose(self) -> None:
         """Close the client, if one was built in the running event loop."""
         built, self._built = self._built, None
-        if built is not None and self._loop is _running_loop():
+        if built is not None and self._loop is running_loop():
             await built[0].close()
 
 
@@ -153,10 +154,3 @@ def _retrieve(task: asyncio.Task[object]) -> None:
     """Mark a build's failure as seen: its callers got it, or were cancelled meanwhile."""
     if not task.cancelled():
         task.exception()
-
-
-def _running_loop() -> asyncio.AbstractEventLoop | None:
-    try:
-        return asyncio.get_running_loop()
-    except RuntimeError:
-        return None
