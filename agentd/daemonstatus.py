@@ -12,9 +12,9 @@ from typing import Any
 from agentd import budgets, loopstate, scheduling
 from agentd.config import Config
 from agentd.errors import LedgerError
-from agentd.guardrails import anomaly_run_id
 from agentd.ledger import EFFECTIVE_COST_SQL, Ledger, now_iso, utc_iso
 from agentd.loopconfig import LoopConfig
+from agentd.loopstate import anomaly_run_id
 from agentd.owner import current_owner
 from agentd.pricing import format_usd
 

@@ -214,11 +214,6 @@ def check_anomaly(
     return reason
 
 
-def anomaly_run_id(paused_reason: str | None) -> int | None:
-    """The run id named by an anomaly pause reason (for `agentd status`), else None."""
-    return loopstate.anomaly_run_id(paused_reason)
-
-
 # ---------------------------------------------------------------------------- projections
 
 

@@ -26,7 +26,6 @@ from agentd.spend import (
     report_columns,
     spend_report,
 )
-from agentd.spendgroups import with_noop
 from agentd.spendlatency import shared_reads
 from agentd.spendsources import refresh_range
 
@@ -137,7 +136,7 @@ def render_html(
         cards = '<p class="empty">No calls recorded yet.</p>'
     tables = "".join(
         f"<h2>By {escape(report.by)}</h2>"
-        + _table(report, with_noop(report_columns(report.by, "html")))
+        + _table(report, report_columns(report.by, "html"))
         for report in reports
     )
     return (

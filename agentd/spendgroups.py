@@ -11,7 +11,6 @@ from zoneinfo import ZoneInfo
 
 from agentd import spendcache
 from agentd.ledger import parse_iso, utc_iso
-from agentd.reports import Column
 
 # A quarter-hour bucket of a ledger timestamp: `YYYY-MM-DDTHH:q` with q in 0..3.
 _QUARTER = "substr({c}, 1, 13) || ':' || (CAST(substr({c}, 15, 2) AS INTEGER) / 15)"
@@ -59,19 +58,6 @@ class Acc:
             self.sums[name] += int(value or 0)
 
 
-def with_noop(columns: Sequence[Column]) -> list[Column]:
-    """The report's columns with `noop` right after `skipped` (where skipped runs are shown).
-
-    Added after `skipped`, never instead of it: scripts read `skipped` as every run skipped
-    before any call (budget, no-op, inactive, paused).
-    """
-    out = list(columns)
-    keys = [c.key for c in out]
-    if "skipped" in keys and "noop" not in keys:
-        out.insert(keys.index("skipped") + 1, Column("noop", "noop"))
-    return out
-
-
 def nearest_rank(n: int) -> int:
     """The 1-based rank of the p95 among n sorted values: ⌈0.95·n⌉ (integers only)."""
     return (95 * n + 99) // 100
@@ -93,23 +79,6 @@ def whole_hours(zone: str) -> bool:
                 if offset is None or offset.total_seconds() % 3600:
                     return False
     return True
-
-
-def next_day(day: str) -> str:
-    """The ISO date after `day` (`YYYY-MM-DD`)."""
-    return (datetime.fromisoformat(day) + timedelta(days=1)).date().isoformat()
-
-
-def floor_hour(at: datetime) -> datetime:
-    """The UTC hour an instant falls in."""
-    at = at.astimezone(UTC)
-    return at.replace(minute=0, second=0, microsecond=0)
-
-
-def ceil_hour(at: datetime) -> datetime:
-    """The first UTC hour boundary at or after an instant."""
-    floor = floor_hour(at)
-    return floor if floor == at else floor + timedelta(hours=1)
 
 
 def is_utc(tz: ZoneInfo) -> bool:

@@ -141,8 +141,6 @@ def ledger_report(
     Calendar groupings and the chart's days use the config's timezone (UTC without a config).
     """
     from agentd.spend import GROUPINGS, daily_spend, report_columns, spend_report
-    from agentd.spendgroups import with_noop
-    from agentd.spendsources import refresh_range
 
     tz = zone_of(config)
     if by not in GROUPINGS:
@@ -157,8 +155,7 @@ def ledger_report(
         if ledger is None:
             return "(no spend in this period)"
         with ledger:
-            refresh_range(ledger, since)  # only the hours this range reads, not all history
-            daily = daily_spend(
+            daily = daily_spend(  # it caches the hours this range reads, not all history
                 ledger,
                 stack=stack_by,
                 since=since,
@@ -170,11 +167,10 @@ def ledger_report(
         from agentd.charts import text_chart
 
         return text_chart(daily, ascii_only=ascii_only)
-    columns = with_noop(report_columns(by, fmt))
+    columns = report_columns(by, fmt)
     if ledger is None:
         return render([], columns, fmt)
     with ledger:
-        refresh_range(ledger, since)
         report = spend_report(
             ledger,
             by=by,

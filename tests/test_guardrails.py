@@ -17,12 +17,12 @@ from agentd import loopstate
 from agentd.config import load_config
 from agentd.errors import ConfigError, LoopPaused
 from agentd.guardrails import (
-    anomaly_run_id,
     check_projection,
     median,
     reload_cost_change,
     run_limits,
 )
+from agentd.loopstate import anomaly_run_id
 
 FOREVER = """
     async def run(ctx):
