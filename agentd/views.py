@@ -147,39 +147,23 @@ def chain_lines(config: Config, loop_name: str) -> list[str]:
         chain = target_chain(config, loop_name, tier, None)
         lines.append(f"{label} ({tier}): {_chain_text(config, loop_name, chain)}")
     if loop.when_over_budget == "downgrade":
-        lines.extend(_downgrade_lines(config, loop_name, own))
+        lines.extend(_downgrade_lines(config, loop_name))
     return lines
 
 
-def _downgrade_lines(config: Config, loop_name: str, own: Sequence[ChainEntry]) -> list[str]:
-    """The cheaper tiers a budget downgrade may fall to, dearest first (as `plans_for` orders
-    them; estimated with the prompt template, so a much longer rendered prompt may differ)."""
-    from agentd import pricing
+def _downgrade_lines(config: Config, loop_name: str) -> list[str]:
+    """The cheaper tiers a budget downgrade may fall to, dearest first: the plans `plans_for`
+    makes (estimated with the prompt template, so a much longer rendered prompt may differ)."""
+    from agentd.routeplan import PricingExecutor
+    from agentd.runcalls import plans_for
 
     loop = config.loops[loop_name]
     prompt = config.prompt_path(loop_name).read_text(encoding="utf-8") if loop.prompt else ""
-    text_bytes = len(prompt.encode()) + len((loop.system or "").encode())
-    # The executor's reservation bound: one user message, plus the system prompt if any.
-    bound = pricing.input_token_bound(text_bytes, 1 + (1 if loop.system else 0))
-
-    def cost(entry: ChainEntry) -> int:
-        price = config.price(entry.alias)
-        if price is None:
-            return 0
-        return pricing.to_micro_usd(pricing.worst_case_usd(price, bound, loop.max_tokens))
-
-    own_cost = cost(own[0])
-    cheaper = [
-        (cost(chain[0]), tier, chain)
-        for tier in config.tiers
-        if tier != own[0].tier
-        for chain in [config.tier_chain(tier)]
-        if cost(chain[0]) < own_cost
-    ]
-    cheaper.sort(key=lambda item: -item[0])
+    plans = plans_for(config, PricingExecutor(config), loop_name, prompt)
     lines = [
-        f"downgrade to {tier} (over budget): {' -> '.join(_entry_text(e) for e in chain)}"
-        for _, tier, chain in cheaper
+        f"downgrade to {plan.tier} (over budget): {' -> '.join(_entry_text(e) for e in plan.chain)}"
+        for plan in plans[1:]
+        if plan.max_tokens == loop.max_tokens
     ]
     if loop.min_tokens is not None and loop.min_tokens < loop.max_tokens:
         lines.append(f"downgrade: then max_tokens halved down to {loop.min_tokens}")

@@ -82,3 +82,20 @@ def test_plan_against_a_config_of_the_same_name_labels_both_by_path(
     assert config_label(other) == str(tmp_path / "b" / "agent-model-config.yaml")
     assert config_label(this) == "agent-model-config.yaml"
     assert os.path.isabs(config_label(other))
+
+
+def test_downgrades_shown_are_the_ones_a_run_would_take(tmp_path: Path) -> None:
+    # `tiny` holds only gpt-mini, which is also in `fast`: a run on `fast` already gets
+    # gpt-mini's price by skipping a refused haiku, so `tiny` is no cheaper plan (plans_for
+    # prices a chain by its cheapest model). `balanced` and `deep` are dearer.
+    config = make(
+        tmp_path,
+        {
+            "tiers": {"tiny": ["gpt-mini"]},
+            "loops": {"work": {"budget": {"per_day_usd": 1}, "when_over_budget": "downgrade"}},
+        },
+    )
+    assert chain_lines(config, "work") == [
+        f"chain: {HAIKU}",
+        "downgrade: no cheaper tier (over budget the call is skipped)",
+    ]
