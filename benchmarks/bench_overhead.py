@@ -57,6 +57,10 @@ from _common import (
 )
 from fastserver import ServerProcess
 
+from agentd.executor import RunTrace
+from agentd.runcalls import RunCalls, plans_for
+from agentd.runner import run_loop
+
 PROMPT = "Classify this ticket as bug, feature or question: the export button does nothing."
 MAX_TOKENS = 64
 GAP_S = 0.002
@@ -145,9 +149,6 @@ class Variants:
         )
 
     async def call_agentd(self) -> Any:
-        from agentd.executor import RunTrace
-        from agentd.runcalls import RunCalls, plans_for
-
         plans = plans_for(self.config, self.executor, "work", PROMPT)
         trace = RunTrace(run_id=self.run_id, loop="work", simulated=False)
         calls = RunCalls(self.config, self.executor, "work", trace, self.windows, {})
@@ -157,17 +158,12 @@ class Variants:
 
     async def call_agentd_unbudgeted(self) -> Any:
         """(b) for a loop without any budget: no window sums in the reservation."""
-        from agentd.executor import RunTrace
-        from agentd.runcalls import RunCalls, plans_for
-
         plans = plans_for(self.config, self.executor, "work", PROMPT)
         trace = RunTrace(run_id=self.run_id, loop="work", simulated=False)
         calls = RunCalls(self.config, self.executor, "work", trace, [], {})
         return await calls.call(PROMPT, plans, purpose="work", system=None)
 
     async def call_run(self) -> Any:
-        from agentd.runner import run_loop
-
         result = await run_loop(self.config, self.ledger, self.executor, "work")
         assert result.status == "ok", result.error
         return result
