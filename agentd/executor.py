@@ -506,11 +506,8 @@ def _reservation(
     """`Executor.reservation_micro_usd` for a price already looked up."""
     if price is None:
         return None
-    text_bytes = sum(len(m.content.encode()) for m in messages)
-    if system:
-        text_bytes += len(system.encode())
-    bound = pricing.input_token_bound(text_bytes, len(messages) + (1 if system else 0))
-    return pricing.to_micro_usd(pricing.worst_case_usd(price, bound, max_tokens))
+    bound = pricing.request_token_bound(system, [m.content for m in messages])
+    return pricing.reservation_micro_usd(price, bound, max_tokens)
 
 
 def _ms_since(started: float) -> int:

@@ -36,7 +36,7 @@ from agentd.errors import AgentdError
 from agentd.ledger import Ledger
 from agentd.logs import get_logger
 from agentd.loopconfig import AnomalyConfig, BudgetConfig, LoopConfig, RunLimits
-from agentd.pricing import format_usd, from_micro_usd, input_token_bound
+from agentd.pricing import format_usd, from_micro_usd, request_token_bound
 
 HANDLER_DEFAULT_LIMITS = RunLimits(max_calls_per_run=20, max_tokens_per_run=200_000)
 PROJECTION_DAYS = 30
@@ -115,10 +115,7 @@ class RunGuard:
 
 def call_token_bound(prompt: str, system: str | None, max_tokens: int) -> int:
     """An attempt's worst-case tokens: the reservation's input bound plus all of max_tokens."""
-    # The executor's reservation (`executor._reservation`) bounds the same one user message and
-    # optional system prompt this way, so both ceilings price the same worst case.
-    text_bytes = len(prompt.encode()) + (len(system.encode()) if system else 0)
-    return input_token_bound(text_bytes, 2 if system else 1) + max_tokens
+    return request_token_bound(system, [prompt]) + max_tokens
 
 
 # ---------------------------------------------------------------------------- anomaly breaker

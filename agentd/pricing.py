@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
 from decimal import ROUND_CEILING, Decimal
@@ -258,3 +259,20 @@ def input_token_bound(text_bytes: int, messages: int) -> int:
     the overhead covers role markers and the system prompt framing.
     """
     return text_bytes + 16 * max(messages, 1) + 16
+
+
+def request_token_bound(system: str | None, texts: Sequence[str]) -> int:
+    """`input_token_bound` of one request: its messages' texts and optional system prompt.
+
+    The one place the reservation's input side is counted: the executor's reservation, the
+    route explanations' worst case and the run's token ceiling must price the same bound.
+    """
+    text_bytes = sum(len(text.encode()) for text in texts)
+    if system:
+        text_bytes += len(system.encode())
+    return input_token_bound(text_bytes, len(texts) + (1 if system else 0))
+
+
+def reservation_micro_usd(price: Price, input_tokens: int, max_tokens: int) -> int:
+    """What one attempt reserves: its worst case in micro-USD, rounded up."""
+    return to_micro_usd(worst_case_usd(price, input_tokens, max_tokens))

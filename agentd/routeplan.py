@@ -106,10 +106,8 @@ def worst_case_micro_usd(
     price = config.price(entry.alias, batch=batch)
     if price is None:
         return None
-    text_bytes = len(prompt.encode()) + (len(system.encode()) if system else 0)
-    bound = pricing.input_token_bound(text_bytes, 1 + (1 if system else 0))
-    usd = pricing.worst_case_usd(price, bound + extra_input_tokens, max_tokens)
-    return pricing.to_micro_usd(usd)
+    bound = pricing.request_token_bound(system, [prompt])
+    return pricing.reservation_micro_usd(price, bound + extra_input_tokens, max_tokens)
 
 
 def loop_windows(config: Config, loop: str) -> list[budgets.Window]:
