@@ -8,7 +8,7 @@ downstream gets typed objects and never re-reads YAML or the environment.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from decimal import Decimal
 from pathlib import Path
@@ -50,7 +50,14 @@ from agentd.configpaths import resolve_state_dir as resolve_state_dir
 from agentd.configpaths import timezone_problem, top_level
 from agentd.errors import ConfigError
 from agentd.loopconfig import AnomalyConfig, BudgetConfig, LoopConfig
-from agentd.pricing import Price, batch_price, lookup_price, override_price
+from agentd.pricing import (
+    Price,
+    batch_price,
+    lookup_price,
+    override_price,
+    request_token_bound,
+    reservation_micro_usd,
+)
 from agentd.routeprompts import REQUIRED as ROUTE_TEMPLATE_PLACEHOLDERS
 from agentd.yamlload import (
     ConfigProblem,
@@ -418,6 +425,23 @@ class Config(BaseModel):
             price = override_price(p.input, p.output, p.cache_read, p.cache_write, p.cache_write_1h)
             return batch_price(price) if batch else price
         return lookup_price(self.providers[model.provider].type, model.model, batch=batch)
+
+    def worst_case_micro_usd(
+        self,
+        alias: str,
+        system: str | None,
+        texts: Sequence[str],
+        max_tokens: int,
+        *,
+        extra_input_tokens: int = 0,
+        batch: bool = False,
+    ) -> int | None:
+        """What one attempt on `alias` reserves for these messages' texts (None: unpriced)."""
+        price = self.price(alias, batch=batch)
+        if price is None:
+            return None
+        bound = request_token_bound(system, texts) + extra_input_tokens
+        return reservation_micro_usd(price, bound, max_tokens)
 
     def context_window(self, alias: str) -> int | None:
         """A model's context window in tokens: `models.X.context_window`, else the price table's."""

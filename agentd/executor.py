@@ -110,19 +110,6 @@ class Executor:
             await provider.aclose()
         self._providers.clear()
 
-    def reservation_micro_usd(
-        self,
-        entry: ChainEntry,
-        system: str | None,
-        messages: Sequence[Message],
-        max_tokens: int,
-        *,
-        batch: bool = False,
-    ) -> int | None:
-        """Worst-case cost of one attempt in micro-USD, or None when the model has no price."""
-        price = self.config.price(entry.alias, batch=batch)
-        return _reservation(price, system, messages, max_tokens)
-
     async def call(
         self,
         trace: RunTrace,
@@ -503,7 +490,7 @@ class _Slot:
 def _reservation(
     price: pricing.Price | None, system: str | None, messages: Sequence[Message], max_tokens: int
 ) -> int | None:
-    """`Executor.reservation_micro_usd` for a price already looked up."""
+    """`Config.worst_case_micro_usd` for a price already looked up."""
     if price is None:
         return None
     bound = pricing.request_token_bound(system, [m.content for m in messages])

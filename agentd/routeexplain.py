@@ -46,10 +46,8 @@ from agentd.routeplan import (
     loop_input,
     loop_windows,
     planned_call,
-    pricing_executor,
     read_only_ledger,
     window_statuses,
-    worst_case_micro_usd,
 )
 from agentd.runcalls import RunCalls
 
@@ -110,8 +108,7 @@ async def explain_route(
     if lc.route == "classify":
         return await _classify(config, state_dir, loop, prompt, how, simulate)
     with read_only_ledger(state_dir) as ledger:
-        executor = pricing_executor(config, ledger)
-        view = BudgetView(config, executor, loop, window_statuses(config, ledger, loop, simulate))
+        view = BudgetView(config, loop, window_statuses(config, ledger, loop, simulate))
         return _explain_offline(config, view, loop, prompt, how)
 
 
@@ -156,7 +153,7 @@ def _default(config: Config, text: str) -> RouteExplanation:
     tokens = routing.estimate_tokens(text)
     fitting, skipped = routing.context_skips(config, entries, tokens, DEFAULT_MAX_TOKENS)
     cost = (
-        worst_case_micro_usd(config, fitting[0], None, text, DEFAULT_MAX_TOKENS)
+        config.worst_case_micro_usd(fitting[0].alias, None, [text], DEFAULT_MAX_TOKENS)
         if fitting
         else None
     )
@@ -254,9 +251,7 @@ async def _classify(
         executor = Executor(config, ledger, simulate=simulate)
         try:
             executor.provider_for(config.tier_chain(settings.classifier_tier)[0])
-            before = BudgetView(
-                config, executor, loop, window_statuses(config, ledger, loop, simulate)
-            )
+            before = BudgetView(config, loop, window_statuses(config, ledger, loop, simulate))
             classifier, _ = planned_call(config, before, spec)
             run_id = ledger.start_run(loop=loop, trigger="manual", simulated=simulate)
             bind_contextvars(loop=loop, run_id=run_id)
@@ -273,9 +268,7 @@ async def _classify(
                 ledger.finish_run(run_id, status=status, route=route, error=None)
                 unbind_contextvars("loop", "run_id")
             # The work call fits what the windows have left after the classifier's real cost.
-            view = BudgetView(
-                config, executor, loop, window_statuses(config, ledger, loop, simulate)
-            )
+            view = BudgetView(config, loop, window_statuses(config, ledger, loop, simulate))
             reason = "no usable label" if tier is None else f"label {route['label']}"
             work_spec = CallSpec("work", tier, prompt, lc.system, lc.max_tokens, reason=reason)
             work, _ = planned_call(config, view, work_spec)

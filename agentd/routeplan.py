@@ -23,7 +23,6 @@ from typing import Any
 from agentd import budgets, pricing
 from agentd.config import ChainEntry, Config
 from agentd.context import SourceText, render_template
-from agentd.executor import Executor
 from agentd.ledger import Ledger
 from agentd.loopconfig import ContextSource
 from agentd.precheck import PRECHECK_PLACEHOLDER
@@ -92,24 +91,6 @@ class PlannedCall:
     resets_at: str | None = None  # over budget: when the loop would be resumed (pause)
 
 
-def worst_case_micro_usd(
-    config: Config,
-    entry: ChainEntry,
-    system: str | None,
-    prompt: str,
-    max_tokens: int,
-    extra_input_tokens: int = 0,
-    *,
-    batch: bool = False,
-) -> int | None:
-    """The reservation one attempt of this call would make (the executor's byte bound)."""
-    price = config.price(entry.alias, batch=batch)
-    if price is None:
-        return None
-    bound = pricing.request_token_bound(system, [prompt])
-    return pricing.reservation_micro_usd(price, bound + extra_input_tokens, max_tokens)
-
-
 def loop_windows(config: Config, loop: str) -> list[budgets.Window]:
     """The windows a call of the loop must fit in: its own, then the global ones."""
     lc = config.loops[loop]
@@ -147,35 +128,16 @@ def read_only_ledger(state_dir: Path) -> Iterator[Ledger | None]:
         yield ledger
 
 
-class PricingExecutor(Executor):
-    """An executor that only prices calls, for `plans_for` when there is no ledger to open.
-
-    `plans_for` asks its executor for `reservation_micro_usd` only, which reads the config;
-    this one has no ledger and no provider, so it can never make or record a call.
-    """
-
-    def __init__(self, config: Config) -> None:
-        # Deliberately not Executor.__init__: there is no ledger to record into.
-        self.config = config
-
-
-def pricing_executor(config: Config, ledger: Ledger | None) -> Executor:
-    """An executor for `plans_for` (it only prices calls): on the ledger, else ledger-less."""
-    return Executor(config, ledger) if ledger is not None else PricingExecutor(config)
-
-
 class BudgetView:
     """The loop's windows at one moment, and the plan each call would run on."""
 
     def __init__(
         self,
         config: Config,
-        executor: Executor,
         loop: str,
         statuses: Sequence[budgets.WindowStatus],
     ) -> None:
         self.config = config
-        self.executor = executor
         self.loop = loop
         self.statuses = tuple(statuses)
         self.batch = config.loops[loop].batch is not None
@@ -201,7 +163,6 @@ class BudgetView:
         """Walk the call's plans as a run would; `before_micro_usd` is spent by earlier calls."""
         plans = plans_for(
             self.config,
-            self.executor,
             self.loop,
             spec.prompt,
             tier=spec.tier,
@@ -252,13 +213,12 @@ class BudgetView:
                        resets_at=resets_at)  # fmt: skip
 
     def _reservation(self, spec: CallSpec, entry: ChainEntry, max_tokens: int) -> int | None:
-        return worst_case_micro_usd(
-            self.config,
-            entry,
+        return self.config.worst_case_micro_usd(
+            entry.alias,
             spec.system,
-            spec.prompt,
+            [spec.prompt],
             max_tokens,
-            spec.extra_input,
+            extra_input_tokens=spec.extra_input,
             batch=self.batch,
         )
 

@@ -81,7 +81,6 @@ def _full_chain(
 
 def plans_for(
     config: Config,
-    executor: Executor,
     loop_name: str,
     prompt: str,
     *,
@@ -109,12 +108,11 @@ def plans_for(
     own = Plan(own_tier, own_chain, max_tokens, reason, left_out)
     if loop.when_over_budget != "downgrade" or not downgrade:
         return [own]
-    messages = [Message("user", prompt)]
 
     def cheapest_cost(chain: tuple[ChainEntry, ...], tokens: int) -> int:
         # A refused model is skipped and the chain goes on, so a chain fits as soon as its
         # cheapest model does: that model's worst case is the chain's (0: none is priced).
-        amounts = (executor.reservation_micro_usd(e, system, messages, tokens) for e in chain)
+        amounts = (config.worst_case_micro_usd(e.alias, system, [prompt], tokens) for e in chain)
         return min((a for a in amounts if a is not None), default=0)
 
     own_cost = cheapest_cost(own_chain, max_tokens)
@@ -224,7 +222,6 @@ class RunCalls:
         """`plans_for` this run's loop: a tier (None: the loop's own target) and its downgrades."""
         return plans_for(
             self.config,
-            self.executor,
             self.loop_name,
             prompt,
             tier=tier,
@@ -359,7 +356,6 @@ class RunCalls:
             return await self._routed(prompt, max_tokens=max_tokens, purpose=purpose, system=system)
         plans = plans_for(
             self.config,
-            self.executor,
             self.loop_name,
             prompt,
             tier=tier,

@@ -154,12 +154,11 @@ def chain_lines(config: Config, loop_name: str) -> list[str]:
 def _downgrade_lines(config: Config, loop_name: str) -> list[str]:
     """The cheaper tiers a budget downgrade may fall to, dearest first: the plans `plans_for`
     makes (estimated with the prompt template, so a much longer rendered prompt may differ)."""
-    from agentd.routeplan import PricingExecutor
     from agentd.runcalls import plans_for
 
     loop = config.loops[loop_name]
     prompt = config.prompt_path(loop_name).read_text(encoding="utf-8") if loop.prompt else ""
-    plans = plans_for(config, PricingExecutor(config), loop_name, prompt)
+    plans = plans_for(config, loop_name, prompt)
     lines = [
         f"downgrade to {plan.tier} (over budget): {' -> '.join(_entry_text(e) for e in plan.chain)}"
         for plan in plans[1:]

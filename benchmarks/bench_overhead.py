@@ -149,7 +149,7 @@ class Variants:
         )
 
     async def call_agentd(self) -> Any:
-        plans = plans_for(self.config, self.executor, "work", PROMPT)
+        plans = plans_for(self.config, "work", PROMPT)
         trace = RunTrace(run_id=self.run_id, loop="work", simulated=False)
         calls = RunCalls(self.config, self.executor, "work", trace, self.windows, {})
         outcome = await calls.call(PROMPT, plans, purpose="work", system=None)
@@ -158,7 +158,7 @@ class Variants:
 
     async def call_agentd_unbudgeted(self) -> Any:
         """(b) for a loop without any budget: no window sums in the reservation."""
-        plans = plans_for(self.config, self.executor, "work", PROMPT)
+        plans = plans_for(self.config, "work", PROMPT)
         trace = RunTrace(run_id=self.run_id, loop="work", simulated=False)
         calls = RunCalls(self.config, self.executor, "work", trace, [], {})
         return await calls.call(PROMPT, plans, purpose="work", system=None)
@@ -322,8 +322,8 @@ def _breakdown(v: Variants, n: int) -> dict[str, float]:
     out["log_event_us"] = (time.perf_counter() - t0) / n * 1e6
     t0 = time.perf_counter()
     for _ in range(n):
-        plans_for(v.config, v.executor, "work", PROMPT)
-        v.executor.reservation_micro_usd(entry, None, (), MAX_TOKENS)
+        plans_for(v.config, "work", PROMPT)
+        v.config.worst_case_micro_usd(entry.alias, None, [PROMPT], MAX_TOKENS)
     out["plans_and_pricing_us"] = (time.perf_counter() - t0) / n * 1e6
     return out
 

@@ -122,7 +122,7 @@ def test_downgrade_plans_are_ordered_by_each_chains_cheapest_model(
             "loops": {"work": {"tier": "deep", "when_over_budget": "downgrade"}},
         },
     )
-    plans = plans_for(h.config, h.executor, "work", "Say hello.")
+    plans = plans_for(h.config, "work", "Say hello.")
     assert [(p.tier, p.reason) for p in plans] == [
         ("deep", "configured"),
         ("fast", "downgraded to fast"),
@@ -198,7 +198,7 @@ def test_interactive_downgrade_plans_never_use_deep(
         fake_server,
         {**patch, **_interactive({"when_over_budget": "downgrade", "fallback_tiers": []})},
     )
-    plans = plans_for(interactive.config, interactive.executor, "work", "x", tier="balanced")
+    plans = plans_for(interactive.config, "work", "x", tier="balanced")
     assert [p.tier for p in plans] == ["balanced", "fast"]
     background = Harness(
         tmp_path / "b",
@@ -210,5 +210,5 @@ def test_interactive_downgrade_plans_never_use_deep(
             ),
         },
     )
-    plans = plans_for(background.config, background.executor, "work", "x", tier="balanced")
+    plans = plans_for(background.config, "work", "x", tier="balanced")
     assert [p.tier for p in plans] == ["balanced", "fast", "deep"]

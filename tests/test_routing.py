@@ -15,13 +15,13 @@ from fakeserver import FakeServer, error, ok
 from test_executor import Harness
 
 from agentd import routeprompts
-from agentd.config import load_config
+from agentd.config import ChainEntry, load_config
 from agentd.errors import MissingKeyError
+from agentd.executor import RunTrace
 from agentd.loopconfig import LABELS
 from agentd.providers.base import Message, Request
 from agentd.providers.simulated import SimulatedProvider
 from agentd.routeexplain import RouteUsageError, explain_route, format_explanation
-from agentd.routeplan import worst_case_micro_usd
 from agentd.routeprompts import normalise_reply, parse_label, parse_score
 from agentd.routing import estimate_tokens, rules_tier
 from agentd.runner import run_once
@@ -508,9 +508,6 @@ def test_explain_static_and_default_make_no_call(tmp_path: Path, fake_server: Fa
     )
     assert static.estimated_input_tokens == estimate_tokens(prompt)
     [call] = static.calls
-    entry = h.config.chain("work")[0]
-    reserved = h.executor.reservation_micro_usd(entry, None, [Message("user", prompt)], 200)
-    assert call.worst_case_micro_usd == static.worst_case_micro_usd == reserved
     default = asyncio.run(go(None))
     assert (default.strategy, default.tier, default.loop) == ("static", "balanced", None)
     assert default.estimated_input_tokens == 1 and default.input == "TEXT is the whole prompt"
@@ -519,6 +516,9 @@ def test_explain_static_and_default_make_no_call(tmp_path: Path, fake_server: Fa
         asyncio.run(go("nope"))
     assert fake_server.count() == 0
     assert not (tmp_path / "s").exists()  # nothing written for a static explanation
+    # What the explanation calls the worst case is what a real call of the loop reserves.
+    reserved = _reserved_by_executor(h, h.config.chain("work")[0], None, prompt, 200)
+    assert call.worst_case_micro_usd == static.worst_case_micro_usd == reserved
     text = format_explanation(static, as_json=False)
     assert "loop work: route static, tier fast" in text
     assert f"worst case: ${reserved / 1_000_000:.6f}" in text
@@ -597,13 +597,36 @@ def test_explain_classify_simulated(tmp_path: Path, fake_server: FakeServer) -> 
     assert "the simulated model" in expl.reasons[0]
 
 
+def _reserved_by_executor(
+    h: Harness, entry: ChainEntry, system: str | None, prompt: str, max_tokens: int
+) -> int:
+    """Make one real call on `entry` and read back what its reservation wrote to the ledger."""
+    run_id = h.ledger.start_run(loop="work", trigger="manual", simulated=False)
+
+    async def go() -> None:
+        await h.executor.call(
+            RunTrace(run_id=run_id, loop="work", simulated=False),
+            purpose="work",
+            chain=[entry],
+            system=system,
+            messages=(Message("user", prompt),),
+            max_tokens=max_tokens,
+            windows=(),
+        )
+
+    asyncio.run(go())
+    [reserved] = h.ledger.conn.execute(
+        "SELECT reserved_micro_usd FROM calls WHERE run_id = ?", (run_id,)
+    ).fetchone()
+    return int(reserved)
+
+
 def test_worst_case_matches_the_executors_reservation(
     tmp_path: Path, fake_server: FakeServer
 ) -> None:
     h = Harness(tmp_path, fake_server)
     for entry in h.config.chain("work"):
         for system in (None, "Be brief."):
-            reserved = h.executor.reservation_micro_usd(
-                entry, system, [Message("user", "héllo " * 50)], 300
-            )
-            assert worst_case_micro_usd(h.config, entry, system, "héllo " * 50, 300) == reserved
+            reserved = _reserved_by_executor(h, entry, system, "héllo " * 50, 300)
+            worst = h.config.worst_case_micro_usd(entry.alias, system, ["héllo " * 50], 300)
+            assert worst == reserved > 0
