@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import re
 import time
 from collections.abc import Callable
 from datetime import UTC, datetime
@@ -39,23 +38,10 @@ from agentd.delivery import DeliveryOutcome, post_to_webhook, redact_url, send_t
 from agentd.ledger import Ledger, now_iso, utc_iso
 from agentd.logs import get_logger
 from agentd.loopconfig import Delivery
-from agentd.pricing import format_usd, to_micro_usd
+from agentd.pricing import format_usd
 
 LEVELS = (80, 100)
 _CHAIN_FAILED = "every model"  # RunFailed ("every model failed") and CircuitOpen ("... cooling")
-
-
-def refused_ask(refusals: str, label: str) -> int | None:
-    """The smallest amount (micro-USD) a refused call asked of this window, or None.
-
-    The refusal texts are `BudgetWindowExceeded`'s: `over budget: LABEL: limit X USD, used Y
-    USD (settled + reserved), asked Z USD`. A window named without an amount counts as asked 0.
-    """
-    if not refusals or label not in refusals:
-        return None
-    pattern = re.compile(re.escape(f"over budget: {label}:") + r"[^|]*?asked (\d+\.\d+) USD")
-    amounts = [to_micro_usd(Decimal(m.group(1))) for m in pattern.finditer(refusals)]
-    return min(amounts) if amounts else 0
 
 
 class Alerter:
@@ -145,16 +131,15 @@ class Alerter:
         )
         if not windows:
             return
-        refusals = " | ".join(
-            [*(result.route or {}).get("budget_refusals", []), result.error or ""]
-            if result.status == "skipped_budget" or (result.route or {}).get("budget_refusals")
-            else []
-        )
+        # The refusals' own numbers, not their messages: a reworded message cannot hide one.
+        refused: tuple[budgets.BudgetWindowExceeded, ...] = result.window_refusals
         for ws in budgets.window_status(ledger, windows, config.tz, now, result.simulated):
             limit = ws.window.limit_micro_usd
             used = ws.spent_micro_usd + ws.reserved_micro_usd
             before = used - int(result.cost_micro_usd or 0)
-            asked = refused_ask(refusals, ws.window.label)
+            # The smallest ask this window refused (the call nearest to fitting), or None.
+            asks = [r.asked_micro_usd for r in refused if r.budget_window.label == ws.window.label]
+            asked = min(asks) if asks else None
             for level in reversed(LEVELS):
                 mark = Decimal(limit) * level / 100
                 crossed = before < mark <= used

@@ -50,6 +50,9 @@ class RunTrace:
     skipped: list[dict[str, Any]] = field(default_factory=list)
     # Models the budget refused ("alias: why"), in order; each is also one of `skipped`.
     budget_refusals: list[str] = field(default_factory=list)
+    # The exception behind each of `budget_refusals`, same order: its numbers, for alerts, so
+    # they never depend on the wording of the message.
+    budget_refused: list[BudgetExceeded] = field(default_factory=list)
 
     numbered: int = 0  # attempts with a `calls` row so far (the executor numbers them)
     tokens: int = 0  # settled input + output tokens of the run's attempts so far

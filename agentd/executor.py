@@ -209,6 +209,7 @@ class Executor:
                 self._skip(trace, entry, str(exc))
                 refusals.append((entry.alias, exc))
                 trace.budget_refusals.append(f"{entry.alias}: {exc}")
+                trace.budget_refused.append(exc)
                 if model_try.attempts == 0:
                     tries.pop()
                 else:

@@ -184,6 +184,8 @@ class RunCalls:
         self.route = route
         self.router = router
         self.refusals: list[str] = []
+        # The window refusals behind `refusals`: what each asked of which window (alerts).
+        self.window_refusals: list[budgets.BudgetWindowExceeded] = []
         self.last_refusal: BudgetExceeded | None = None
         self.outcomes: list[CallOutcome] = []
         # The run's prompt-cache decision (set by the runner); None: nothing is marked.
@@ -302,11 +304,17 @@ class RunCalls:
 
     def _take_refusals(self, plan: Plan, seen: int, exc: BudgetExceeded | None = None) -> list[str]:
         """The models the budget refused since `seen` (else `exc` itself), each with the plan's
-        reason; added to the run's `refusals` (the route's `budget_refusals`)."""
+        reason; added to the run's `refusals` (the route's `budget_refusals`), and their
+        exceptions to `window_refusals`."""
         lines = [f"{plan.reason}: {refusal}" for refusal in self.trace.budget_refusals[seen:]]
+        refused = self.trace.budget_refused[seen:]
         if not lines and exc is not None:
             lines = [f"{plan.reason}: {exc}"]
+            refused = [exc]
         self.refusals.extend(lines)
+        self.window_refusals.extend(
+            r for r in refused if isinstance(r, budgets.BudgetWindowExceeded)
+        )
         return lines
 
     def _leave_out(self, plan: Plan, record: dict[str, Any]) -> None:

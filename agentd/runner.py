@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -57,6 +58,8 @@ class RunResult:
     wake: str | None = None  # the loop `on_reply` asks to run next (trigger `on_reply`)
     batch_ids: tuple[str, ...] = ()  # provider batches the run's calls went through
     paused_reason: str | None = None  # set when a guardrail paused the loop after this run
+    # The window refusals behind `route["budget_refusals"]` (alerts read their numbers).
+    window_refusals: tuple[BudgetWindowExceeded, ...] = ()
 
     @property
     def exit_code(self) -> int:
@@ -207,7 +210,9 @@ async def _run_locked(
             # A ceiling stopped the run: failed, whatever the handler made of the exception.
             route["limit_reached"] = calls.limit_reached
             done = _Done("failed", "run.limit_reached", error=calls.limit_reached)
-        return await _conclude(config, ledger, trace, route, calls.refusals, done)
+        return await _conclude(
+            config, ledger, trace, route, calls.refusals, done, refused=calls.window_refusals
+        )
     except BatchDetached as exc:
         # `agentd once --no-wait`: the run goes on at the provider; the daemon finishes it.
         get_logger().info(
@@ -247,6 +252,8 @@ async def _conclude(
     route: dict[str, Any],
     refusals: list[str],
     done: _Done,
+    *,
+    refused: Sequence[BudgetWindowExceeded] = (),
 ) -> RunResult:
     """The end of a run whose work is done: wake, deliver an ok reply, write the final row."""
     wake = None
@@ -266,7 +273,7 @@ async def _conclude(
                 cost_micro_usd=trace.cost_micro_usd,
             )
         )
-    return _finish(ledger, trace, route, refusals, done, wake)
+    return _finish(ledger, trace, route, refusals, done, wake, refused=refused)
 
 
 async def conclude_resumed(
@@ -439,8 +446,11 @@ def _finish(
     refusals: list[str],
     done: _Done,
     wake: str | None,
+    *,
+    refused: Sequence[BudgetWindowExceeded] = (),
 ) -> RunResult:
-    """Write the run's final row and build its result."""
+    """Write the run's final row and build its result; `refused`: the exceptions behind
+    `refusals`."""
     route["skipped"] = trace.skipped
     if refusals:
         route["budget_refusals"] = refusals
@@ -487,6 +497,7 @@ def _finish(
         attempts=tuple(trace.attempts),
         wake=wake,
         batch_ids=tuple(trace.batch_ids),
+        window_refusals=tuple(refused),
     )
 
 

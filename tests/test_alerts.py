@@ -7,6 +7,7 @@ import json
 import sys
 import threading
 from collections.abc import Iterator
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Any
@@ -127,6 +128,42 @@ def test_a_refusal_far_below_the_limit_says_so(
     # The cheaper refusal, gpt-4o-mini: 2000 output tokens at $0.60 per MTok = 1200 micro-USD,
     # plus the 10-byte prompt's input bound of 42 tokens at $0.15 per MTok = 6.3 → 1207.
     assert event["asked_usd"] == "0.001207"
+
+
+def test_a_refusal_alert_reads_the_refusals_numbers_not_their_messages(
+    tmp_path: Path, fake_server: FakeServer, sink: Sink
+) -> None:
+    config = make_config(
+        tmp_path,
+        fake_server,
+        {
+            "alerts": {"sinks": [{"webhook": sink.url, "timeout_s": 5}]},
+            "loops": {"work": {"max_tokens": 2000, "budget": {"per_day_usd": 0.001}}},
+        },
+    )
+    state = tmp_path / "state"
+    result = asyncio.run(run_once(config, state, "work"))
+    assert result.status == "skipped_budget" and len(result.window_refusals) == 2
+    [first] = sink.events("budget_threshold")
+    # The same run with every refusal reworded and no refusal text left in its route or error:
+    # a fresh alerter (nothing sent yet) must send the very same event.
+    for refusal in result.window_refusals:
+        refusal.args = ("no room today",)
+    reworded = replace(result, error="no room today", route={})
+    sink.bodies.clear()
+
+    async def go() -> None:
+        with Ledger.open(state) as ledger:
+            alerter = Alerter(config, state)
+            alerter.after_run(ledger, reworded)
+            await alerter.drain(10)
+
+    asyncio.run(go())
+    [again] = sink.events("budget_threshold")
+    assert again["refused"] is True and again["asked_usd"] == "0.001207"
+    assert {k: v for k, v in again.items() if k != "at"} == {
+        k: v for k, v in first.items() if k != "at"
+    }
 
 
 def test_pause_and_chain_failure_in_the_daemon(
