@@ -10,7 +10,7 @@ from collections.abc import Sequence
 from decimal import ROUND_HALF_UP, Decimal
 from html import escape
 
-from agentd.pricing import from_micro_usd
+from agentd.pricing import usd_label
 from agentd.spend import DailySpend
 
 UNICODE_GLYPHS = ("█", "▓", "▒", "░", "▚", "▞", "▙", "▟", "▛")
@@ -49,12 +49,6 @@ def _nice_step(top: int, rows: int) -> int:
             if step and step * rows >= top:
                 return step
         power *= 10
-
-
-def usd_label(micro: int, decimals: int) -> str:
-    """Micro-USD as `$0.0123` with a fixed number of decimals (no float)."""
-    quantum = Decimal(1).scaleb(-decimals)
-    return f"${from_micro_usd(micro).quantize(quantum, rounding=ROUND_HALF_UP)}"
 
 
 def _decimals(step: int) -> int:

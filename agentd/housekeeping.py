@@ -15,10 +15,11 @@ from agentd.logs import get_logger
 log = get_logger()
 
 
-# How often the WAL's size is looked at, and the size that asks for a checkpoint at once
-# (SQLite's own default autocheckpoint, 1,000 pages), whatever `wal_checkpoint_s` says.
+# How often the WAL's size is looked at, and the size that asks for a checkpoint at once,
+# whatever `wal_checkpoint_s` says: 4 MB, which is SQLite's default autocheckpoint (1,000
+# pages) at the 4 KiB pages of a ledger agentd created; a size, so any page size keeps it.
 WAL_POLL_S = 2.0
-WAL_CHECKPOINT_BYTES = 1000 * 4096
+WAL_CHECKPOINT_BYTES = 4_096_000
 
 
 async def checkpoint_loop(ledger: Ledger, every_s: Callable[[], float]) -> None:

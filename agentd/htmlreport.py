@@ -14,8 +14,9 @@ from pathlib import Path
 from typing import Literal
 from zoneinfo import ZoneInfo
 
-from agentd.charts import svg_chart, usd_label
+from agentd.charts import svg_chart
 from agentd.ledger import Ledger
+from agentd.pricing import usd_label
 from agentd.reports import Column, format_cell
 from agentd.spend import (
     UTC_ZONE,
@@ -73,11 +74,6 @@ _NUMERIC = frozenset(
 )
 
 
-def _signed_usd(micro: int) -> str:
-    # Caching can cost more than list (writes never read back): `-$0.000125`, not `$-0.000125`.
-    return usd_label(micro, 6) if micro >= 0 else "-" + usd_label(-micro, 6)
-
-
 def _table(report: SpendReport, columns: Sequence[Column]) -> str:
     """A report as an HTML table: the rows, and the totals row in the footer."""
 
@@ -115,7 +111,7 @@ def render_html(
     if total is not None:
         figures = [
             ("spend", usd_label(int(total["cost_micro_usd"]), 6)),
-            ("saved vs list price", _signed_usd(int(total["saved_micro_usd"]))),
+            ("saved vs list price", usd_label(int(total["saved_micro_usd"]), 6)),
             ("runs", str(total["runs"])),
             ("calls", str(total["calls"])),
             ("failed attempts", str(total["failed"])),

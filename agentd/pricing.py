@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field, fields
 from datetime import UTC, datetime
-from decimal import ROUND_CEILING, Decimal
+from decimal import ROUND_CEILING, ROUND_HALF_UP, Decimal
 from typing import Any
 
 from agentd.providers.base import Usage
@@ -90,6 +90,17 @@ def worst_case_usd(price: Price, max_input_tokens: int, max_output_tokens: int) 
 def to_micro_usd(usd: Decimal) -> int:
     """Dollars to integer micro-USD, rounded up so the ledger never under-counts."""
     return int((usd * MICRO).to_integral_value(rounding=ROUND_CEILING))
+
+
+def usd_label(micro: int, decimals: int) -> str:
+    """`$18.40`, `-$0.000250`: micro-USD with a dollar sign at `decimals` places (half up).
+
+    The sign goes before the `$` (`-$0.000125`, not `$-0.000125`): caching can cost more than
+    list price, and reports show that as a negative saving.
+    """
+    quantum = Decimal(1).scaleb(-decimals)
+    text = f"${from_micro_usd(abs(micro)).quantize(quantum, rounding=ROUND_HALF_UP)}"
+    return f"-{text}" if micro < 0 else text
 
 
 def from_micro_usd(micro: int) -> Decimal:

@@ -49,6 +49,7 @@ from agentd.pricing import (
     cache_saving_usd,
     from_micro_usd,
     to_micro_usd,
+    usd_label,
 )
 from agentd.reports import Column
 from agentd.repricesources import OkGroup, Pruned, ok_groups, pruned
@@ -391,15 +392,15 @@ def _result(
     total["note"] = "; ".join(notes) or None
     saved = [(n, v) for n, v in (("caching", cache_micro), ("batching", batch_micro)) if v]
     places = usd_places([actual, other_micro, missing_actual, *(v for _, v in saved)])
-    headline = f"actual {usd_text(actual, places)} vs {label} {usd_text(other_micro, places)}"
+    headline = f"actual {usd_label(actual, places)} vs {label} {usd_label(other_micro, places)}"
     if pct is not None:
         headline += f" ({format_percent(pct)})"
     if saved:
-        parts = ", ".join(f"{name} {usd_text(value, places)}" for name, value in saved)
+        parts = ", ".join(f"{name} {usd_label(value, places)}" for name, value in saved)
         headline += f"; saved against list price by {parts}"
     if missing:
         headline += (
-            f"; not compared: {', '.join(missing)} (actual {usd_text(missing_actual, places)})"
+            f"; not compared: {', '.join(missing)} (actual {usd_label(missing_actual, places)})"
         )
     if rolled_up.days:
         headline += f"; {_pruned_text(rolled_up)}: prune kept only day totals"
@@ -427,12 +428,6 @@ def usd_places(amounts: Iterable[int]) -> int:
         if all(amount % 10 ** (6 - places) == 0 for amount in amounts):
             return places
     return 6
-
-
-def usd_text(micro: int, places: int) -> str:
-    """`$18.40`, `-$0.000250`: micro-USD at `places` decimals (exact when `usd_places` chose)."""
-    text = f"{from_micro_usd(abs(micro)):.{places}f}"
-    return f"-${text}" if micro < 0 else f"${text}"
 
 
 REPRICE_COLUMNS = [

@@ -7,7 +7,8 @@ from pathlib import Path
 
 from spendledger import build
 
-from agentd.charts import svg_chart, text_chart, usd_label
+from agentd.charts import svg_chart, text_chart
+from agentd.pricing import usd_label
 from agentd.spend import DailySpend, daily_spend
 from agentd.views import ledger_report
 

@@ -14,7 +14,7 @@ from spendledger import GPT_MINI, HAIKU, SONNET, Call, at, build, config_data, l
 from agentd.cli import main
 from agentd.config import Config
 from agentd.ledger import Ledger
-from agentd.pricing import Price, cost_usd, to_micro_usd
+from agentd.pricing import Price, cost_usd, to_micro_usd, usd_label
 from agentd.providers.base import Usage
 from agentd.reprice import (
     NOT_IN_OTHER,
@@ -25,7 +25,6 @@ from agentd.reprice import (
     reprice,
     resolve_target,
     usd_places,
-    usd_text,
 )
 from agentd.views import reprice_report
 
@@ -205,9 +204,9 @@ def test_savings_are_micro_usd_and_signed(config: Config, tmp_path: Path) -> Non
 def test_headline_amounts_share_their_places() -> None:
     # The example has whole cents: two places. Any amount with more decides for all.
     assert usd_places([18_400_000, 341_200_000]) == 2
-    assert usd_text(18_400_000, 2) == "$18.40" and usd_text(341_200_000, 2) == "$341.20"
-    assert usd_places([82_950, 932_325]) == 6 and usd_text(82_950, 6) == "$0.082950"
-    assert usd_places([1_234_500, 0]) == 4 and usd_text(-250, 6) == "-$0.000250"
+    assert usd_label(18_400_000, 2) == "$18.40" and usd_label(341_200_000, 2) == "$341.20"
+    assert usd_places([82_950, 932_325]) == 6 and usd_label(82_950, 6) == "$0.082950"
+    assert usd_places([1_234_500, 0]) == 4 and usd_label(-250, 6) == "-$0.000250"
 
 
 def test_config_labels_tell_same_named_files_apart(
