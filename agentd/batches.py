@@ -154,6 +154,35 @@ class StoredRequest:
         return cls(**json.loads(text))
 
 
+class BatchWaiters:
+    """The runs waiting on a batch item; once let go, every waiter is cancelled, later ones too.
+
+    A stopping daemon lets its waiters go rather than wait hours for their items: the rows stay
+    `submitted` and the next start finishes them (`agentd.batchresume`). A run still submitting
+    its item when the stop began is cancelled as it starts waiting.
+    """
+
+    def __init__(self) -> None:
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._let_go = False
+
+    def add(self, task: asyncio.Task[Any]) -> None:
+        """`task` waits on an item from now on (cancelled at its next await once let go)."""
+        self._tasks.add(task)
+        if self._let_go:
+            task.cancel()
+
+    def discard(self, task: asyncio.Task[Any]) -> None:
+        """`task` no longer waits."""
+        self._tasks.discard(task)
+
+    def let_go(self) -> None:
+        """Cancel every waiting run now, and each run that begins waiting later."""
+        self._let_go = True
+        for task in list(self._tasks):
+            task.cancel()
+
+
 def custom_id_for(call_id: int) -> str:
     """The batch item's `custom_id`: the ledger's call id, so a result finds its row."""
     return f"agentd-call-{call_id}"
@@ -271,13 +300,13 @@ async def submit_and_wait(
     submitted: Submitted,
     *,
     release: Callable[[], None],
-    waiters: set[asyncio.Task[Any]],
+    waiters: BatchWaiters,
     sleep: Sleep = asyncio.sleep,
 ) -> Reply:
     """Submit a pending attempt as a one-item batch and wait for its reply.
 
     `release` gives back the provider's concurrency slot once the item is submitted; the
-    waiting task is in `waiters` meanwhile (a stopping daemon cancels those at once). On
+    waiting task is in `waiters` meanwhile (a stopping daemon lets those go at once). On
     cancellation the row stays `submitted`, its request kept, for the next start to finish;
     `submitted.batch_id` is cleared whenever the caller is to settle the row itself.
     `BatchDetached` when `mode.wait` is off: the item is submitted and nobody waits.

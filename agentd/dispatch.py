@@ -22,8 +22,6 @@ from agentd.logs import get_logger
 from agentd.loopconfig import LoopConfig
 from agentd.runner import RunResult, run_loop
 
-# How often a stopping daemon looks for runs that began waiting on a batch item since.
-_WAITER_POLL_S = 0.25
 _CANCEL_WAIT_S = 10.0  # after cancelling, how long cancelled runs get to write `aborted`
 
 
@@ -282,14 +280,6 @@ class Dispatcher:
 
     # -- stopping -------------------------------------------------------------------------------
 
-    def _let_go_batch_waiters(self, let_go: set[asyncio.Task[Any]]) -> None:
-        """Cancel the runs waiting on a batch item, each once (`let_go` remembers them)."""
-        for gen in (self.current, *self._retired):
-            for waiter in list(gen.executor.batch_waiters):
-                if waiter not in let_go:
-                    let_go.add(waiter)
-                    waiter.cancel()
-
     async def drain(self, grace: float, force: asyncio.Event) -> list[str]:
         """Stop starting runs; wait up to `grace` s (or until `force`); cancel what is left.
 
@@ -297,24 +287,23 @@ class Dispatcher:
         executor settles their calls at the reservation).
         """
         self.stopping = True
-        let_go: set[asyncio.Task[Any]] = set()
+        # A run waiting on a batch item could wait hours: stop waiting now, and let go of a run
+        # that begins waiting later (it was still submitting). The item and the run stay in
+        # the ledger and the next start finishes them (`agentd.batchresume`).
+        for gen in (self.current, *self._retired):
+            gen.executor.batch_waiters.let_go()
         loop = asyncio.get_running_loop()
         deadline = loop.time() + grace
         forced = asyncio.ensure_future(force.wait())
         try:
             while True:
-                # A run waiting on a batch item could wait hours: stop waiting now. The item
-                # and the run stay in the ledger and the next start finishes them
-                # (`agentd.batchresume`). Looked at again every round: a run that was still
-                # submitting its item when the stop began starts waiting only afterwards.
-                self._let_go_batch_waiters(let_go)
                 remaining = [t for t in self._tasks if not t.done()]
                 left = deadline - loop.time()
                 if not remaining or left <= 0 or force.is_set():
                     break
                 await asyncio.wait(
                     [*remaining, forced],
-                    timeout=min(left, _WAITER_POLL_S),
+                    timeout=left,
                     return_when=asyncio.FIRST_COMPLETED,
                 )
         finally:

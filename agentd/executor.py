@@ -7,7 +7,6 @@ import random
 import time
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 from agentd import batches, budgets, pricing
 from agentd.attempts import Attempt as Attempt
@@ -67,7 +66,7 @@ class Executor:
         self.recorder = Recorder(config, ledger)  # settles attempts (batchresume uses it too)
         # Tasks waiting on a submitted batch item: a stopping daemon cancels them at once,
         # since their items survive it (see `Dispatcher.drain`).
-        self.batch_waiters: set[asyncio.Task[Any]] = set()
+        self.batch_waiters = batches.BatchWaiters()
         self.ledger = ledger
         self.simulate = simulate
         self._env = env
