@@ -73,6 +73,11 @@ class RunFailed(AgentdError):
     """Every model of the run's chain failed (the message lists the last error of each)."""
 
 
+class NoModelFits(RunFailed):
+    """No plan of the call had a model left to try (context windows too small, or only the
+    deep tier for an interactive loop): nothing was attempted."""
+
+
 class ProviderError(AgentdError):
     """A provider call failed. Subclasses say what the executor should do about it.
 

@@ -28,7 +28,7 @@ from typing import TYPE_CHECKING, Any
 
 from agentd import routeprompts
 from agentd.config import ChainEntry, Config
-from agentd.errors import BudgetExceeded, CircuitOpen, RunFailed
+from agentd.errors import BudgetExceeded, CircuitOpen, NoModelFits, RunFailed
 from agentd.logs import get_logger
 from agentd.loopconfig import LABELS, LoopConfig
 from agentd.routeprompts import parse_label, parse_score
@@ -300,19 +300,13 @@ async def _optional_step(
         log.warning(f"route.{key}_skipped_budget", error=str(exc))
     except _STEP_FAILED as exc:
         record[key] = "failed"
-        if _no_model_fits(calls.config, prompt, system, plans):
+        if isinstance(exc, NoModelFits):
             # Never attempted: RunCalls found no model whose context window holds the call.
             reasons.append(f"the {what} fits no model's context window ({exc}); {instead}")
         else:
             reasons.append(f"the {what} failed on every model; {instead}")
         log.warning(f"route.{key}_failed", error=str(exc))
     return None
-
-
-def _no_model_fits(config: Config, prompt: str, system: str | None, plans: Sequence[Plan]) -> bool:
-    """Whether every plan's models are too small for the call (as `RunCalls.call` checks)."""
-    tokens = estimate_tokens(prompt) + estimate_tokens(system)
-    return all(not context_skips(config, plan.chain, tokens, plan.max_tokens)[0] for plan in plans)
 
 
 def _answer(record: dict[str, Any], step: dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ from agentd import budgets
 from agentd.batches import BatchMode
 from agentd.caching import CacheDecision
 from agentd.config import ChainEntry, Config
-from agentd.errors import AgentdError, BudgetExceeded, RunFailed
+from agentd.errors import AgentdError, BudgetExceeded, NoModelFits
 from agentd.executor import CallOutcome, Executor, RunTrace
 from agentd.guardrails import RunGuard, call_token_bound, run_limits
 from agentd.logs import get_logger
@@ -298,7 +298,7 @@ class RunCalls:
             record["answered_tier"] = outcome.entry.tier
             return outcome
         if unusable and not refused:
-            raise RunFailed(" | ".join(unusable))
+            raise NoModelFits(" | ".join(unusable))
         window = self.last_refusal.window if self.last_refusal else ""
         raise BudgetExceeded(" | ".join(refused + unusable), window=window)
 
