@@ -194,16 +194,21 @@ def state(conn: sqlite3.Connection) -> tuple[str, set[str]]:
     Calls written since the last fill (id above `last_id`) into hours before the watermark
     (a back-dated row: clock skew, an import) make their hours holes until the next fill.
     """
-    row = conn.execute("SELECT through, last_id FROM report_cache WHERE id = 1").fetchone()
-    if row is None:
-        return "", set()
-    through, last_id = str(row[0]), int(row[1])
+    through, last_id = _watermark(conn)
     holes = {str(r[0]) for r in conn.execute("SELECT hour FROM report_holes")}
     holes |= _late_hours(conn, through, last_id)
     return through, holes
 
 
+def _watermark(conn: sqlite3.Connection) -> tuple[str, int]:
+    """The cache's watermark hour and the last call id it has seen ("", 0: nothing cached)."""
+    row = conn.execute("SELECT through, last_id FROM report_cache WHERE id = 1").fetchone()
+    return ("", 0) if row is None else (str(row[0]), int(row[1]))
+
+
 def _late_hours(conn: sqlite3.Connection, through: str, last_id: int) -> set[str]:
+    if not through:
+        return set()
     return {
         str(r[0])
         for r in conn.execute(
@@ -269,18 +274,22 @@ def refresh(ledger: Ledger, now: datetime, *, since: datetime | None = None) -> 
     first = None if since is None else hour_key(since)
     with ledger.write() as conn:
         _reset_if_rebanded(conn)
-        through, holes = state(conn)  # includes the hours of back-dated calls
+        through, seen_id = _watermark(conn)
+        # The hours of back-dated calls: only these are new holes. A recorded hole has no
+        # cached sums already, so rewriting it (a skipped month: 720 rows) on every refresh
+        # would change nothing.
+        late = _late_hours(conn, through, seen_id)
         last_id = conn.execute("SELECT COALESCE(MAX(id), 0) FROM calls").fetchone()[0]
-        # Every hole is recorded (a back-dated call's hour loses its sums) before `last_id`
+        # Each new hole is recorded (a back-dated call's hour loses its sums) before `last_id`
         # moves past the calls that made it one; the holes in range are filled below.
-        conn.executemany("DELETE FROM report_hours WHERE hour = ?", [(h,) for h in holes])
+        conn.executemany("DELETE FROM report_hours WHERE hour = ?", [(h,) for h in late])
         conn.executemany(
-            "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in holes]
+            "INSERT OR IGNORE INTO report_holes (hour) VALUES (?)", [(h,) for h in late]
         )
         if first is not None and through < min(first, target):
             through = _skip_gap(conn, through, min(first, target))
         _set_state(conn, through, int(last_id))
-        _roll_days(conn, {h[:10] for h in holes})
+        _roll_days(conn, {h[:10] for h in late})
     while _fill_holes(ledger, first, target):
         pass
     while _fill_next(ledger, target):

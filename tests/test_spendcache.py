@@ -202,3 +202,22 @@ def test_the_default_refresh_caches_the_last_day_only(ledger: Ledger) -> None:
     oldest = ledger.conn.execute("SELECT MIN(hour) FROM report_hours").fetchone()[0]
     assert oldest >= spendcache.hour_key(NOW - timedelta(hours=25))
     assert reports(ledger) == raw_reports(ledger)
+
+
+def test_a_refresh_leaves_recorded_holes_alone(ledger: Ledger) -> None:
+    # Eleven days of holes (a report of the last day only); every later refresh used to delete
+    # and re-insert each of their ~260 rows and rebuild their days, changing nothing.
+    day_ago = NOW - timedelta(hours=24)
+    spend_report(ledger, by="loop", since=day_ago)
+    gap = holes(ledger)
+    assert len(gap) > 200
+    statements: list[str] = []
+    ledger.conn.set_trace_callback(statements.append)
+    try:
+        refresh_range(ledger, day_ago)
+    finally:
+        ledger.conn.set_trace_callback(None)
+    tables = ("report_holes", "report_days", "report_hours")
+    rewrites = [s for s in statements if not s.startswith("SELECT") and any(t in s for t in tables)]
+    assert rewrites == [], rewrites[:3]
+    assert holes(ledger) == gap
