@@ -35,7 +35,7 @@ from agentd.ledger import Ledger, parse_iso
 from agentd.logs import get_logger
 from agentd.looplock import loop_lock
 from agentd.owner import current_owner, owner_alive
-from agentd.runner import RunResult, conclude_resumed
+from agentd.runend import RunResult, conclude_resumed
 
 SCAN_INTERVAL_S = 60.0
 

@@ -20,7 +20,8 @@ from agentd.executor import Executor
 from agentd.ledger import Ledger, parse_iso, utc_iso
 from agentd.logs import get_logger
 from agentd.loopconfig import LoopConfig
-from agentd.runner import RunResult, run_loop
+from agentd.runend import RunResult
+from agentd.runner import run_loop
 
 _CANCEL_WAIT_S = 10.0  # after cancelling, how long cancelled runs get to write `aborted`
 

@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from agentd import budgets, caching, guardrails, loopstate, precheck
+from agentd import budgets, caching, loopstate, precheck
 from agentd.batches import BatchDetached, BatchMode, submitted_batch_calls
 from agentd.budgets import BudgetWindowExceeded
-from agentd.config import ChainEntry, Config
+from agentd.config import Config
 from agentd.context import (
     gather_sources,
     last_ok_reply,
@@ -19,69 +17,19 @@ from agentd.context import (
     render_template,
     stable_prefix,
 )
-from agentd.delivery import deliver_reply, wake_for
 from agentd.errors import (
-    EXIT_FAILED,
-    EXIT_NOT_NOW,
-    EXIT_OK,
     AgentdError,
     BudgetExceeded,
     LoopPaused,
 )
-from agentd.executor import Attempt, CallOutcome, Executor, RunTrace
+from agentd.executor import CallOutcome, Executor, RunTrace
 from agentd.handlers import Handler, LoopContext, load_handler
 from agentd.ledger import Ledger
 from agentd.logs import bind_contextvars, get_logger, unbind_contextvars
 from agentd.looplock import loop_lock
 from agentd.routing import route_call, tiers_used
 from agentd.runcalls import RunCalls
-
-
-@dataclass(frozen=True)
-class RunResult:
-    """The outcome of one run, as recorded in the ledger."""
-
-    run_id: int
-    loop: str
-    status: str
-    simulated: bool
-    tier: str | None = None
-    alias: str | None = None
-    provider: str | None = None
-    model: str | None = None
-    reply: str | None = None
-    cost_micro_usd: int = 0
-    fallback: bool = False
-    error: str | None = None
-    route: dict[str, Any] = field(default_factory=dict)
-    attempts: tuple[Attempt, ...] = ()
-    wake: str | None = None  # the loop `on_reply` asks to run next (trigger `on_reply`)
-    batch_ids: tuple[str, ...] = ()  # provider batches the run's calls went through
-    paused_reason: str | None = None  # set when a guardrail paused the loop after this run
-    # The window refusals behind `route["budget_refusals"]` (alerts read their numbers).
-    window_refusals: tuple[BudgetWindowExceeded, ...] = ()
-
-    @property
-    def exit_code(self) -> int:
-        """The CLI exit code for this outcome (design: 0 ok, 1 failed, 75 not run now)."""
-        if self.status in ("ok", "skipped_noop", "skipped_inactive", "submitted"):
-            return EXIT_OK
-        if self.status in ("skipped_budget", "skipped_paused"):
-            return EXIT_NOT_NOW
-        return EXIT_FAILED
-
-
-@dataclass(frozen=True)
-class _Done:
-    """How the work part of a run ended, before delivery and the final ledger write."""
-
-    status: str
-    log_event: str
-    error: str | None = None
-    reply: str | None = None
-    fallback: bool = False
-    entry: ChainEntry | None = None
-
+from agentd.runend import Done, RunResult, after_run, conclude, finish
 
 # Kept under its old name: the template is filled by `agentd.context`.
 render_prompt = render_template
@@ -111,7 +59,7 @@ async def run_loop(
         result = await _run_locked(
             config, ledger, executor, loop_name, trigger=trigger, slot=slot, now=now, wait=wait
         )
-    return _after_run(config, ledger, result, slot)
+    return after_run(config, ledger, result, slot)
 
 
 async def _run_locked(
@@ -187,7 +135,7 @@ async def _run_locked(
     trace.route = route
     route["cache"] = cache.route()
     get_logger().info("cache.decision", loop=loop_name, run_id=run_id, **route["cache"])
-    done: _Done | None = None
+    done: Done | None = None
     try:
         if handler is not None:
             context = LoopContext(
@@ -209,8 +157,8 @@ async def _run_locked(
         if calls.limit_reached is not None:
             # A ceiling stopped the run: failed, whatever the handler made of the exception.
             route["limit_reached"] = calls.limit_reached
-            done = _Done("failed", "run.limit_reached", error=calls.limit_reached)
-        return await _conclude(
+            done = Done("failed", "run.limit_reached", error=calls.limit_reached)
+        return await conclude(
             config, ledger, trace, route, calls.refusals, done, refused=calls.window_refusals
         )
     except BatchDetached as exc:
@@ -231,7 +179,7 @@ async def _run_locked(
         if done is not None and done.status == "ok":
             # The reply is paid for: record it even when its delivery was cut short.
             route["deliveries_interrupted"] = type(exc).__name__
-            _finish(ledger, trace, route, calls.refusals, done, route.get("wake"))
+            finish(ledger, trace, route, calls.refusals, done, route.get("wake"))
         elif submitted_batch_calls(ledger, run_id):
             # Stopped while a batch item is out: the run stays `running` and the next daemon
             # start picks the result up (`agentd.batchresume`); nothing is lost or charged twice.
@@ -245,78 +193,7 @@ async def _run_locked(
         unbind_contextvars("loop", "run_id")
 
 
-async def _conclude(
-    config: Config,
-    ledger: Ledger,
-    trace: RunTrace,
-    route: dict[str, Any],
-    refusals: list[str],
-    done: _Done,
-    *,
-    refused: Sequence[BudgetWindowExceeded] = (),
-) -> RunResult:
-    """The end of a run whose work is done: wake, deliver an ok reply, write the final row."""
-    wake = None
-    if done.status == "ok":
-        wake = wake_for(config.loops[trace.loop], done.reply)
-        if wake is not None:
-            route["wake"] = wake
-        model = done.entry.model.model if done.entry else None
-        route.update(
-            await deliver_reply(
-                config,
-                trace.loop,
-                done.reply,
-                state_dir=ledger.path.parent,
-                run_id=trace.run_id,
-                model=model,
-                cost_micro_usd=trace.cost_micro_usd,
-            )
-        )
-    return _finish(ledger, trace, route, refusals, done, wake, refused=refused)
-
-
-async def conclude_resumed(
-    config: Config,
-    ledger: Ledger,
-    trace: RunTrace,
-    route: dict[str, Any],
-    outcome: CallOutcome | str,
-    slot: str | None,
-) -> RunResult:
-    """Finish a run a restarted daemon resumed (`agentd.batchresume`) as `run_loop` would.
-
-    `outcome` is the call's outcome, or the error that failed the run.
-    """
-    if isinstance(outcome, str):
-        done = _Done("failed", "run.failed", error=outcome)
-    else:
-        route["model"] = outcome.entry.alias
-        done = _Done(
-            "ok",
-            "run.finished",
-            reply=outcome.reply.text,
-            fallback=outcome.fallback,
-            entry=outcome.entry,
-        )
-    result = await _conclude(config, ledger, trace, route, [], done)
-    return _after_run(config, ledger, result, slot)
-
-
-def _after_run(config: Config, ledger: Ledger, result: RunResult, slot: str | None) -> RunResult:
-    """Loop state and the anomaly breaker, once a run is over."""
-    loopstate.record_run(ledger, result.loop, result.run_id, result.status, slot)
-    if result.status == "ok":
-        # The anomaly breaker: the run is done and paid for; a pause stops the next ones.
-        reason = guardrails.check_anomaly(
-            config, ledger, result.loop, result.run_id, simulated=result.simulated
-        )
-        if reason is not None:
-            result = replace(result, paused_reason=reason)
-    return result
-
-
-async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
+async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> Done:
     """A prompt loop: the `work` call along the loop's route, on the first plan that fits."""
     loop = calls.config.loops[calls.loop_name]
     try:
@@ -328,8 +205,8 @@ async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
     except BatchDetached:
         raise
     except AgentdError as exc:
-        return _Done("failed", "run.failed", error=str(exc))
-    return _Done(
+        return Done("failed", "run.failed", error=str(exc))
+    return Done(
         "ok",
         "run.finished",
         reply=outcome.reply.text,
@@ -340,7 +217,7 @@ async def _run_prompt(calls: RunCalls, ledger: Ledger, prompt: str) -> _Done:
 
 async def _run_handler(
     handler: Handler, context: LoopContext, calls: RunCalls, ledger: Ledger
-) -> _Done:
+) -> Done:
     """A Python loop: the handler's return value is the reply; its calls are already recorded."""
     try:
         reply = await handler(context)
@@ -349,15 +226,15 @@ async def _run_handler(
             return _over_budget(calls, ledger, str(exc))
         done = len(calls.outcomes)
         error = f"over budget after {done} successful call(s): {exc}"
-        return _Done("failed", "run.failed", error=error)
+        return Done("failed", "run.failed", error=error)
     except Exception as exc:
         context.log.warning("handler.failed", exc_info=True)
-        return _Done("failed", "run.failed", error=f"{type(exc).__name__}: {exc}")
+        return Done("failed", "run.failed", error=f"{type(exc).__name__}: {exc}")
     if reply is not None and not isinstance(reply, str):
         error = f"handler returned {type(reply).__name__}; expected str or None"
-        return _Done("failed", "run.failed", error=error)
+        return Done("failed", "run.failed", error=error)
     answer = _answering_outcome(reply, calls.outcomes, calls.route.get("model"))
-    return _Done(
+    return Done(
         "ok",
         "run.finished",
         reply=reply,
@@ -427,7 +304,7 @@ def _record_precheck(
     )
 
 
-def _over_budget(calls: RunCalls, ledger: Ledger, error: str) -> _Done:
+def _over_budget(calls: RunCalls, ledger: Ledger, error: str) -> Done:
     """No plan fitted: skip the run, and with `when_over_budget: pause` pause the loop."""
     loop = calls.config.loops[calls.loop_name]
     if loop.when_over_budget == "pause":
@@ -436,69 +313,7 @@ def _over_budget(calls: RunCalls, ledger: Ledger, error: str) -> _Done:
         until = refusal.resets_at if isinstance(refusal, BudgetWindowExceeded) else None
         loopstate.set_paused(ledger, calls.loop_name, "over budget", until)
         error += f" (loop paused until {until.isoformat() if until else 'resumed'})"
-    return _Done("skipped_budget", "run.skipped_budget", error=error)
-
-
-def _finish(
-    ledger: Ledger,
-    trace: RunTrace,
-    route: dict[str, Any],
-    refusals: list[str],
-    done: _Done,
-    wake: str | None,
-    *,
-    refused: Sequence[BudgetWindowExceeded] = (),
-) -> RunResult:
-    """Write the run's final row and build its result; `refused`: the exceptions behind
-    `refusals`."""
-    route["skipped"] = trace.skipped
-    if refusals:
-        route["budget_refusals"] = refusals
-    if trace.batch_ids or trace.batch_fallback:
-        route["batch"] = {"batch_ids": trace.batch_ids, "fallback": trace.batch_fallback}
-    entry = done.entry
-    model = entry.model.model if entry else None
-    ledger.finish_run(
-        trace.run_id,
-        status=done.status,
-        route=route,
-        model=model,
-        fallback=done.fallback,
-        reply=done.reply,
-        error=done.error,
-    )
-    row = ledger.get_run(trace.run_id) or {}
-    cost = int(row.get("cost_micro_usd") or 0)
-    get_logger().info(
-        done.log_event,
-        loop=trace.loop,
-        run_id=trace.run_id,
-        status=done.status,
-        model=model,
-        cost_micro_usd=cost,
-        attempts=len(trace.attempts),
-        error=done.error,
-        wake=wake,
-    )
-    return RunResult(
-        run_id=trace.run_id,
-        loop=trace.loop,
-        status=done.status,
-        simulated=trace.simulated,
-        tier=entry.tier if entry else route.get("tier"),
-        alias=entry.alias if entry else None,
-        provider=entry.provider_name if entry else None,
-        model=model,
-        reply=done.reply,
-        cost_micro_usd=cost,
-        fallback=done.fallback,
-        error=done.error,
-        route=dict(route),
-        attempts=tuple(trace.attempts),
-        wake=wake,
-        batch_ids=tuple(trace.batch_ids),
-        window_refusals=tuple(refused),
-    )
+    return Done("skipped_budget", "run.skipped_budget", error=error)
 
 
 async def run_once(

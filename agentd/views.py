@@ -18,7 +18,7 @@ from agentd.guardrails import check_projection
 from agentd.handlers import load_handler
 from agentd.pricing import format_usd
 from agentd.reports import Column, render
-from agentd.runner import RunResult
+from agentd.runend import RunResult
 from agentd.scheduling import next_fire_times
 
 # The ledger-only views live in `spendviews` (the fast read path); re-exported here.

@@ -25,6 +25,8 @@ pyinstrument when installed) and prints the top costs; `--breakdown` times the p
 (reserve, settle, the log event) in isolation. `--prefill N` puts N settled calls in the
 budget windows before timing (a month of a busy daemon), to show that (b) does not depend on
 how full the windows are.
+`--server-latency-ms L` makes the server answer after exactly L ms, as a real provider does,
+to show what the same overhead is next to a real call's time (b/a tends to 1 as L grows).
 """
 
 from __future__ import annotations
@@ -399,6 +401,12 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-calls", type=int, default=500)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--prefill", type=int, default=0, help="settled rows put in the windows")
+    parser.add_argument(
+        "--server-latency-ms",
+        type=float,
+        default=0.0,
+        help="the server answers after exactly this long (a real provider's time to answer)",
+    )
     parser.add_argument("--smoke", action="store_true", help="tiny and quick (CI)")
     parser.add_argument("--json", help="write results as JSON to this path")
     args = parser.parse_args(argv)
@@ -408,7 +416,11 @@ def main(argv: list[str] | None = None) -> int:
         args.profile_calls, args.top = 20, 5
         args.with_run = True
     print_machine()
-    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp, ServerProcess() as server:
+    latency = args.server_latency_ms
+    with (
+        tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp,
+        ServerProcess(latency_ms=latency, latency_fixed=bool(latency)) as server,
+    ):
         result = asyncio.run(_run(args, server.url, Path(tmp)))
     _print(result)
     emit_json(args.json, {"benchmark": "overhead", **result})

@@ -9,7 +9,8 @@ parsing, meant to run in its own process (so it has its own core):
 
 It prints `PORT <n>` on stdout once listening. `GET /_stats` returns the request counts as
 JSON (total, by model, by answer); `POST /_reset` zeroes them. With `--latency-ms`, each OK
-answer waits a uniform 0..latency (so a call is in flight long enough to be killed mid-call).
+answer waits a uniform 0..latency (so a call is in flight long enough to be killed mid-call);
+with `--latency-fixed` too, exactly that long (a provider's time to answer, for overhead).
 With `--fault-rate`, that share of model requests gets a fault drawn uniformly from
 429/500/503/529/400/404, a slow answer (after `--slow-s`, longer than the client's timeout), a
 dropped connection, a non-JSON 200 or a 200 without usage — the mix of `tests/test_faults.py`.
@@ -79,9 +80,16 @@ class FakeApi(asyncio.Protocol):
     """One client connection: parse HTTP/1.1 requests, answer each at once (or as faulted)."""
 
     def __init__(
-        self, stats: Stats, rng: random.Random, fault_rate: float, slow_s: float, latency_s: float
+        self,
+        stats: Stats,
+        rng: random.Random,
+        fault_rate: float,
+        slow_s: float,
+        latency_s: float,
+        latency_fixed: bool = False,
     ) -> None:
         self.latency_s = latency_s
+        self.latency_fixed = latency_fixed
         self.stats = stats
         self.rng = rng
         self.fault_rate = fault_rate
@@ -143,7 +151,7 @@ class FakeApi(asyncio.Protocol):
         stats.by_step[step] += 1
         if step == "ok" and self.latency_s:
             asyncio.get_running_loop().call_later(
-                self.rng.uniform(0, self.latency_s),
+                self.latency_s if self.latency_fixed else self.rng.uniform(0, self.latency_s),
                 self._late,
                 _ok(api, req, rid, usage=True),
                 rid,
@@ -267,13 +275,17 @@ async def serve(
     seed: int = 1,
     slow_s: float = 2.0,
     latency_s: float = 0.0,
+    latency_fixed: bool = False,
 ) -> tuple[asyncio.Server, Stats]:
     """Start listening on 127.0.0.1 in the running loop; returns the server and its counters."""
     stats = Stats()
     rng = random.Random(seed)
     loop = asyncio.get_running_loop()
     server = await loop.create_server(
-        lambda: FakeApi(stats, rng, fault_rate, slow_s, latency_s), "127.0.0.1", port, backlog=1024
+        lambda: FakeApi(stats, rng, fault_rate, slow_s, latency_s, latency_fixed),
+        "127.0.0.1",
+        port,
+        backlog=1024,
     )
     return server, stats
 
@@ -288,8 +300,10 @@ class ServerProcess:
         seed: int = 1,
         slow_s: float = 2.0,
         latency_ms: float = 0.0,
+        latency_fixed: bool = False,
     ) -> None:
         self.args = [
+            *(["--latency-fixed"] if latency_fixed else []),
             "--latency-ms",
             str(latency_ms),
             "--fault-rate",
@@ -348,6 +362,7 @@ async def _main(args: argparse.Namespace) -> None:
         seed=args.seed,
         slow_s=args.slow_s,
         latency_s=args.latency_ms / 1000,
+        latency_fixed=args.latency_fixed,
     )
     port = server.sockets[0].getsockname()[1]
     print(f"PORT {port}", flush=True)
@@ -367,6 +382,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seed", type=int, default=1)
     parser.add_argument("--slow-s", type=float, default=2.0)
     parser.add_argument("--latency-ms", type=float, default=0.0, help="OK answers wait 0..this")
+    parser.add_argument("--latency-fixed", action="store_true", help="wait exactly --latency-ms")
     asyncio.run(_main(parser.parse_args(argv)))
 
 

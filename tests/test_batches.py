@@ -28,7 +28,8 @@ from agentd.config import load_config
 from agentd.errors import ConfigError
 from agentd.executor import Executor
 from agentd.ledger import Ledger
-from agentd.runner import RunResult, run_loop
+from agentd.runend import RunResult
+from agentd.runner import run_loop
 
 HAIKU = "claude-haiku-4-5"
 MINI = "gpt-4o-mini"

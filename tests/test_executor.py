@@ -15,7 +15,8 @@ from agentd.config import load_config
 from agentd.errors import MissingKeyError
 from agentd.executor import Executor
 from agentd.ledger import Ledger
-from agentd.runner import RunResult, run_loop
+from agentd.runend import RunResult
+from agentd.runner import run_loop
 
 
 class Harness:

@@ -18,7 +18,8 @@ from test_executor import Harness
 
 from agentd.errors import LedgerError, LoopBusy
 from agentd.ledger import Ledger
-from agentd.runner import RunResult, run_loop
+from agentd.runend import RunResult
+from agentd.runner import run_loop
 
 
 def _loops(n: int) -> dict[str, dict[str, object]]:

@@ -14,7 +14,8 @@ from test_executor import Harness
 
 from agentd import loopstate
 from agentd.errors import LoopPaused, MissingKeyError
-from agentd.runner import RunResult, render_prompt, run_loop
+from agentd.runend import RunResult
+from agentd.runner import render_prompt, run_loop
 
 
 def test_over_budget_is_skipped_without_any_request(
