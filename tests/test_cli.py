@@ -177,6 +177,13 @@ def test_over_budget_exits_75_and_failed_run_exits_1(
     assert "every model failed" in failed.stdout
 
 
+# Exec argv[1:] with SIGINT at its default disposition (exec keeps an ignored signal ignored).
+_DEFAULT_SIGINT_EXEC = (
+    "import os, signal, sys; signal.signal(signal.SIGINT, signal.SIG_DFL); "
+    "os.execv(sys.argv[1], sys.argv[1:])"
+)
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(("sig", "code"), [(signal.SIGTERM, 143), (signal.SIGINT, 130)])
 def test_a_signal_mid_call_aborts_the_run_at_its_reservation(
@@ -188,8 +195,14 @@ def test_a_signal_mid_call_aborts_the_run_at_its_reservation(
     state = tmp_path / "s"
     fake_server.script("claude-haiku-4-5", timeout(60))  # a slow response
     exe = Path(sys.executable).with_name("agentd")
+    # Ctrl-C's SIGINT as a terminal delivers it: a child inherits an *ignored* SIGINT from a
+    # parent that ignores it (a test run started as a background job of a non-interactive
+    # shell), and then rightly ignores it too, as POSIX background jobs do.
     proc = subprocess.Popen(
-        [str(exe), "--config", str(config), "--state-dir", str(state), "once", "work"],
+        [
+            *(sys.executable, "-c", _DEFAULT_SIGINT_EXEC, str(exe)),
+            *("--config", str(config), "--state-dir", str(state), "once", "work"),
+        ],
         env={**os.environ, **TEST_ENV},
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
