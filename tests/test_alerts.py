@@ -109,10 +109,9 @@ def test_budget_80_and_100_percent(tmp_path: Path, fake_server: FakeServer, sink
     assert TEST_ENV["TEST_ANTHROPIC_KEY"] not in dump and sink.url not in dump
 
 
-def test_a_refusal_far_below_the_limit_says_so(
-    tmp_path: Path, fake_server: FakeServer, sink: Sink
-) -> None:
-    config = make_config(
+def _budget_too_small(tmp_path: Path, fake_server: FakeServer, sink: Sink) -> Config:
+    """A loop whose 0.001 USD day budget no call of 2,000 max_tokens fits, alerting `sink`."""
+    return make_config(
         tmp_path,
         fake_server,
         {
@@ -120,6 +119,12 @@ def test_a_refusal_far_below_the_limit_says_so(
             "loops": {"work": {"max_tokens": 2000, "budget": {"per_day_usd": 0.001}}},
         },
     )
+
+
+def test_a_refusal_far_below_the_limit_says_so(
+    tmp_path: Path, fake_server: FakeServer, sink: Sink
+) -> None:
+    config = _budget_too_small(tmp_path, fake_server, sink)
     result = asyncio.run(run_once(config, tmp_path / "state", "work"))
     assert result.status == "skipped_budget" and fake_server.count() == 0
     [event] = sink.events("budget_threshold")
@@ -133,14 +138,7 @@ def test_a_refusal_far_below_the_limit_says_so(
 def test_a_refusal_alert_reads_the_refusals_numbers_not_their_messages(
     tmp_path: Path, fake_server: FakeServer, sink: Sink
 ) -> None:
-    config = make_config(
-        tmp_path,
-        fake_server,
-        {
-            "alerts": {"sinks": [{"webhook": sink.url, "timeout_s": 5}]},
-            "loops": {"work": {"max_tokens": 2000, "budget": {"per_day_usd": 0.001}}},
-        },
-    )
+    config = _budget_too_small(tmp_path, fake_server, sink)
     state = tmp_path / "state"
     result = asyncio.run(run_once(config, state, "work"))
     assert result.status == "skipped_budget" and len(result.window_refusals) == 2
