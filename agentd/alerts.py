@@ -30,7 +30,7 @@ from collections.abc import Callable
 from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from agentd import budgets
 from agentd.config import AlertSink, Config
@@ -39,6 +39,9 @@ from agentd.ledger import Ledger, now_iso, utc_iso
 from agentd.logs import get_logger
 from agentd.loopconfig import Delivery
 from agentd.pricing import format_usd
+
+if TYPE_CHECKING:
+    from agentd.runend import RunResult
 
 LEVELS = (80, 100)
 _CHAIN_FAILED = "every model"  # RunFailed ("every model failed") and CircuitOpen ("... cooling")
@@ -98,14 +101,16 @@ class Alerter:
             note=f"agentd resume {loop} clears it",
         )
 
-    def after_run(self, ledger: Ledger, result: Any, *, now: datetime | None = None) -> None:
+    def after_run(
+        self, ledger: Ledger, result: RunResult, *, now: datetime | None = None
+    ) -> None:
         """After a settled run: budget levels crossed, a failed chain, an anomaly pause."""
         try:
             self._after_run(ledger, result, now or datetime.now(UTC))
         except Exception as exc:  # an alert problem must never become a run problem
             self._log.warning("alert.check_failed", error=str(exc))
 
-    def _after_run(self, ledger: Ledger, result: Any, now: datetime) -> None:
+    def _after_run(self, ledger: Ledger, result: RunResult, now: datetime) -> None:
         if result.status == "failed" and _CHAIN_FAILED in (result.error or ""):
             self.emit(
                 "chain_failed",
@@ -114,11 +119,11 @@ class Alerter:
                 run_id=result.run_id,
                 error=result.error,
             )
-        if getattr(result, "paused_reason", None):
+        if result.paused_reason:
             self.loop_paused(result.loop, result.paused_reason, result.run_id)
         self.budget_levels(ledger, result, now)
 
-    def budget_levels(self, ledger: Ledger, result: Any, now: datetime) -> None:
+    def budget_levels(self, ledger: Ledger, result: RunResult, now: datetime) -> None:
         """Send `budget_threshold` for each of the run's windows that this run took to a level."""
         config = self.config
         loop = config.loops.get(result.loop)
@@ -152,7 +157,7 @@ class Alerter:
 
     def _budget_event(
         self,
-        result: Any,
+        result: RunResult,
         ws: budgets.WindowStatus,
         level: int,
         used: int,

@@ -155,30 +155,33 @@ class StoredRequest:
 
 
 class BatchWaiters:
-    """The runs waiting on a batch item; once let go, every waiter is cancelled, later ones too.
+    """The runs waiting on a batch item; once let go, every waiter is cancelled.
 
     A stopping daemon lets its waiters go rather than wait hours for their items: the rows stay
     `submitted` and the next start finishes them (`agentd.batchresume`). A run still submitting
-    its item when the stop began is cancelled as it starts waiting.
+    its item when the stop began does not start waiting (`released`).
     """
 
     def __init__(self) -> None:
         self._tasks: set[asyncio.Task[Any]] = set()
-        self._let_go = False
+        self._released = False
+
+    @property
+    def released(self) -> bool:
+        """True once let go: a run about to wait must stop instead."""
+        return self._released
 
     def add(self, task: asyncio.Task[Any]) -> None:
-        """`task` waits on an item from now on (cancelled at its next await once let go)."""
+        """`task` waits on an item from now on."""
         self._tasks.add(task)
-        if self._let_go:
-            task.cancel()
 
     def discard(self, task: asyncio.Task[Any]) -> None:
         """`task` no longer waits."""
         self._tasks.discard(task)
 
     def let_go(self) -> None:
-        """Cancel every waiting run now, and each run that begins waiting later."""
-        self._let_go = True
+        """Cancel every waiting run, and mark the waiters released for the runs still to come."""
+        self._released = True
         for task in list(self._tasks):
             task.cancel()
 
@@ -332,6 +335,10 @@ async def submit_and_wait(
     if waiter is not None:
         waiters.add(waiter)
     try:
+        if waiters.released:
+            # The daemon began stopping while this run was submitting: stop as a waiting run
+            # let go does, the item left for the next start.
+            raise asyncio.CancelledError
         reply = await wait_for_item(
             batcher,
             submitted.batch_id,

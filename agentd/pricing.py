@@ -278,6 +278,8 @@ def request_token_bound(system: str | None, texts: Sequence[str]) -> int:
     The one place the reservation's input side is counted: the executor's reservation, the
     route explanations' worst case and the run's token ceiling must price the same bound.
     """
+    if isinstance(texts, str):  # a str is a Sequence[str] too: one message per character
+        raise TypeError("texts must be a sequence of message texts, not one str")
     text_bytes = sum(len(text.encode()) for text in texts)
     if system:
         text_bytes += len(system.encode())

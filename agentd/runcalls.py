@@ -248,8 +248,9 @@ class RunCalls:
         model that answered and the tier it answered from (`answered_tier`: a fallback tier's
         model answers for the plan's `tier`). Models whose context window cannot hold the call,
         and an interactive loop's deep models, are skipped (not attempts; listed in the route's
-        `skipped`); RunFailed when no plan has any model left. Every model the budget refused
-        is listed in `refusals` (the route's `budget_refusals`), also when another answered.
+        `skipped`); NoModelFits (a RunFailed) when no plan has any model left. Every model the
+        budget refused is listed in `refusals` (the route's `budget_refusals`), also when
+        another answered.
         """
         self.guard.refuse_if_reached()
         record = self.route if record is None else record

@@ -21,6 +21,7 @@ from agentd.errors import (
     AgentdError,
     BudgetExceeded,
     LoopPaused,
+    RunFailed,
 )
 from agentd.executor import CallOutcome, Executor, RunTrace
 from agentd.handlers import Handler, LoopContext, load_handler
@@ -229,7 +230,9 @@ async def _run_handler(
         return Done("failed", "run.failed", error=error)
     except Exception as exc:
         context.log.warning("handler.failed", exc_info=True)
-        return Done("failed", "run.failed", error=f"{type(exc).__name__}: {exc}")
+        # NoModelFits reads as the RunFailed it is: run errors keep their prefixes.
+        name = "RunFailed" if isinstance(exc, RunFailed) else type(exc).__name__
+        return Done("failed", "run.failed", error=f"{name}: {exc}")
     if reply is not None and not isinstance(reply, str):
         error = f"handler returned {type(reply).__name__}; expected str or None"
         return Done("failed", "run.failed", error=error)

@@ -28,6 +28,11 @@ The cache is filled lazily by reports (`refresh`), in chunks of `CHUNK` per writ
 so the daemon's writers never wait long, and only from the start of the report's range: the
 hours between the watermark and that start become holes, filled when a report reaches back to
 them. A read-only ledger uses what is cached and reads the rest raw.
+
+Whoever records a hole drops that hour's `report_hours` rows and its day's `report_days` row
+in the same transaction (late hours in `refresh`, `forget_day` in a prune; a skipped gap and
+an unsettled hour were never cached): a refresh rewrites only the hours that newly became
+holes, and relies on that.
 """
 
 from __future__ import annotations

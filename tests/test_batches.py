@@ -23,6 +23,7 @@ import pytest
 from builders import TEST_ENV, base_config, merge, write_config
 from fakeserver import FakeServer, canceled, error, expired, ok, timeout
 
+from agentd.batches import BatchWaiters
 from agentd.batchresume import BatchResumer, find_orphans
 from agentd.config import load_config
 from agentd.errors import ConfigError
@@ -480,3 +481,22 @@ def test_sigterm_mid_wait_stops_at_once_and_the_next_daemon_finishes_it(
     assert events(tmp_path / "second.log", "batch.resumed")
     final = sqlite_row(h.state, "SELECT status, cost_micro_usd FROM calls WHERE id = ?", call["id"])
     assert final == ("ok", 1000)
+
+
+def test_batch_waiters_let_go_cancels_the_waiting_and_releases_the_rest() -> None:
+    async def go() -> None:
+        waiters = BatchWaiters()
+        waiting = asyncio.create_task(asyncio.sleep(60))
+        done_waiting = asyncio.create_task(asyncio.sleep(60))
+        waiters.add(waiting)
+        waiters.add(done_waiting)
+        waiters.discard(done_waiting)  # stopped waiting before the stop: not cancelled
+        assert not waiters.released
+        waiters.let_go()
+        assert waiters.released  # a run that would begin waiting now stops instead
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+        assert not done_waiting.cancelled()
+        done_waiting.cancel()
+
+    asyncio.run(go())
