@@ -25,7 +25,9 @@ pyinstrument when installed) and prints the top costs; `--breakdown` times the p
 (reserve, settle, the log event) in isolation. `--prefill N` puts N settled calls in the
 budget windows before timing (a month of a busy daemon), to show that (b) does not depend on
 how full the windows are.
-`--server-latency-ms L` makes the server answer after exactly L ms, as a real provider does,
+`--gap busy|zero` replaces the 2 ms sleep after each call by a busy wait or nothing (caches
+stay warmer; use `--no-litellm` with `zero`). `--server-latency-ms L` makes the server answer
+after exactly L ms, as a real provider does,
 to show what the same overhead is next to a real call's time (b/a tends to 1 as L grows).
 """
 
@@ -184,7 +186,22 @@ class Variants:
         self.ledger.close()
 
 
-async def _interleaved(v: Variants, n: int, warmup: int) -> dict[str, list[float]]:
+async def _gap(kind: str) -> None:
+    """The untimed pause after each call: a sleep (the default), a busy wait, or none."""
+    if kind == "sleep":
+        await asyncio.sleep(GAP_S)
+        return
+    await asyncio.sleep(0)  # the event loop's turn: owed settles and callbacks run untimed
+    if kind == "busy":
+        # Keeps the CPU awake (no idle, no descheduled vCPU) for as long as the sleep would.
+        end = time.perf_counter() + GAP_S
+        while time.perf_counter() < end:
+            pass
+
+
+async def _interleaved(
+    v: Variants, n: int, warmup: int, gap: str = "sleep"
+) -> dict[str, list[float]]:
     """n rounds; each round times one call of every variant, in a random order (ms)."""
     names = list(v.calls)
     for _ in range(warmup):
@@ -205,7 +222,7 @@ async def _interleaved(v: Variants, n: int, warmup: int) -> dict[str, list[float
             samples[name].append((clock() - t0) / 1e6)
             # Untimed gap: LiteLLM leaves callbacks (logging, cost) running as background
             # tasks; without this they land inside whichever call is timed next.
-            await asyncio.sleep(GAP_S)
+            await _gap(gap)
     return samples
 
 
@@ -347,7 +364,7 @@ async def _run(args: argparse.Namespace, url: str, tmp: Path) -> dict[str, Any]:
                 url, tmp / f"r{rep}", with_run=args.with_run, with_litellm=not args.no_litellm
             )
             try:
-                samples = await _interleaved(v, args.calls, args.warmup)
+                samples = await _interleaved(v, args.calls, args.warmup, args.gap)
                 result["repeats"].append(_summarize(samples))
                 result["rows_at_end"].append(
                     v.ledger.conn.execute("SELECT COUNT(*) FROM calls").fetchone()[0]
@@ -401,6 +418,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--profile-calls", type=int, default=500)
     parser.add_argument("--top", type=int, default=25)
     parser.add_argument("--prefill", type=int, default=0, help="settled rows put in the windows")
+    parser.add_argument(
+        "--gap",
+        choices=("sleep", "busy", "zero"),
+        default="sleep",
+        help="the untimed pause after each call: 2 ms asleep, 2 ms busy, or none"
+        " (without a sleep LiteLLM's background callbacks land in the next timed call)",
+    )
     parser.add_argument(
         "--server-latency-ms",
         type=float,

@@ -22,6 +22,7 @@ FOREGROUND = (
     "bench_reports.py",
     "bench_cli.py",
     "bench_crash.py",
+    "bench_overlap.py",
 )
 
 
