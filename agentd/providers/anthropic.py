@@ -23,6 +23,7 @@ from agentd.providers.errormap import (
     require_usage,
     translate,
 )
+from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
 
 if TYPE_CHECKING:
@@ -87,7 +88,7 @@ class AnthropicProvider:
                 **message_params(request), timeout=request.timeout_s
             )
             request_id, status = raw.request_id, raw.status_code
-            message = await raw.parse()
+            message = json_body(await raw.read())  # not raw.parse(): see jsonbody
         except Exception as exc:
             raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
         return parse_message(message, ctx, request.model, request_id, http_status=200)

@@ -8,6 +8,7 @@ from urllib.parse import urlsplit
 
 from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
 from agentd.providers.errormap import CallContext, SdkErrors, require_usage, translate
+from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
 
 if TYPE_CHECKING:
@@ -91,7 +92,7 @@ class OpenAIProvider:
                 **self.chat_body(request), timeout=request.timeout_s
             )
             request_id, status = raw.request_id, raw.status_code
-            completion = raw.parse()
+            completion = json_body(raw.content)  # not raw.parse(): see jsonbody
         except Exception as exc:
             raise translate(exc, errors, ctx, request_id=request_id, status=status) from exc
         return parse_completion(completion, ctx, request.model, request_id, http_status=200)
