@@ -5,6 +5,11 @@ one run, interleaved call by call (a new random order each round, so drift and c
 hit every variant alike):
 
   (a) raw    `anthropic.AsyncAnthropic(max_retries=0).messages.create(...)`
+  (a2) raw, the lean way: the same request through `messages.with_raw_response.create`, its
+      body decoded with `json.loads` — how agentd itself uses the SDK since the fifth session
+      (`agentd/providers/jsonbody.py`): no SDK response model is built. b − a2 is what
+      agentd's own routing, reservation and bookkeeping add; a − a2 is what agentd saves
+      by not building the SDK's model
   (b) agentd route + reserve + call + settle + ledger: `plans_for` + `RunCalls.call` (which is
       `Executor.call`) on a real ledger (WAL, synchronous=NORMAL) in a temp dir, with a loop
       and a global budget so every reservation checks three windows (their running totals,
@@ -37,6 +42,7 @@ import argparse
 import asyncio
 import cProfile
 import io
+import json
 import os
 import pstats
 import random
@@ -137,6 +143,7 @@ class Variants:
         self.router = _litellm_router(url) if with_litellm else None
         self.calls: dict[str, Call] = {
             "a": self.call_raw,
+            "a2": self.call_raw_lean,
             "b": self.call_agentd,
             "b0": self.call_agentd_unbudgeted,
         }
@@ -151,6 +158,16 @@ class Variants:
             max_tokens=MAX_TOKENS,
             messages=[{"role": "user", "content": PROMPT}],
         )
+
+    async def call_raw_lean(self) -> Any:
+        raw = await self.raw.messages.with_raw_response.create(
+            model=ANTHROPIC_MODEL,
+            max_tokens=MAX_TOKENS,
+            messages=[{"role": "user", "content": PROMPT}],
+        )
+        body = json.loads(await raw.read())
+        assert body["usage"]["output_tokens"]
+        return body
 
     async def call_agentd(self) -> Any:
         plans = plans_for(self.config, "work", PROMPT)
@@ -241,6 +258,10 @@ def _summarize(samples: dict[str, list[float]]) -> dict[str, float]:
     out["overhead_p99"] = out["b_p99"] - out["a_p99"]
     # Paired (same round) difference: less sensitive to drift than p(b) - p(a).
     out["paired_diff_p50"] = percentile(diffs, 50)
+    if "a2" in samples:
+        out["b/a2_p50"] = out["b_p50"] / out["a2_p50"]
+        out["overhead_vs_a2_p50"] = out["b_p50"] - out["a2_p50"]
+        out["a-a2_p50"] = out["a_p50"] - out["a2_p50"]
     if "c" in samples:
         out["c/b_p50"] = out["c_p50"] / out["b_p50"]
         out["c/b_p99"] = out["c_p99"] / out["b_p99"]
