@@ -23,6 +23,7 @@ FOREGROUND = (
     "bench_cli.py",
     "bench_crash.py",
     "bench_overlap.py",
+    "bench_writer.py",
 )
 
 
