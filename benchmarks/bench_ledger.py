@@ -30,7 +30,7 @@ from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import emit_json, fmt_mmm, print_machine
+from _common import call_start, emit_json, fmt_mmm, print_machine
 
 
 def _windows(loop: str, with_windows: bool) -> list[Any]:
@@ -47,7 +47,6 @@ async def _tasks(state: Path, tasks: int, per_task: int, with_windows: bool, tag
     from zoneinfo import ZoneInfo
 
     from agentd import budgets
-    from agentd.budgets import CallStart
     from agentd.ledger import Ledger
     from agentd.providers.base import Usage
 
@@ -59,17 +58,7 @@ async def _tasks(state: Path, tasks: int, per_task: int, with_windows: bool, tag
             loop = f"{tag}loop{i}"
             windows = _windows(loop, with_windows)
             for n in range(per_task):
-                start = CallStart(
-                    run_id=None,
-                    loop=loop,
-                    purpose="work",
-                    tier="fast",
-                    alias="haiku",
-                    provider="anthropic",
-                    model="claude-haiku-4-5",
-                    attempt=n + 1,
-                    simulated=False,
-                )
+                start = call_start(loop, attempt=n + 1)
                 call_id = budgets.reserve(ledger, start, 1_000, windows, tz)
                 await asyncio.sleep(0)  # the model call
                 budgets.settle(
@@ -179,7 +168,6 @@ def _scaling_point(state: Path, rows: int, cached: bool, n: int) -> tuple[float,
     from zoneinfo import ZoneInfo
 
     from agentd import budgets, spendcache
-    from agentd.budgets import CallStart
     from agentd.ledger import Ledger
 
     _prepare(state)
@@ -189,7 +177,7 @@ def _scaling_point(state: Path, rows: int, cached: bool, n: int) -> tuple[float,
             spendcache.refresh(ledger, datetime.now(UTC))
     tz = ZoneInfo("UTC")
     windows = _windows("x", True)
-    start = CallStart(None, "x", "work", "fast", "haiku", "anthropic", "claude-haiku-4-5", 1, False)
+    start = call_start("x")
     with Ledger.open(state) as ledger:
 
         def one() -> None:

@@ -58,6 +58,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from _common import (
     ANTHROPIC_MODEL,
     BENCH_ENV,
+    call_start,
     config_dict,
     emit_json,
     fmt_mmm,
@@ -299,23 +300,12 @@ async def _profile(v: Variants, n: int, top: int) -> str:
 def _breakdown(v: Variants, n: int) -> dict[str, float]:
     """Mean µs of the synchronous pieces of (b), each run alone n times."""
     from agentd import budgets
-    from agentd.budgets import CallStart
     from agentd.logs import get_logger
     from agentd.providers.base import Usage
     from agentd.runcalls import plans_for
 
     entry = v.config.chain("work")[0]
-    start = CallStart(
-        run_id=v.run_id,
-        loop="work",
-        purpose="work",
-        tier="fast",
-        alias="haiku",
-        provider="anthropic",
-        model=ANTHROPIC_MODEL,
-        attempt=1,
-        simulated=False,
-    )
+    start = call_start(run_id=v.run_id)
     usage = Usage(input_tokens=20, output_tokens=16)
     out: dict[str, float] = {}
     ids: list[int] = []

@@ -35,27 +35,17 @@ from zoneinfo import ZoneInfo
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from _common import ANTHROPIC_MODEL, BENCH_ENV, emit_json, percentile, print_machine
+from _common import ANTHROPIC_MODEL, BENCH_ENV, call_start, emit_json, percentile, print_machine
 from fastserver import ServerProcess
 
 from agentd import budgets
-from agentd.budgets import CallStart, Window
+from agentd.budgets import Window
 from agentd.ledger import Ledger
 
 PROMPT = "Classify this ticket as bug, feature or question: the export button does nothing."
 RESERVE_MICRO_USD = 150
 GAP_S = 0.002
-START = CallStart(
-    run_id=None,
-    loop="work",
-    purpose="work",
-    tier="fast",
-    alias="haiku",
-    provider="anthropic",
-    model=ANTHROPIC_MODEL,
-    attempt=1,
-    simulated=False,
-)
+START = call_start()
 
 
 def _windows() -> list[Window]:
