@@ -272,18 +272,10 @@ def time_commands(
     return out, "hyperfine" if tool else "python subprocess loop"
 
 
-def call_start(loop: str = "work", *, run_id: int | None = None, attempt: int = 1) -> Any:
-    """The `CallStart` of a fast-tier Anthropic work call, as the benchmarks reserve it."""
-    from agentd.budgets import CallStart  # agentd is imported only by the scripts that use it
 
-    return CallStart(
-        run_id=run_id,
-        loop=loop,
-        purpose="work",
-        tier="fast",
-        alias="haiku",
-        provider="anthropic",
-        model=ANTHROPIC_MODEL,
-        attempt=attempt,
-        simulated=False,
-    )
+def call_start(loop: str = "work", *, run_id: int | None = None, attempt: int = 1) -> Any:
+    """The `CallStart` of a fast-tier Anthropic work call: the tests' `builders.haiku_call`."""
+    sys.path.insert(0, str(REPO / "tests"))
+    from builders import haiku_call  # the tests' builder; agentd is imported only when used
+
+    return haiku_call(loop, run_id, attempt=attempt)
