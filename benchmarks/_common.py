@@ -5,6 +5,7 @@ Nothing here is timed itself; every benchmark script imports it as `_common`.
 
 from __future__ import annotations
 
+import functools
 import json
 import os
 import platform
@@ -273,9 +274,18 @@ def time_commands(
 
 
 
+
 def call_start(loop: str = "work", *, run_id: int | None = None, attempt: int = 1) -> Any:
     """The `CallStart` of a fast-tier Anthropic work call: the tests' `builders.haiku_call`."""
-    sys.path.insert(0, str(REPO / "tests"))
-    from builders import haiku_call  # the tests' builder; agentd is imported only when used
+    return _haiku_call()(loop, run_id, attempt=attempt)
 
-    return haiku_call(loop, run_id, attempt=attempt)
+
+@functools.cache
+def _haiku_call() -> Any:
+    """The tests' builder, imported once (benchmarks call `call_start` thousands of times)."""
+    tests = str(REPO / "tests")
+    if tests not in sys.path:
+        sys.path.append(tests)
+    from builders import haiku_call
+
+    return haiku_call
