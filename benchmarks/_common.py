@@ -273,8 +273,6 @@ def time_commands(
     return out, "hyperfine" if tool else "python subprocess loop"
 
 
-
-
 def call_start(loop: str = "work", *, run_id: int | None = None, attempt: int = 1) -> Any:
     """The `CallStart` of a fast-tier Anthropic work call: the tests' `builders.haiku_call`."""
     return _haiku_call()(loop, run_id, attempt=attempt)

@@ -232,6 +232,7 @@ def _summary(samples: dict[str, list[float]]) -> dict[str, float]:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Run the experiment (or, with `--writer`, be the writer process)."""
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=800)
     parser.add_argument("--warmup", type=int, default=50)

@@ -25,6 +25,8 @@ class Ok:
     stop_reason: str = "end_turn"
     cache_write_1h: int = 0  # the part of cache_write written with a 1-hour TTL (Anthropic)
     served_model: str | None = None  # the reply's `model` (None: the model asked for)
+    # Sent as the usage's fields over the generated ones: odd servers' shapes (`100.0`, "64").
+    wire_usage: Mapping[str, Any] | None = None
 
     @property
     def fixes_cache(self) -> bool:
@@ -100,6 +102,7 @@ def ok(
     stop_reason: str = "end_turn",
     cache_write_1h: int = 0,
     served_model: str | None = None,
+    wire_usage: Mapping[str, Any] | None = None,
 ) -> Ok:
     """A successful reply.
 
@@ -111,7 +114,8 @@ def ok(
     of the prompt // 4), output = min(max_tokens, 16). `cache_write_1h` (Anthropic) is the part
     of `cache_write` written with a 1-hour TTL, reported as `usage.cache_creation`.
     `served_model` is the model the reply says answered (a dated snapshot, or a substitute);
-    left as None, it is the model of the request.
+    left as None, it is the model of the request. `wire_usage` replaces fields of the usage
+    object as sent (any JSON value: how some compatible servers write their numbers).
     """
     if not 0 <= cache_write_1h <= cache_write:
         raise ValueError("cache_write_1h is part of cache_write")
@@ -125,6 +129,7 @@ def ok(
         stop_reason,
         cache_write_1h,
         served_model,
+        wire_usage,
     )
 
 
@@ -326,7 +331,7 @@ def ok_body(
             "stop_sequence": None,
         }
         if with_usage:
-            reply["usage"] = usage
+            reply["usage"] = {**usage, **(step.wire_usage or {})}
         return reply
     finish = "length" if step.stop_reason == "max_tokens" else "stop"
     prompt_details: dict[str, int] = {"cached_tokens": read, "audio_tokens": 0}
@@ -354,5 +359,6 @@ def ok_body(
             "total_tokens": inp + out,
             "prompt_tokens_details": prompt_details,
             "completion_tokens_details": {"reasoning_tokens": step.reasoning, "audio_tokens": 0},
+            **(step.wire_usage or {}),
         }
     return reply

@@ -429,6 +429,78 @@ def test_missing_usage_is_malformed_response(fake_server: FakeServer, api: str) 
     assert exc.request_id == fake_server.requests[-1].request_id
 
 
+def test_anthropic_counts_sent_as_whole_floats_or_digit_strings_are_read_exactly(
+    fake_server: FakeServer,
+) -> None:
+    # The SDK's response model used to coerce these; agentd reads the JSON itself now.
+    odd = {
+        "input_tokens": 100.0,
+        "output_tokens": "20",
+        "cache_read_input_tokens": "5",
+        "cache_creation_input_tokens": 8.0,
+        "cache_creation": {"ephemeral_1h_input_tokens": "3"},
+        "output_tokens_details": {"thinking_tokens": 4.0},
+    }
+    fake_server.script(HAIKU, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
+    reply = complete(anthropic(fake_server), request(HAIKU))
+    assert reply.usage == Usage(
+        input_tokens=113,
+        output_tokens=20,
+        cache_read_tokens=5,
+        cache_write_tokens=8,
+        cache_write_1h_tokens=3,
+        reasoning_tokens=4,
+    )
+    assert all(type(v) is int for v in vars(reply.usage).values())
+    assert reply.text == "Hi."
+
+
+def test_openai_counts_sent_as_whole_floats_or_digit_strings_are_read_exactly(
+    fake_server: FakeServer,
+) -> None:
+    odd = {
+        "prompt_tokens": "100",
+        "completion_tokens": 20.0,
+        "prompt_tokens_details": {"cached_tokens": "64"},
+        "completion_tokens_details": {"reasoning_tokens": 3.0},
+    }
+    fake_server.script(GPT, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
+    reply = complete(openai(fake_server), request(GPT))
+    assert reply.usage == Usage(
+        input_tokens=100, output_tokens=20, cache_read_tokens=64, reasoning_tokens=3
+    )
+    assert all(type(v) is int for v in vars(reply.usage).values())
+
+
+@pytest.mark.parametrize(
+    ("api", "odd"),
+    [
+        ("anthropic", {"output_tokens": True}),
+        ("anthropic", {"input_tokens": 1.5}),
+        ("anthropic", {"input_tokens": None}),
+        ("anthropic", {"cache_read_input_tokens": "abc"}),
+        ("anthropic", {"cache_creation_input_tokens": -1}),
+        ("anthropic", {"cache_creation": {"ephemeral_1h_input_tokens": "1e3"}}),
+        ("anthropic", {"output_tokens_details": {"thinking_tokens": [1]}}),
+        ("openai", {"prompt_tokens": "12 tokens"}),
+        ("openai", {"completion_tokens": float("inf")}),
+        ("openai", {"prompt_tokens_details": {"cached_tokens": "6.4"}}),
+        ("openai", {"completion_tokens_details": {"reasoning_tokens": {}}}),
+    ],
+)
+def test_a_count_that_is_not_a_whole_number_is_malformed_and_may_have_billed(
+    fake_server: FakeServer, api: str, odd: dict[str, Any]
+) -> None:
+    # Never priced as 0 (a cache write costs more than plain input): charged at the reservation.
+    make, model, _ = PROVIDERS[api]
+    fake_server.script(model, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
+    exc = fails(make(fake_server), request(model))
+    assert isinstance(exc, MalformedResponse)
+    assert exc.may_have_billed is True
+    assert exc.http_status == 200
+    assert exc.request_id == fake_server.requests[-1].request_id
+
+
 def test_script_is_per_model_fifo_then_default(fake_server: FakeServer) -> None:
     fake_server.set_default("default", input_tokens=7, output_tokens=3)
     fake_server.script(HAIKU, error(500), ok("second", input_tokens=1, output_tokens=1))

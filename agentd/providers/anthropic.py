@@ -20,11 +20,11 @@ from agentd.providers.errormap import (
     SdkErrors,
     created_batch_id,
     map_error_body,
-    require_usage,
     translate,
 )
 from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
+from agentd.providers.usagecounts import UsageCounts
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
@@ -161,28 +161,27 @@ def parse_message(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a Message (a direct call's or a batch result's); no usage is an error."""
-    usage = require_usage(message, USAGE_FIELDS, ctx, request_id, http_status=http_status)
-    cache_read = getattr(usage, "cache_read_input_tokens", None) or 0
-    cache_write = getattr(usage, "cache_creation_input_tokens", None) or 0
+    counts = UsageCounts(message, USAGE_FIELDS, ctx, request_id, http_status=http_status)
+    cache_read = counts.get("cache_read_input_tokens")
+    cache_write = counts.get("cache_creation_input_tokens")
     # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
-    split = getattr(usage, "cache_creation", None)
-    write_1h = min(getattr(split, "ephemeral_1h_input_tokens", None) or 0, cache_write)
-    details = getattr(usage, "output_tokens_details", None)
+    write_1h = min(counts.get("ephemeral_1h_input_tokens", within="cache_creation"), cache_write)
+    blocks = getattr(message, "content", None)
     return Reply(
         text="".join(
-            str(getattr(block, "text", ""))
-            for block in (getattr(message, "content", None) or [])
+            str(getattr(block, "text", None) or "")
+            for block in (blocks if isinstance(blocks, list) else [])
             if getattr(block, "type", None) == "text"
         ),
         usage=Usage(
             # Anthropic's input_tokens excludes cache traffic; the ledger's counts all input.
-            input_tokens=usage.input_tokens + cache_read + cache_write,
-            output_tokens=usage.output_tokens,
+            input_tokens=counts.required["input_tokens"] + cache_read + cache_write,
+            output_tokens=counts.required["output_tokens"],
             cache_read_tokens=cache_read,
             cache_write_tokens=cache_write,
             cache_write_1h_tokens=write_1h,
             # 2.x reports thinking separately; it is already part of output_tokens.
-            reasoning_tokens=(getattr(details, "thinking_tokens", None) or 0),
+            reasoning_tokens=counts.get("thinking_tokens", within="output_tokens_details"),
         ),
         model=getattr(message, "model", None) or model,
         request_id=request_id,

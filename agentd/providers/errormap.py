@@ -350,27 +350,6 @@ def _str(value: object) -> str | None:
     return value if isinstance(value, str) and value else None
 
 
-def require_usage(
-    body: Any,
-    fields: tuple[str, ...],
-    ctx: CallContext,
-    request_id: str | None,
-    *,
-    http_status: int | None,
-) -> Any:
-    """The body's `usage`, or a MalformedResponse (maybe billed) when a count is missing."""
-    usage = getattr(body, "usage", None)
-    if usage is None or not all(isinstance(getattr(usage, f, None), int) for f in fields):
-        where = f"{http_status} response" if http_status else "batch result"
-        raise MalformedResponse(
-            ctx.say(f"{where} without usage (may have been billed)"),
-            http_status=http_status,
-            request_id=request_id,
-            may_have_billed=True,
-        )
-    return usage
-
-
 def created_batch_id(
     batch: Any, ctx: CallContext, request_id: str | None, *, http_status: int | None
 ) -> str:

@@ -8,7 +8,9 @@ goes through the SDK (its auth, headers, timeout and status-code errors); only t
 2xx reply is decoded here, with the standard library's `json`.
 
 The reply parsers (`parse_message`, `parse_completion`) read fields by attribute, so one
-parser serves both this view and the SDK's own models (batch results arrive as those).
+parser serves both this view and the SDK's own models (batch results arrive as those). The
+SDK models also coerced odd numbers (`100.0`, `"64"`) in token counts; that is
+`agentd.providers.usagecounts` now, for both.
 """
 
 from __future__ import annotations
@@ -29,8 +31,9 @@ class JsonView:
         self._data = data
 
     def __getattr__(self, name: str) -> Any:
-        # Dunder lookups (copy, pickle, IPython) must not see every name as present.
-        if name.startswith("__"):
+        # Private and dunder lookups (copy, pickle, IPython's `_repr_html_`, `_data` before
+        # __init__ ran) must not see every name as present; no API field starts with "_".
+        if name.startswith("_"):
             raise AttributeError(name)
         data = self._data
         if not isinstance(data, dict):
@@ -52,4 +55,11 @@ def _view(value: object) -> Any:
 
 def json_body(content: bytes) -> JsonView:
     """The decoded body; `json.JSONDecodeError`/`UnicodeDecodeError` when it is not JSON."""
-    return JsonView(json.loads(content))
+    try:
+        return JsonView(json.loads(content))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise
+    except (ValueError, RecursionError) as exc:
+        # JSON that Python will not decode (an integer of over 4,300 digits, nesting deeper
+        # than the recursion limit) is as unusable as a body that is not JSON at all.
+        raise json.JSONDecodeError(f"undecodable JSON ({type(exc).__name__})", "", 0) from exc

@@ -7,9 +7,10 @@ from typing import TYPE_CHECKING, Any
 from urllib.parse import urlsplit
 
 from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
-from agentd.providers.errormap import CallContext, SdkErrors, require_usage, translate
+from agentd.providers.errormap import CallContext, SdkErrors, translate
 from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
+from agentd.providers.usagecounts import UsageCounts
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -126,21 +127,19 @@ def parse_completion(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a ChatCompletion (a direct call's or a batch line's); no usage is an error."""
-    usage = require_usage(completion, USAGE_FIELDS, ctx, request_id, http_status=http_status)
-    prompt_details = getattr(usage, "prompt_tokens_details", None)
-    completion_details = getattr(usage, "completion_tokens_details", None)
-    choices = getattr(completion, "choices", None) or []
-    first = choices[0] if choices else None
+    counts = UsageCounts(completion, USAGE_FIELDS, ctx, request_id, http_status=http_status)
+    choices = getattr(completion, "choices", None)
+    first = choices[0] if isinstance(choices, list) and choices else None
     return Reply(
         text=str(getattr(getattr(first, "message", None), "content", None) or ""),
         usage=Usage(
             # prompt_tokens already includes cached tokens; completion_tokens includes
             # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
-            input_tokens=usage.prompt_tokens,
-            output_tokens=usage.completion_tokens,
-            cache_read_tokens=getattr(prompt_details, "cached_tokens", None) or 0,
+            input_tokens=counts.required["prompt_tokens"],
+            output_tokens=counts.required["completion_tokens"],
+            cache_read_tokens=counts.get("cached_tokens", within="prompt_tokens_details"),
             cache_write_tokens=0,
-            reasoning_tokens=getattr(completion_details, "reasoning_tokens", None) or 0,
+            reasoning_tokens=counts.get("reasoning_tokens", within="completion_tokens_details"),
         ),
         model=getattr(completion, "model", None) or model,
         request_id=request_id,
