@@ -24,7 +24,7 @@ from agentd.providers.errormap import (
 )
 from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
-from agentd.providers.usagecounts import UsageCounts
+from agentd.providers.usagecounts import CountPlace, read_counts
 
 if TYPE_CHECKING:
     from anthropic import AsyncAnthropic
@@ -35,7 +35,17 @@ DEFAULT_BASE_URL = "https://api.anthropic.com"
 # A keyless provider (a local Anthropic-compatible proxy) still needs an explicit credential,
 # or the SDK would go looking in ANTHROPIC_API_KEY, profiles and federation settings.
 NO_KEY = "agentd-no-key"
-USAGE_FIELDS = ("input_tokens", "output_tokens")  # without them the call cannot be priced
+# The usage's counts a reply is read for; the first two are required (or it cannot be priced).
+COUNTS: tuple[CountPlace, ...] = (
+    (None, "input_tokens"),
+    (None, "output_tokens"),
+    (None, "cache_read_input_tokens"),
+    (None, "cache_creation_input_tokens"),
+    # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
+    ("cache_creation", "ephemeral_1h_input_tokens"),
+    # 2.x reports thinking separately; it is already part of output_tokens.
+    ("output_tokens_details", "thinking_tokens"),
+)
 
 
 class AnthropicProvider:
@@ -161,11 +171,9 @@ def parse_message(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a Message (a direct call's or a batch result's); no usage is an error."""
-    counts = UsageCounts(message, USAGE_FIELDS, ctx, request_id, http_status=http_status)
-    cache_read = counts.get("cache_read_input_tokens")
-    cache_write = counts.get("cache_creation_input_tokens")
-    # Newer responses split writes by TTL; 1-hour writes are billed at their own (2×) rate.
-    write_1h = min(counts.get("ephemeral_1h_input_tokens", within="cache_creation"), cache_write)
+    inp, out, read, write, write_1h, thinking = read_counts(
+        message, COUNTS, 2, ctx, request_id, http_status=http_status
+    )
     blocks = getattr(message, "content", None)
     return Reply(
         text="".join(
@@ -175,13 +183,12 @@ def parse_message(
         ),
         usage=Usage(
             # Anthropic's input_tokens excludes cache traffic; the ledger's counts all input.
-            input_tokens=counts.required["input_tokens"] + cache_read + cache_write,
-            output_tokens=counts.required["output_tokens"],
-            cache_read_tokens=cache_read,
-            cache_write_tokens=cache_write,
-            cache_write_1h_tokens=write_1h,
-            # 2.x reports thinking separately; it is already part of output_tokens.
-            reasoning_tokens=counts.get("thinking_tokens", within="output_tokens_details"),
+            input_tokens=inp + read + write,
+            output_tokens=out,
+            cache_read_tokens=read,
+            cache_write_tokens=write,
+            cache_write_1h_tokens=min(write_1h, write),
+            reasoning_tokens=thinking,
         ),
         model=getattr(message, "model", None) or model,
         request_id=request_id,

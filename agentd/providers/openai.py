@@ -10,7 +10,7 @@ from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request,
 from agentd.providers.errormap import CallContext, SdkErrors, translate
 from agentd.providers.jsonbody import json_body
 from agentd.providers.sdkload import SdkClient
-from agentd.providers.usagecounts import UsageCounts
+from agentd.providers.usagecounts import CountPlace, read_counts
 
 if TYPE_CHECKING:
     from openai import AsyncOpenAI
@@ -19,7 +19,13 @@ DEFAULT_BASE_URL = "https://api.openai.com/v1"
 # Keyless local servers ignore the key, but the SDK refuses to start without one and would
 # otherwise read OPENAI_API_KEY from the environment (and send it to the local server).
 NO_KEY = "agentd-no-key"
-USAGE_FIELDS = ("prompt_tokens", "completion_tokens")  # without them the call cannot be priced
+# The usage's counts a reply is read for; the first two are required (or it cannot be priced).
+COUNTS: tuple[CountPlace, ...] = (
+    (None, "prompt_tokens"),
+    (None, "completion_tokens"),
+    ("prompt_tokens_details", "cached_tokens"),
+    ("completion_tokens_details", "reasoning_tokens"),
+)
 
 
 class OpenAIProvider:
@@ -127,7 +133,9 @@ def parse_completion(
     http_status: int | None,
 ) -> Reply:
     """The Reply for a ChatCompletion (a direct call's or a batch line's); no usage is an error."""
-    counts = UsageCounts(completion, USAGE_FIELDS, ctx, request_id, http_status=http_status)
+    prompt, completion_tokens, cached, reasoning = read_counts(
+        completion, COUNTS, 2, ctx, request_id, http_status=http_status
+    )
     choices = getattr(completion, "choices", None)
     first = choices[0] if isinstance(choices, list) and choices else None
     return Reply(
@@ -135,11 +143,11 @@ def parse_completion(
         usage=Usage(
             # prompt_tokens already includes cached tokens; completion_tokens includes
             # reasoning. Cache writes are billed as plain input on OpenAI, so none here.
-            input_tokens=counts.required["prompt_tokens"],
-            output_tokens=counts.required["completion_tokens"],
-            cache_read_tokens=counts.get("cached_tokens", within="prompt_tokens_details"),
+            input_tokens=prompt,
+            output_tokens=completion_tokens,
+            cache_read_tokens=cached,
             cache_write_tokens=0,
-            reasoning_tokens=counts.get("reasoning_tokens", within="completion_tokens_details"),
+            reasoning_tokens=reasoning,
         ),
         model=getattr(completion, "model", None) or model,
         request_id=request_id,

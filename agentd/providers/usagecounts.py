@@ -33,46 +33,51 @@ def token_count(value: object) -> int | None:
     raise ValueError(f"{value!r:.40} is not a token count")
 
 
-class UsageCounts:
-    """One reply's `usage`, read count by count; a reply without its `required` counts is refused.
+# Where a count is: (the usage's detail object holding it, or None for the usage itself, name).
+CountPlace = tuple[str | None, str]
 
-    Raises `MalformedResponse` (may have billed) from the constructor when the usage or one
-    of its required counts is missing, and from `get` when a count is there but unusable.
+
+def read_counts(
+    body: Any,
+    places: tuple[CountPlace, ...],
+    required: int,
+    ctx: CallContext,
+    request_id: str | None,
+    *,
+    http_status: int | None,
+) -> list[int]:
+    """The counts at `places` in the body's `usage`; the first `required` must be there.
+
+    An absent optional count is 0. A missing usage or required count, or a count that is
+    not one (`token_count`), is a `MalformedResponse` that may have been billed.
     """
-
-    def __init__(
-        self,
-        body: Any,
-        required: tuple[str, ...],
-        ctx: CallContext,
-        request_id: str | None,
-        *,
-        http_status: int | None,
-    ) -> None:
-        self._ctx, self._request_id, self._http_status = ctx, request_id, http_status
-        self.usage: Any = getattr(body, "usage", None)
-        counts = [self._count(self.usage, name) for name in required]
-        if self.usage is None or None in counts:
-            raise self._malformed("without usage (may have been billed)")
-        self.required = dict(zip(required, [c or 0 for c in counts], strict=True))
-
-    def get(self, name: str, *, within: str | None = None) -> int:
-        """A count of the usage, or of its detail object named `within`; 0 when absent."""
-        holder = self.usage if within is None else getattr(self.usage, within, None)
-        return self._count(holder, name) or 0
-
-    def _count(self, holder: Any, name: str) -> int | None:
+    usage = getattr(body, "usage", None)
+    counts: list[int] = []
+    for index, (within, name) in enumerate(places):
+        holder = usage if within is None else getattr(usage, within, None)
         value = getattr(holder, name, None)
+        if type(value) is int and value >= 0:  # what the official APIs send: no more work
+            counts.append(value)
+            continue
         try:
-            return token_count(value)
+            count = token_count(value)
         except ValueError:
-            raise self._malformed(f"with an unusable {name} ({value!r:.40})") from None
+            raise _malformed(
+                f"with an unusable {name} ({value!r:.40})", ctx, request_id, http_status
+            ) from None
+        if count is None and (usage is None or index < required):
+            raise _malformed("without usage (may have been billed)", ctx, request_id, http_status)
+        counts.append(count or 0)
+    return counts
 
-    def _malformed(self, what: str) -> MalformedResponse:
-        where = f"{self._http_status} response" if self._http_status else "batch result"
-        return MalformedResponse(
-            self._ctx.say(f"{where} {what}"),
-            http_status=self._http_status,
-            request_id=self._request_id,
-            may_have_billed=True,
-        )
+
+def _malformed(
+    what: str, ctx: CallContext, request_id: str | None, http_status: int | None
+) -> MalformedResponse:
+    where = f"{http_status} response" if http_status else "batch result"
+    return MalformedResponse(
+        ctx.say(f"{where} {what}"),
+        http_status=http_status,
+        request_id=request_id,
+        may_have_billed=True,
+    )
