@@ -1,8 +1,8 @@
 """A reply's token counts, read from its `usage` whatever number shape the server used.
 
-The official APIs send JSON integers. OpenAI-compatible servers (Ollama, vLLM, proxies) have
-been seen to send whole floats (`100.0`) and digit strings (`"64"`); the SDKs' response
-models used to coerce those, and agentd now reads a reply's JSON itself
+The official APIs send JSON integers. An OpenAI-compatible server (Ollama, vLLM, a proxy)
+may send whole floats (`100.0`) or digit strings (`"64"`); the SDKs' response models used
+to coerce those, and agentd now reads a reply's JSON itself
 (`agentd.providers.jsonbody`), so the coercion lives here — the same for direct replies and
 for the SDK models of batch results. Anything else where a count belongs (a bool, a
 fraction, a negative number, other text) is not a count: the reply is a `MalformedResponse`
