@@ -408,11 +408,8 @@ def test_connect_timeout_was_not_billed() -> None:
     assert isinstance(mapped, ConnectionFailed) and mapped.may_have_billed is False
 
 
-@pytest.mark.parametrize("api", sorted(PROVIDERS))
-def test_malformed_body_is_malformed_response(fake_server: FakeServer, api: str) -> None:
-    make, model, _ = PROVIDERS[api]
-    fake_server.script(model, malformed())
-    exc = fails(make(fake_server), request(model))
+def assert_malformed_maybe_billed(exc: BaseException, fake_server: FakeServer) -> None:
+    """A 200 that cannot be used: may have been billed (charged at the reservation)."""
     assert isinstance(exc, MalformedResponse)
     assert exc.may_have_billed is True
     assert exc.http_status == 200
@@ -420,56 +417,63 @@ def test_malformed_body_is_malformed_response(fake_server: FakeServer, api: str)
 
 
 @pytest.mark.parametrize("api", sorted(PROVIDERS))
+def test_malformed_body_is_malformed_response(fake_server: FakeServer, api: str) -> None:
+    make, model, _ = PROVIDERS[api]
+    fake_server.script(model, malformed())
+    assert_malformed_maybe_billed(fails(make(fake_server), request(model)), fake_server)
+
+
+@pytest.mark.parametrize("api", sorted(PROVIDERS))
 def test_missing_usage_is_malformed_response(fake_server: FakeServer, api: str) -> None:
     make, model, _ = PROVIDERS[api]
     fake_server.script(model, no_usage())
-    exc = fails(make(fake_server), request(model))
-    assert isinstance(exc, MalformedResponse)
-    assert exc.may_have_billed is True
-    assert exc.request_id == fake_server.requests[-1].request_id
+    assert_malformed_maybe_billed(fails(make(fake_server), request(model)), fake_server)
 
 
-def test_anthropic_counts_sent_as_whole_floats_or_digit_strings_are_read_exactly(
-    fake_server: FakeServer,
+@pytest.mark.parametrize(
+    ("api", "odd", "usage"),
+    [
+        (
+            "anthropic",
+            {
+                "input_tokens": 100.0,
+                "output_tokens": "20",
+                "cache_read_input_tokens": "5",
+                "cache_creation_input_tokens": 8.0,
+                "cache_creation": {"ephemeral_1h_input_tokens": "3"},
+                "output_tokens_details": {"thinking_tokens": 4.0},
+            },
+            Usage(
+                113,
+                20,
+                cache_read_tokens=5,
+                cache_write_tokens=8,
+                cache_write_1h_tokens=3,
+                reasoning_tokens=4,
+            ),
+        ),
+        (
+            "openai",
+            {
+                "prompt_tokens": "100",
+                "completion_tokens": 20.0,
+                "prompt_tokens_details": {"cached_tokens": "64"},
+                "completion_tokens_details": {"reasoning_tokens": 3.0},
+            },
+            Usage(100, 20, cache_read_tokens=64, reasoning_tokens=3),
+        ),
+    ],
+)
+def test_counts_sent_as_whole_floats_or_digit_strings_are_read_exactly(
+    fake_server: FakeServer, api: str, odd: dict[str, Any], usage: Usage
 ) -> None:
-    # The SDK's response model used to coerce these; agentd reads the JSON itself now.
-    odd = {
-        "input_tokens": 100.0,
-        "output_tokens": "20",
-        "cache_read_input_tokens": "5",
-        "cache_creation_input_tokens": 8.0,
-        "cache_creation": {"ephemeral_1h_input_tokens": "3"},
-        "output_tokens_details": {"thinking_tokens": 4.0},
-    }
-    fake_server.script(HAIKU, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
-    reply = complete(anthropic(fake_server), request(HAIKU))
-    assert reply.usage == Usage(
-        input_tokens=113,
-        output_tokens=20,
-        cache_read_tokens=5,
-        cache_write_tokens=8,
-        cache_write_1h_tokens=3,
-        reasoning_tokens=4,
-    )
+    # The SDKs' response models used to coerce these; agentd reads the JSON itself now.
+    make, model, _ = PROVIDERS[api]
+    fake_server.script(model, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
+    reply = complete(make(fake_server), request(model))
+    assert reply.usage == usage
     assert all(type(v) is int for v in vars(reply.usage).values())
     assert reply.text == "Hi."
-
-
-def test_openai_counts_sent_as_whole_floats_or_digit_strings_are_read_exactly(
-    fake_server: FakeServer,
-) -> None:
-    odd = {
-        "prompt_tokens": "100",
-        "completion_tokens": 20.0,
-        "prompt_tokens_details": {"cached_tokens": "64"},
-        "completion_tokens_details": {"reasoning_tokens": 3.0},
-    }
-    fake_server.script(GPT, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
-    reply = complete(openai(fake_server), request(GPT))
-    assert reply.usage == Usage(
-        input_tokens=100, output_tokens=20, cache_read_tokens=64, reasoning_tokens=3
-    )
-    assert all(type(v) is int for v in vars(reply.usage).values())
 
 
 @pytest.mark.parametrize(
@@ -494,11 +498,7 @@ def test_a_count_that_is_not_a_whole_number_is_malformed_and_may_have_billed(
     # Never priced as 0 (a cache write costs more than plain input): charged at the reservation.
     make, model, _ = PROVIDERS[api]
     fake_server.script(model, ok("Hi.", input_tokens=1, output_tokens=1, wire_usage=odd))
-    exc = fails(make(fake_server), request(model))
-    assert isinstance(exc, MalformedResponse)
-    assert exc.may_have_billed is True
-    assert exc.http_status == 200
-    assert exc.request_id == fake_server.requests[-1].request_id
+    assert_malformed_maybe_billed(fails(make(fake_server), request(model)), fake_server)
 
 
 def test_script_is_per_model_fifo_then_default(fake_server: FakeServer) -> None:
