@@ -91,3 +91,16 @@ def test_a_reply_whose_content_is_not_a_list_has_no_text_but_keeps_its_usage() -
         b'{"choices": {"0": 1}, "usage": {"prompt_tokens": 4, "completion_tokens": 1}}'
     )
     assert parse_completion(choices, ctx, "m", None, http_status=200).usage.input_tokens == 4
+
+
+def test_model_and_stop_reason_that_are_not_text_are_left_out() -> None:
+    # They are bound as TEXT in the ledger: an object from an odd server must not reach it.
+    ctx = CallContext("anthropic", "m", 5.0, None)
+    usage = b'"usage": {"input_tokens": 1, "output_tokens": 1, "prompt_tokens": 1,'
+    usage += b' "completion_tokens": 1}'
+    message = json_body(b'{"model": {"id": 1}, "stop_reason": 7, ' + usage + b"}")
+    reply = parse_message(message, ctx, "asked", None, http_status=200)
+    assert (reply.model, reply.stop_reason) == ("asked", None)
+    completion = json_body(b'{"model": 5, "choices": [{"finish_reason": []}], ' + usage + b"}")
+    reply = parse_completion(completion, ctx, "asked", None, http_status=200)
+    assert (reply.model, reply.stop_reason) == ("asked", None)

@@ -22,7 +22,7 @@ from agentd.providers.errormap import (
     map_error_body,
     translate,
 )
-from agentd.providers.jsonbody import json_body
+from agentd.providers.jsonbody import json_body, text_field
 from agentd.providers.sdkload import SdkClient
 from agentd.providers.usagecounts import CountPlace, read_counts
 
@@ -190,9 +190,9 @@ def parse_message(
             cache_write_1h_tokens=min(write_1h, write),
             reasoning_tokens=thinking,
         ),
-        model=getattr(message, "model", None) or model,
+        model=text_field(getattr(message, "model", None)) or model,
         request_id=request_id,
-        stop_reason=getattr(message, "stop_reason", None),
+        stop_reason=text_field(getattr(message, "stop_reason", None)),
     )
 
 

@@ -36,3 +36,11 @@ def json_body(content: bytes) -> Any:
 def _namespace(fields: dict[str, Any]) -> SimpleNamespace:
     """One JSON object, its keys as attributes (any string key: a dunder one shadows nothing)."""
     return SimpleNamespace(**fields)
+
+
+def text_field(value: object) -> str | None:
+    """A field that must be text (a model id, a stop reason): None when absent or not a string.
+
+    The ledger binds these as TEXT: an object or a number from an odd server must not reach it.
+    """
+    return value if isinstance(value, str) and value else None

@@ -8,7 +8,7 @@ from urllib.parse import urlsplit
 
 from agentd.providers.base import BatchOutcome, BatchSubmission, Reply, Request, Usage
 from agentd.providers.errormap import CallContext, SdkErrors, translate
-from agentd.providers.jsonbody import json_body
+from agentd.providers.jsonbody import json_body, text_field
 from agentd.providers.sdkload import SdkClient
 from agentd.providers.usagecounts import CountPlace, read_counts
 
@@ -149,7 +149,7 @@ def parse_completion(
             cache_write_tokens=0,
             reasoning_tokens=reasoning,
         ),
-        model=getattr(completion, "model", None) or model,
+        model=text_field(getattr(completion, "model", None)) or model,
         request_id=request_id,
-        stop_reason=getattr(first, "finish_reason", None),
+        stop_reason=text_field(getattr(first, "finish_reason", None)),
     )
