@@ -8,8 +8,9 @@ hit every variant alike):
   (a2) raw, the lean way: the same request through `messages.with_raw_response.create`, its
       body decoded with `json.loads` — how agentd itself uses the SDK since the fifth session
       (`agentd/providers/jsonbody.py`): no SDK response model is built. b − a2 is what
-      agentd's own routing, reservation and bookkeeping add; a − a2 is what agentd saves
-      by not building the SDK's model
+      agentd's own routing, reservation and bookkeeping add (and its namespaces for the
+      JSON objects and token-count checks, which a2 skips: counted against agentd); a − a2
+      is what agentd saves by not building the SDK's model
   (b) agentd route + reserve + call + settle + ledger: `plans_for` + `RunCalls.call` (which is
       `Executor.call`) on a real ledger (WAL, synchronous=NORMAL) in a temp dir, with a loop
       and a global budget so every reservation checks three windows (their running totals,
